@@ -1,0 +1,406 @@
+"""Grokfast: amplify the slow (low-frequency) part of the gradient (Lee et al. 2024).
+
+EMA filter (per tensor): ``mu <- alpha*mu + (1-alpha)*g`` (``mu = g`` on first sight), then
+``g <- g + lamb*mu``. MA filter: keep the last ``window`` raw gradients and add ``lamb`` times
+their mean (or sum); with ``warmup`` nothing changes until the window is full.
+
+The filter runs inside ``step()`` so that, under GradScaler, it sees unscaled gradients, is
+skipped together with the step on inf/NaN, and is saved with the optimizer's state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .wrapper import GradientTransform
+
+__all__ = ["Grokfast", "NonFiniteGradientError", "grokfast_"]
+
+_FILTERS = ("ema", "ma")
+_REDUCTIONS = ("mean", "sum")
+_NONFINITE = ("error", "skip")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds inf or NaN; the step was refused before any state changed."""
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Accumulating a low-pass filter in bf16/fp16 loses the slow signal to rounding.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_options(
+    *, alpha: Any, lamb: Any, filter: Any, window: Any, reduction: Any, warmup: Any
+) -> None:
+    if filter not in _FILTERS:
+        raise ValueError(f"filter must be one of {_FILTERS}, got {filter!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    for name, value in (("alpha", alpha), ("lamb", lamb)):
+        if isinstance(value, Tensor):
+            if value.ndim != 0 or not value.is_floating_point():
+                raise TypeError(f"{name} given as a tensor must be a 0-d float tensor, got {value!r}")
+            continue  # a range check would force a host sync every step
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}: {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+    if not isinstance(alpha, Tensor) and not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
+    if not isinstance(lamb, Tensor) and lamb < 0:
+        raise ValueError(f"lamb must be >= 0, got {lamb!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if not isinstance(warmup, bool):
+        raise TypeError(f"warmup must be a bool, got {type(warmup).__name__}: {warmup!r}")
+
+
+def _all_finite(grads: Sequence[Tensor]) -> Tensor:
+    """One 0-d bool tensor (on the first grad's device) without a host sync."""
+    device = grads[0].device
+    maxima = torch._foreach_norm(list(grads), ord=math.inf)
+    return torch.stack([m.to(device) for m in maxima]).isfinite().all()
+
+
+def _bucket(
+    grads: Sequence[Tensor], states: Sequence[dict[str, Any]]
+) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[dict[str, Any]]]]:
+    buckets: dict[Any, tuple[list[Tensor], list[dict[str, Any]]]] = defaultdict(lambda: ([], []))
+    for g, s in zip(grads, states):
+        bucket = buckets[(g.device, g.dtype)]
+        bucket[0].append(g)
+        bucket[1].append(s)
+    return buckets
+
+
+def grokfast_(
+    grads: Sequence[Tensor],
+    states: Sequence[dict[str, Any]],
+    *,
+    filter: str = "ema",
+    alpha: float | Tensor = 0.98,
+    lamb: float | Tensor = 2.0,
+    window: int = 100,
+    reduction: str = "mean",
+    warmup: bool = True,
+    foreach: bool | None = None,
+    finite: Tensor | None = None,
+) -> None:
+    """Apply the Grokfast filter to ``grads`` in place; the filter state is explicit.
+
+    The functional form behind :class:`Grokfast`, for users who filter gradients by hand.
+
+    Args:
+        grads: gradient tensors, changed in place.
+        states: one dict per gradient (start with empty dicts and pass the same dicts back
+            every step); the EMA keeps ``"ema"``, the MA ``"ma_buffer"``, ``"ma_sum"`` and
+            ``"ma_count"``. State of bf16/fp16 gradients is kept in fp32.
+        filter: ``"ema"`` or ``"ma"``.
+        alpha: EMA momentum in [0, 1).
+        lamb: amplification factor >= 0.
+        window: MA window length >= 1.
+        reduction: MA reduction, ``"mean"`` or ``"sum"``.
+        warmup: MA only: leave gradients unchanged until the window is full.
+        foreach: use the multi-tensor kernels (default) or the plain per-tensor reference.
+        finite: optional 0-d bool tensor; where it is False the EMA state is left as it was,
+            decided on the device (no host sync). Only the EMA filter supports it.
+
+    Example:
+        >>> import torch
+        >>> g = [torch.ones(3)]
+        >>> state = [{}]
+        >>> grokfast_(g, state, alpha=0.98, lamb=2.0)
+        >>> g[0]
+        tensor([3., 3., 3.])
+    """
+    _check_options(alpha=alpha, lamb=lamb, filter=filter, window=window,
+                   reduction=reduction, warmup=warmup)
+    if len(grads) != len(states):
+        raise ValueError(f"grads and states must have equal lengths, got {len(grads)} and {len(states)}")
+    if not grads:
+        return
+    if finite is not None and filter != "ema":
+        raise ValueError("finite= (skipping on the device) is supported with filter='ema' only")
+    foreach = True if foreach is None else foreach
+    if filter == "ema":
+        kernel = _ema_foreach if foreach else _ema_reference
+        for gs, ss in _bucket(grads, states).values():
+            kernel(gs, ss, alpha, lamb, finite)
+    else:
+        kernel_ma = _ma_foreach if foreach else _ma_reference
+        for gs, ss in _bucket(grads, states).values():
+            kernel_ma(gs, ss, window, lamb, reduction, warmup)
+
+
+# ---------------------------------------------------------------------------- EMA
+
+
+def _ema_init(g: Tensor, state: dict[str, Any], finite: Tensor | None) -> None:
+    # mu starts as a copy of g (never an alias of p.grad), so the first lerp returns g.
+    if "ema" not in state:
+        mu = g.detach().to(_state_dtype(g.dtype), copy=True)
+        if finite is not None:
+            mu = torch.where(finite, mu, torch.zeros_like(mu))
+        state["ema"] = mu
+
+
+def _ema_reference(
+    grads: list[Tensor], states: list[dict[str, Any]], alpha: Any, lamb: Any, finite: Tensor | None
+) -> None:
+    for g, state in zip(grads, states):
+        _ema_init(g, state, finite)
+        mu = state["ema"]
+        g32 = g.to(mu.dtype)
+        new = mu.lerp(g32, 1 - alpha)
+        mu.copy_(new if finite is None else torch.where(finite, new, mu))
+        g.copy_(g32 + lamb * mu)
+
+
+def _ema_foreach(
+    grads: list[Tensor], states: list[dict[str, Any]], alpha: Any, lamb: Any, finite: Tensor | None
+) -> None:
+    for g, state in zip(grads, states):
+        _ema_init(g, state, finite)
+    mus = [s["ema"] for s in states]
+    low_precision = mus[0].dtype != grads[0].dtype
+    src = [g.to(mus[0].dtype) for g in grads] if low_precision else grads
+    weight: Any = 1 - alpha
+    if isinstance(weight, Tensor):
+        weight = [weight] * len(mus)
+    if finite is None:
+        torch._foreach_lerp_(mus, src, weight)
+    else:
+        new = torch._foreach_lerp(mus, src, weight)
+        torch._foreach_copy_(mus, [torch.where(finite, n, m) for n, m in zip(new, mus)])
+    if low_precision:
+        torch._foreach_copy_(grads, _add_scaled(src, mus, lamb))
+    elif isinstance(lamb, Tensor):
+        torch._foreach_add_(grads, torch._foreach_mul(mus, lamb))
+    else:
+        torch._foreach_add_(grads, mus, alpha=lamb)
+
+
+def _add_scaled(xs: list[Tensor], ys: list[Tensor], scale: Any) -> list[Tensor]:
+    """Out of place ``x + scale * y`` for a float or 0-d tensor scale."""
+    if isinstance(scale, Tensor):
+        return torch._foreach_add(xs, torch._foreach_mul(ys, scale))
+    return torch._foreach_add(xs, ys, alpha=scale)
+
+
+# ---------------------------------------------------------------------------- MA
+
+
+def _ma_prepare(g: Tensor, state: dict[str, Any], window: int) -> None:
+    dtype = _state_dtype(g.dtype)
+    if "ma_buffer" not in state:
+        state["ma_buffer"] = torch.zeros((window, *g.shape), dtype=dtype, device=g.device)
+        state["ma_sum"] = torch.zeros(g.shape, dtype=dtype, device=g.device)
+        state["ma_count"] = 0
+    elif state["ma_buffer"].shape[0] != window:
+        _resize_window(state, window)
+
+
+def _resize_window(state: dict[str, Any], window: int) -> None:
+    """Keep the most recent min(count, window) gradients when the window length changes."""
+    old, count = state["ma_buffer"], state["ma_count"]
+    keep = min(count, old.shape[0], window)
+    new = torch.zeros((window, *old.shape[1:]), dtype=old.dtype, device=old.device)
+    for age in range(1, keep + 1):  # age 1 = newest
+        new[(count - age) % window] = old[(count - age) % old.shape[0]]
+    state["ma_buffer"] = new
+    state["ma_sum"] = new.sum(0)
+    # Past the new window the count only matters modulo window and for "is it full".
+    state["ma_count"] = count
+
+
+def _ma_filled(count: int, window: int) -> int:
+    return min(count, window)
+
+
+def _ma_reference(
+    grads: list[Tensor], states: list[dict[str, Any]], window: int, lamb: Any,
+    reduction: str, warmup: bool,
+) -> None:
+    for g, state in zip(grads, states):
+        _ma_prepare(g, state, window)
+        buf = state["ma_buffer"]
+        buf[state["ma_count"] % window].copy_(g)
+        state["ma_count"] += 1
+        n = _ma_filled(state["ma_count"], window)
+        state["ma_sum"].copy_(buf.sum(0))
+        if warmup and n < window:
+            continue
+        avg = state["ma_sum"] / n if reduction == "mean" else state["ma_sum"]
+        g.copy_(g.to(avg.dtype) + avg * lamb)
+
+
+def _ma_foreach(
+    grads: list[Tensor], states: list[dict[str, Any]], window: int, lamb: Any,
+    reduction: str, warmup: bool,
+) -> None:
+    for g, state in zip(grads, states):
+        _ma_prepare(g, state, window)
+    dtype = states[0]["ma_sum"].dtype
+    src = [g.to(dtype) for g in grads] if dtype != grads[0].dtype else grads
+    slots = [s["ma_buffer"][s["ma_count"] % window] for s in states]
+    sums = [s["ma_sum"] for s in states]
+    # A running sum makes the step O(P) instead of O(window * P); it is recomputed exactly
+    # each time the window wraps, so rounding error cannot build up beyond one window.
+    torch._foreach_sub_(sums, slots)
+    torch._foreach_add_(sums, src)
+    torch._foreach_copy_(slots, src)
+    for s in states:
+        s["ma_count"] += 1
+        if s["ma_count"] % window == 0:
+            torch.sum(s["ma_buffer"], 0, out=s["ma_sum"])
+    ready = [i for i, s in enumerate(states) if not (warmup and _ma_filled(s["ma_count"], window) < window)]
+    if not ready:
+        return
+    # Filled counts are equal within a bucket unless some parameters skipped steps.
+    by_n: dict[int, list[int]] = defaultdict(list)
+    for i in ready:
+        by_n[_ma_filled(states[i]["ma_count"], window)].append(i)
+    for n, idx in by_n.items():
+        scale = lamb / n if reduction == "mean" else lamb
+        out = _add_scaled([src[i] for i in idx], [sums[i] for i in idx], scale)
+        torch._foreach_copy_([grads[i] for i in idx], out)
+
+
+# ---------------------------------------------------------------------------- wrapper
+
+
+class Grokfast(GradientTransform):
+    """Wrap any optimizer so that it steps on Grokfast-filtered gradients.
+
+    Hyperparameters live in each param group under ``grokfast_``-prefixed keys
+    (``grokfast_alpha``, ``grokfast_lamb``, ``grokfast_filter``, ``grokfast_window``,
+    ``grokfast_reduction``, ``grokfast_warmup``), so they can be set per group and changed
+    during training; the prefix keeps them apart from the inner optimizer's own keys
+    (RMSprop has an ``alpha`` of its own).
+
+    Args:
+        optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
+        alpha: EMA momentum in [0, 1) (default 0.98).
+        lamb: amplification >= 0 (default 2.0; ``lamb=0`` is exactly the bare optimizer).
+        filter: ``"ema"`` (default) or ``"ma"`` (moving average over ``window`` steps).
+        window: MA window length (default 100).
+        reduction: MA reduction, ``"mean"`` (default) or ``"sum"``.
+        warmup: MA only: no amplification until the window is full (default True).
+        foreach: multi-tensor kernels (default) or the per-tensor reference loop.
+        nonfinite: ``"error"`` (default): a gradient with inf/NaN raises
+            :class:`NonFiniteGradientError` before anything changes (one host sync per step);
+            ``"skip"``: no host sync; the EMA state is left untouched on the device for a
+            non-finite step, and the inner optimizer is told to skip if it can do so on the
+            device (fused optimizers); otherwise it receives the non-finite gradient as it
+            would without the filter (combine with GradScaler, which skips the whole step).
+            ``"skip"`` with the MA filter decides on the host (one sync).
+
+    Example:
+        >>> import torch
+        >>> from grokopt import Grokfast
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = Grokfast(torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.005))
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     model(torch.randn(8, 4)).pow(2).mean().backward()
+        ...     opt.step()
+        >>> sorted(opt.state[model.weight])
+        ['ema']
+    """
+
+    _prefix = "grokfast_"
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        alpha: float = 0.98,
+        lamb: float = 2.0,
+        filter: str = "ema",
+        window: int = 100,
+        reduction: str = "mean",
+        warmup: bool = True,
+        foreach: bool | None = None,
+        nonfinite: str = "error",
+    ) -> None:
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
+        self.foreach = foreach
+        self.nonfinite = nonfinite
+        super().__init__(
+            optimizer,
+            dict(alpha=alpha, lamb=lamb, filter=filter, window=window,
+                 reduction=reduction, warmup=warmup),
+        )
+
+    def _validate_group(self, options: dict[str, Any]) -> None:
+        merged = {**self._own_defaults(), **options} if hasattr(self, "defaults") else options
+        _check_options(**{k[len(self._prefix):]: v for k, v in merged.items()})
+
+    def _transform_gradients(self) -> bool:
+        groups = [(g, list(self._grads(g))) for g in self.param_groups]
+        grads = [grad for _, pairs in groups for _, grad in pairs]
+        if not grads:
+            return True
+        finite = None
+        if self.nonfinite == "error" or any(g["grokfast_filter"] == "ma" for g, _ in groups):
+            if not bool(_all_finite(grads)):
+                if self.nonfinite == "error":
+                    raise NonFiniteGradientError(
+                        "a gradient holds inf or NaN; the step was refused and no state "
+                        "changed (use nonfinite='skip' to skip such steps instead)"
+                    )
+                return False
+        else:
+            finite = _all_finite(grads)
+        for group, pairs in groups:
+            if not pairs:
+                continue
+            grokfast_(
+                [grad for _, grad in pairs],
+                [self.state[p] for p, _ in pairs],
+                filter=group["grokfast_filter"],
+                alpha=group["grokfast_alpha"],
+                lamb=group["grokfast_lamb"],
+                window=group["grokfast_window"],
+                reduction=group["grokfast_reduction"],
+                warmup=group["grokfast_warmup"],
+                foreach=self.foreach,
+                finite=finite,
+            )
+        if finite is not None and getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            # Fused optimizers accept a found_inf tensor and skip on the device.
+            self.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
+            self.optimizer.grad_scale = None  # type: ignore[attr-defined]
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale  # type: ignore[attr-defined]
+            return False
+        return True
+
+    def _validate_param_state(self, param: Tensor, state: dict[str, Any]) -> None:
+        for key in ("ema", "ma_sum"):
+            if key in state and tuple(state[key].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"state_dict's grokfast {key} has shape {tuple(state[key].shape)}, "
+                    f"the parameter has {tuple(param.shape)}"
+                )
+        if "ma_buffer" in state:
+            if tuple(state["ma_buffer"].shape[1:]) != tuple(param.shape):
+                raise ValueError(
+                    f"state_dict's grokfast ma_buffer has shape "
+                    f"{tuple(state['ma_buffer'].shape)}, expected (window, *{tuple(param.shape)})"
+                )
+            if "ma_sum" not in state or "ma_count" not in state:
+                raise ValueError("state_dict's grokfast MA state lacks ma_sum or ma_count")

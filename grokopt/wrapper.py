@@ -1,0 +1,288 @@
+"""The base for "transform the gradients inside step(), then let any optimizer step".
+
+A wrapper is a real :class:`torch.optim.Optimizer` (so LR schedulers accept it and step
+hooks fire) that *shares* the inner optimizer's ``param_groups`` instead of copying them,
+keeps its own per-parameter state in ``self.state`` (never in the inner optimizer's state,
+which would make lazy optimizers such as Adam skip their own initialisation), and writes one
+``state_dict`` in the standard torch format with its own tensors under namespaced keys.
+
+Wrappers nest: ``AmplifiedOptimizer(Grokfast(AdamW(...)))`` works because every level shares
+the same group dicts and every level strips its own keys from a state_dict on the way in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["GradientTransform"]
+
+# A state_dict's top-level key listing the wrappers, outermost first, that produced it.
+_STACK_KEY = "grokopt_stack"
+
+
+class GradientTransform(Optimizer):
+    """Base class: transform ``p.grad`` in :meth:`step`, then step the inner optimizer.
+
+    Subclasses set ``_prefix`` (the namespace of their keys in param groups and state) and
+    ``_hyperparameters`` (defaults of their per-group hyperparameters, keyed without the
+    prefix), and implement :meth:`_validate_group` and :meth:`_transform_gradients`.
+
+    Hyperparameters live in each param group under ``f"{prefix}{name}"`` (for example
+    ``group["grokfast_lamb"]``). The prefix is needed because the inner optimizer owns the
+    same dicts and already uses plain names (RMSprop has its own ``alpha``).
+
+    Args:
+        optimizer: the inner optimizer (any :class:`torch.optim.Optimizer`, including
+            another grokopt wrapper).
+        hyperparameters: this wrapper's per-group hyperparameters, keyed without prefix.
+
+    Example:
+        >>> import torch
+        >>> from grokopt import Grokfast
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = Grokfast(torch.optim.AdamW(model.parameters(), lr=1e-3), lamb=2.0)
+        >>> model(torch.randn(4, 3)).sum().backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    _prefix: str = ""
+    _hyperparameters: dict[str, Any] = {}
+
+    def __init__(self, optimizer: Optimizer, hyperparameters: Mapping[str, Any]) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer instance, got "
+                f"{type(optimizer).__name__}: wrap an optimizer you have already built, "
+                f"e.g. {type(self).__name__}(torch.optim.AdamW(model.parameters()))"
+            )
+        inner: Optimizer = optimizer
+        while isinstance(inner, GradientTransform):
+            if type(inner) is type(self):
+                raise ValueError(
+                    f"optimizer is already wrapped in {type(self).__name__}; nesting the "
+                    f"same wrapper twice would mix their state (they share one namespace)"
+                )
+            inner = inner.optimizer
+        self.optimizer = optimizer
+        options = {self._prefix + k: v for k, v in hyperparameters.items()}
+        # Validate every existing group before touching any of them, so a rejected
+        # constructor leaves the caller's optimizer exactly as it was.
+        for group in optimizer.param_groups:
+            self._validate_group({**options, **_own_keys(group, self._prefix)})
+        self._ready = False
+        # Optimizer.__init__ installs the step-hook machinery and calls add_param_group for
+        # each group; during construction that only fills in this wrapper's defaults.
+        super().__init__(list(optimizer.param_groups), options)
+        self._ready = True
+
+    # ------------------------------------------------------------------ param groups
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        # Always the inner optimizer's *current* list: load_state_dict replaces it, and an
+        # alias taken at construction would leave schedulers changing stale dicts.
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if not self.__dict__.get("_ready", False):
+            return  # Optimizer.__init__ resets the list; the inner optimizer owns it.
+        self.optimizer.param_groups = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the inner optimizer, with this wrapper's defaults filled in."""
+        if not self.__dict__.get("_ready", False):
+            # Called from Optimizer.__init__ for a group the inner optimizer already has.
+            for k, v in self._own_defaults().items():
+                param_group.setdefault(k, v)
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(
+                f"param_group must be a dict, got {type(param_group).__name__}"
+            )
+        self._validate_group({**self._own_defaults(), **_own_keys(param_group, self._prefix)})
+        self.optimizer.add_param_group(param_group)
+        for k, v in self._own_defaults().items():
+            self.optimizer.param_groups[-1].setdefault(k, v)
+
+    def _own_defaults(self) -> dict[str, Any]:
+        # Optimizer.__setstate__ adds "differentiable" to defaults; it is not ours to set.
+        return _own_keys(self.defaults, self._prefix)
+
+    def _validate_group(self, options: dict[str, Any]) -> None:
+        """Raise ValueError/TypeError for an invalid set of this wrapper's group options."""
+
+    # ------------------------------------------------------------------ stepping
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """Transform the gradients, then step the inner optimizer.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss; it
+                is evaluated once, here, before the transform (optimizers that call their
+                closure several times per step, such as LBFGS, see the transform only on
+                the first evaluation, so they are not supported).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._validate_group(_own_keys(group, self._prefix))
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients; use "
+                        f"dense gradients (e.g. nn.Embedding(sparse=False))"
+                    )
+        if self._transform_gradients():
+            self.optimizer.step()
+        return loss
+
+    def _transform_gradients(self) -> bool:
+        """Transform ``p.grad`` in place for every parameter; return False to skip the step."""
+        raise NotImplementedError
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _grads(self, group: dict[str, Any]) -> Iterator[tuple[Tensor, Tensor]]:
+        """(param, grad) pairs of a group, parameters without a gradient skipped."""
+        for p in group["params"]:
+            if p.grad is not None:
+                yield p, p.grad
+
+    # ------------------------------------------------------------------ state dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state_dict with this wrapper's state merged in.
+
+        Standard torch format: ``state`` keyed by parameter index (this wrapper's tensors
+        under ``f"{prefix}{name}"`` keys beside the inner optimizer's), ``param_groups``
+        with ``params`` lists, plus ``grokopt_stack`` naming the wrappers.
+        """
+        inner = self.optimizer.state_dict()
+        own = super().state_dict()  # indices agree: both number the same shared groups
+        state = {k: dict(v) for k, v in inner["state"].items()}
+        for index, entries in own["state"].items():
+            state.setdefault(index, {}).update(
+                {self._prefix + k: v for k, v in entries.items()}
+            )
+        out = {k: v for k, v in inner.items() if k not in ("state", "param_groups")}
+        out.update(state=state, param_groups=inner["param_groups"])
+        out[_STACK_KEY] = [type(self).__name__, *inner.get(_STACK_KEY, [])]
+        out.update(self._extra_state_dict())
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict produced by :meth:`state_dict` of the same wrapper stack.
+
+        Everything is checked before anything changes: a state from another wrapper, a
+        different number of groups or parameters, missing keys or wrongly shaped tensors
+        raise ``ValueError`` and leave this optimizer (and the inner one) untouched.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict is missing the key {key!r}")
+        stack = list(state_dict.get(_STACK_KEY, []))
+        if not stack or stack[0] != type(self).__name__:
+            raise ValueError(
+                f"state_dict was not produced by {type(self).__name__} (its wrapper stack is "
+                f"{stack or 'a plain optimizer'}); load it into the optimizer that saved it"
+            )
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        params = []
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"param group {i} of state_dict has {len(saved['params'])} parameters, "
+                    f"this optimizer's has {len(group['params'])}"
+                )
+            self._validate_group(_own_keys(saved, self._prefix))
+            params.extend(zip(saved["params"], group["params"]))
+        by_index = dict(params)
+
+        inner_state: dict[Any, dict[str, Any]] = {}
+        own_state: dict[Tensor, dict[str, Any]] = {}
+        for index, entries in state_dict["state"].items():
+            if index not in by_index:
+                raise ValueError(f"state_dict has state for unknown parameter index {index!r}")
+            own = {k[len(self._prefix):]: v for k, v in entries.items() if k.startswith(self._prefix)}
+            rest = {k: v for k, v in entries.items() if not k.startswith(self._prefix)}
+            if rest:
+                inner_state[index] = rest
+            if own:
+                p = by_index[index]
+                self._validate_param_state(p, own)
+                # Keep the saved dtype (fp32 filter state for bf16 params); move devices only.
+                own_state[p] = {
+                    k: v.to(device=p.device) if isinstance(v, Tensor) else v
+                    for k, v in own.items()
+                }
+        self._check_extra_state_dict(state_dict)
+
+        inner_sd = {
+            k: v for k, v in state_dict.items()
+            if k not in ("state", _STACK_KEY) and k not in self._extra_keys()
+        }
+        inner_sd["state"] = inner_state
+        if stack[1:]:
+            inner_sd[_STACK_KEY] = stack[1:]
+        self.optimizer.load_state_dict(inner_sd)
+        self.state.clear()
+        self.state.update(own_state)
+        self._load_extra_state_dict(state_dict)
+
+    def _validate_param_state(self, param: Tensor, state: dict[str, Any]) -> None:
+        """Raise ValueError if a loaded per-parameter state does not fit ``param``."""
+
+    def _extra_keys(self) -> tuple[str, ...]:
+        """Top-level state_dict keys owned by this wrapper (beyond per-parameter state)."""
+        return ()
+
+    def _extra_state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def _check_extra_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Validate this wrapper's top-level keys before anything is loaded."""
+
+    def _load_extra_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load this wrapper's top-level keys (called after everything was validated)."""
+
+    # ------------------------------------------------------------------ pickling
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer.__getstate__ keeps only defaults/state/param_groups, which would lose
+        # the inner optimizer. Keep everything else except what torch drops too: the hooks,
+        # and the step() an LR scheduler patches onto the instance.
+        return {
+            k: v for k, v in self.__dict__.items()
+            if not k.startswith("_optimizer_") and k not in ("step", "_opt_called")
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+
+    def __repr__(self) -> str:
+        inner = repr(self.optimizer).replace("\n", "\n  ")
+        options = ", ".join(
+            f"{k[len(self._prefix):]}={v!r}" for k, v in self._own_defaults().items()
+        )
+        return f"{type(self).__name__}({options},\n  {inner})"
+
+
+def _own_keys(group: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k.startswith(prefix)}

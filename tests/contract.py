@@ -1,0 +1,100 @@
+"""The contract every grokopt wrapper must honour, as reusable pieces (STYLE habit 4).
+
+A wrapper joins the battery by adding a :class:`WrapperCase` to ``WRAPPER_CASES``; the tests
+in ``test_contract.py`` then run it against every inner optimizer in ``INNER_OPTIMIZERS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+import grokopt
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class WrapperCase:
+    """How to build one wrapper around an inner optimizer, and what a training step does.
+
+    ``after_step`` runs after ``optimizer.step()`` (a meta-step, for example); it receives
+    the optimizer, the model and the step's batch.
+    """
+
+    name: str
+    build: Callable[[Optimizer, nn.Module], Optimizer]
+    after_step: Callable[[Optimizer, nn.Module, Batch], None] | None = None
+
+
+INNER_OPTIMIZERS: dict[str, Callable[[Any], Optimizer]] = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw-foreach": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01, foreach=True),
+    "adamw-fused": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01, fused=True),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.9),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.05),
+}
+
+WRAPPER_CASES: list[WrapperCase] = [
+    WrapperCase("grokfast-ema", lambda opt, model: grokopt.Grokfast(opt, alpha=0.9, lamb=2.0)),
+    WrapperCase(
+        "grokfast-ma",
+        lambda opt, model: grokopt.Grokfast(opt, filter="ma", window=3, lamb=1.5),
+    ),
+    WrapperCase(
+        "grokfast-reference",
+        lambda opt, model: grokopt.Grokfast(opt, lamb=2.0, foreach=False),
+    ),
+]
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def make_batches(n: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> list[Batch]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(6, 5, generator=gen, dtype=dtype), torch.randn(6, 3, generator=gen, dtype=dtype))
+        for _ in range(n)
+    ]
+
+
+def train(
+    model: nn.Module, opt: Optimizer, batches: list[Batch], case: WrapperCase | None = None
+) -> None:
+    for batch in batches:
+        x, y = batch
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if case is not None and case.after_step is not None:
+            case.after_step(opt, model, batch)
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same_params(a: nn.Module, b: nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), f"parameter {name} differs"
+
+
+def state_tensors(opt: Optimizer) -> dict[str, torch.Tensor]:
+    """Every tensor of a state_dict, flattened to 'index/key' names, for exact comparison."""
+    out = {}
+    for index, entries in opt.state_dict()["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                out[f"{index}/{key}"] = value.detach().clone()
+            else:
+                out[f"{index}/{key}"] = torch.tensor(value)
+    return out
