@@ -1,0 +1,104 @@
+"""Cost of the Grokfast filter per step, side by side in one run.
+
+Two models: (a) ~200 small tensors (where per-tensor Python overhead dominates) and
+(b) a few large tensors (where bytes moved dominate). For each, in one benchmark group:
+
+- ``foreach``: grokopt's multi-tensor path;
+- ``reference``: grokopt's per-tensor reference path;
+- ``loop``: the per-parameter Python loop users copy from the paper's scripts (written here
+  from the formula: a dict of EMAs keyed by name, two tensor ops per parameter);
+- ``copy-floor``: copying the same bytes once (the filter must at least read g and mu and
+  write mu and g, so its floor is about two such copies).
+
+And the whole optimizer step: foreach AdamW bare vs wrapped in Grokfast.
+
+Run: pytest benchmarks/test_grokfast_bench.py --benchmark-json=benchmarks/results/<name>.json
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from grokopt import Grokfast, grokfast_
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SHAPES = {
+    # 200 tensors of 64x64 / 64 (a deep narrow MLP): 0.42M parameters
+    "small-tensors": [(64, 64) if i % 2 == 0 else (64,) for i in range(200)],
+    # 4 tensors of 1024x1024: 4.2M parameters
+    "large-tensors": [(1024, 1024)] * 4,
+}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _params(shapes, device):
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device)
+    return params
+
+
+def _paper_loop(named_grads, ema, alpha=0.98, lamb=2.0):
+    for name, g in named_grads:
+        if name not in ema:
+            ema[name] = g.detach().clone()
+        ema[name] = ema[name] * alpha + g.detach() * (1 - alpha)
+        g.copy_(g + ema[name] * lamb)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model", list(SHAPES))
+@pytest.mark.parametrize("impl", ["foreach", "reference", "loop", "copy-floor"])
+def test_filter(benchmark, device, model, impl):
+    params = _params(SHAPES[model], device)
+    grads = [p.grad for p in params]
+    benchmark.group = f"filter/{model}/{device}"
+    benchmark.extra_info.update(n_tensors=len(grads), n_params=sum(g.numel() for g in grads))
+    if impl == "loop":
+        ema: dict = {}
+        named = list(enumerate(grads))
+
+        def run():
+            _paper_loop(named, ema)
+            _sync(device)
+    elif impl == "copy-floor":
+        dst = [torch.empty_like(g) for g in grads]
+
+        def run():
+            torch._foreach_copy_(dst, grads)
+            _sync(device)
+    else:
+        states = [{} for _ in grads]
+        foreach = impl == "foreach"
+
+        def run():
+            grokfast_(grads, states, foreach=foreach)
+            _sync(device)
+
+    run()  # allocate state outside the timing
+    benchmark.pedantic(run, rounds=30, iterations=5, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model", list(SHAPES))
+@pytest.mark.parametrize("impl", ["adamw", "grokfast-adamw"])
+def test_step(benchmark, device, model, impl):
+    params = _params(SHAPES[model], device)
+    opt = torch.optim.AdamW(params, lr=1e-6, foreach=True)
+    if impl == "grokfast-adamw":
+        opt = Grokfast(opt)
+    benchmark.group = f"step/{model}/{device}"
+
+    def run():
+        opt.step()
+        _sync(device)
+
+    run()
+    benchmark.pedantic(run, rounds=30, iterations=5, warmup_rounds=2)

@@ -1,0 +1,119 @@
+"""The wrapper base on its own: nesting, state namespacing, pickling of a custom subclass."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from contract import assert_same_params, make_batches, make_model, state_tensors, train
+from grokopt import GradientTransform, Grokfast
+
+
+class CountingScale(GradientTransform):
+    """A minimal wrapper for tests: scales gradients by ``factor`` and counts its steps."""
+
+    _prefix = "scale_"
+
+    def __init__(self, optimizer, *, factor=0.5):
+        super().__init__(optimizer, {"factor": factor})
+
+    def _validate_group(self, options):
+        if "scale_factor" in options and not options["scale_factor"] > 0:
+            raise ValueError(f"factor must be > 0, got {options['scale_factor']!r}")
+
+    def _transform_gradients(self):
+        for group in self.param_groups:
+            for p, g in self._grads(group):
+                g.mul_(group["scale_factor"])
+                state = self.state[p]
+                state["count"] = state.get("count", torch.zeros(())) + 1
+        return True
+
+
+def _nested(order, params):
+    inner = torch.optim.Adam(params, lr=1e-2)
+    if order == "scale(grokfast)":
+        return CountingScale(Grokfast(inner, alpha=0.9))
+    return Grokfast(CountingScale(inner), alpha=0.9)
+
+
+@pytest.mark.parametrize("order", ["scale(grokfast)", "grokfast(scale)"])
+def test_nested_wrappers_round_trip_exactly(order):
+    batches = make_batches(8)
+    model_a = make_model(0)
+    opt_a = _nested(order, model_a.parameters())
+    train(model_a, opt_a, batches)
+
+    model_b = make_model(0)
+    opt_b = _nested(order, model_b.parameters())
+    train(model_b, opt_b, batches[:5])
+    buf = io.BytesIO()
+    torch.save((model_b.state_dict(), opt_b.state_dict()), buf)
+    buf.seek(0)
+    msd, osd = torch.load(buf, weights_only=True)
+    model_c = make_model(7)
+    opt_c = _nested(order, model_c.parameters())
+    model_c.load_state_dict(msd)
+    opt_c.load_state_dict(osd)
+    train(model_c, opt_c, batches[5:])
+    assert_same_params(model_a, model_c)
+    sa, sc = state_tensors(opt_a), state_tensors(opt_c)
+    assert sa.keys() == sc.keys()
+    assert {k.split("/")[1] for k in sa} == {
+        "step", "exp_avg", "exp_avg_sq", "grokfast_ema", "scale_count"
+    }
+    for key in sa:
+        assert torch.equal(sa[key], sc[key]), key
+
+
+def test_nesting_order_matters_as_the_maths_says():
+    # The outermost wrapper transforms first. scale(grokfast): the filter sees 0.5 g;
+    # grokfast(scale): it sees the raw g. Both maps are linear, so after one step both hand
+    # Adam 0.5 * 3 g, yet the EMA states differ by exactly 2x.
+    grads = {}
+    for order in ("scale(grokfast)", "grokfast(scale)"):
+        model = make_model(0)
+        opt = _nested(order, model.parameters())
+        train(model, opt, make_batches(1))
+        grads[order] = {k: v for k, v in state_tensors(opt).items() if "grokfast_ema" in k}
+    for key in grads["scale(grokfast)"]:
+        torch.testing.assert_close(2 * grads["scale(grokfast)"][key], grads["grokfast(scale)"][key])
+
+
+def test_state_dict_of_one_stack_is_refused_by_another():
+    model = make_model(0)
+    a = _nested("scale(grokfast)", model.parameters())
+    b = _nested("grokfast(scale)", make_model(0).parameters())
+    train(model, a, make_batches(1))
+    with pytest.raises(ValueError, match="not produced by Grokfast"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_add_param_group_validates_before_changing_anything():
+    model = make_model(0)
+    opt = CountingScale(torch.optim.SGD(model[0].parameters(), lr=0.1))
+    before = len(opt.param_groups)
+    with pytest.raises(ValueError, match="factor must be > 0, got -1"):
+        opt.add_param_group({"params": model[2].parameters(), "scale_factor": -1})
+    assert len(opt.param_groups) == len(opt.optimizer.param_groups) == before
+    opt.add_param_group({"params": model[2].parameters()})
+    assert opt.param_groups[-1]["scale_factor"] == 0.5
+
+
+def test_closure_is_evaluated_once_with_grad_enabled():
+    model = make_model(0)
+    opt = CountingScale(torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = make_batches(1)[0]
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == [True] and loss.ndim == 0
