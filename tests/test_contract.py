@@ -183,3 +183,24 @@ def test_rejects_state_dict_of_plain_optimizer(case):
     with pytest.raises(ValueError, match="not produced by"):
         opt.load_state_dict(plain.state_dict())
     assert opt.state_dict()["param_groups"] == before["param_groups"]
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adamw-foreach", "adamw-fused"])
+@pytest.mark.parametrize("case", CASES)
+def test_transform_sees_unscaled_gradients_under_grad_scaler(case, inner):
+    # A power-of-two scale is undone exactly by unscale_, so if the transform runs on the
+    # unscaled gradients (inside step()), the scaled run equals the plain run bit for bit.
+    batches = make_batches(5)
+    model_a, opt_a = build(case, inner)
+    train(model_a, opt_a, batches, case)
+    model_b, opt_b = build(case, inner)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    for batch in batches:
+        x, y = batch
+        opt_b.zero_grad()
+        scaler.scale(nn.functional.mse_loss(model_b(x), y)).backward()
+        scaler.step(opt_b)
+        scaler.update()
+        if case.after_step is not None:
+            case.after_step(opt_b, model_b, batch)
+    assert_same_params(model_a, model_b)
