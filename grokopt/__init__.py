@@ -1,8 +1,34 @@
-"""grokopt: make networks grok sooner, inside an ordinary PyTorch training loop."""
+"""grokopt: make networks grok sooner, inside an ordinary PyTorch training loop.
+
+Grokfast (gradient filters), AmplifiedOptimizer (NeuralGrok's learned amplifier) and
+GrokAlignLoss (Jacobian regularisation), plus the diagnostics and the grokking race.
+"""
+
+from .centroids import CentroidStats, centroid_alignment, centroids, jacobian_pc1_share
+from .grokalign import GrokAlignLoss
+from .grokfast import Grokfast, NonFiniteGradientError, grokfast_
+from .jacobian import (
+    FrobeniusEstimate,
+    is_piecewise_linear,
+    jacobian_frobenius_norm,
+    per_sample_jacobian,
+)
+from .wrapper import GradientTransform
 
 __version__ = "0.1.0"
 
-from .grokfast import Grokfast, NonFiniteGradientError, grokfast_
-from .wrapper import GradientTransform
-
-__all__ = ["GradientTransform", "Grokfast", "NonFiniteGradientError", "grokfast_"]
+__all__ = [
+    "CentroidStats",
+    "FrobeniusEstimate",
+    "GradientTransform",
+    "GrokAlignLoss",
+    "Grokfast",
+    "NonFiniteGradientError",
+    "centroid_alignment",
+    "centroids",
+    "grokfast_",
+    "is_piecewise_linear",
+    "jacobian_frobenius_norm",
+    "jacobian_pc1_share",
+    "per_sample_jacobian",
+]

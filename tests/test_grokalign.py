@@ -1,0 +1,368 @@
+"""GrokAlignLoss: the regulariser, its estimators, reuse of logits, errors and state."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from grokopt.centroids import centroid_alignment, centroids, jacobian_pc1_share
+from grokopt.grokalign import GrokAlignLoss
+from grokopt.jacobian import jacobian_frobenius_norm
+
+DT = torch.float64
+W = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=DT)
+
+
+def mlp(bias=False, out=4):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 10, bias=bias), nn.ReLU(), nn.Linear(10, 10, bias=bias), nn.ReLU(), nn.Linear(10, out, bias=bias)
+    ).to(DT)
+
+
+def smooth():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 4)).to(DT)
+
+
+def brute_norms(model, x):
+    J = torch.stack(
+        [torch.autograd.functional.jacobian(lambda v: model(v[None])[0], x[b]) for b in range(x.shape[0])]
+    )
+    return J.reshape(x.shape[0], -1).norm(dim=1)
+
+
+def linear_map():
+    lin = nn.Linear(2, 3, bias=False).to(DT)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+    return nn.Sequential(lin)
+
+
+# ---------------------------------------------------------------- the penalty
+
+
+@pytest.mark.parametrize("estimator", ["exact", "auto"])
+def test_closed_form_penalty(estimator):
+    reg = GrokAlignLoss(linear_map(), weight=0.5, estimator=estimator, num_projections=3)
+    x = torch.randn(7, 2, dtype=DT)
+    torch.testing.assert_close(reg(x), torch.tensor(0.5 * math.sqrt(91.0), dtype=DT))
+    assert reg.last_estimator == "exact"  # C = 3 <= k = 3: the exact Jacobian costs no more
+    sq = GrokAlignLoss(linear_map(), weight=1.0, estimator=estimator, num_projections=3, squared=True)
+    torch.testing.assert_close(sq(x), torch.tensor(91.0, dtype=DT))
+
+
+@pytest.mark.parametrize("model_fn", [mlp, smooth])
+@pytest.mark.parametrize("estimator", ["vjp", "jvp", "exact", "auto"])
+def test_penalty_is_weight_times_batch_mean(model_fn, estimator):
+    model = model_fn()
+    x = torch.randn(5, 6, dtype=DT)
+    reg = GrokAlignLoss(model, weight=0.25, estimator=estimator, num_projections=2, generator=torch.Generator().manual_seed(3))
+    pen = reg(x)
+    est = jacobian_frobenius_norm(
+        model, x, estimator=estimator, num_projections=2, generator=torch.Generator().manual_seed(3)
+    )
+    torch.testing.assert_close(pen, 0.25 * est.norms.mean())
+    if estimator == "exact":
+        torch.testing.assert_close(pen, 0.25 * brute_norms(model, x).mean())
+
+
+def test_auto_resolution():
+    x = torch.randn(4, 6, dtype=DT)
+    cases = [
+        (mlp(), {}, "jvp"),  # piecewise linear, C = 4 > k = 1
+        (mlp(out=1), {}, "exact"),  # C = 1 <= k: exact is as cheap
+        (smooth(), {}, "vjp"),  # general model: shared forward + reverse mode
+        (nn.Sequential(nn.Linear(6, 1)).to(DT).append(nn.Tanh()), {}, "exact"),
+        (mlp(), {"num_projections": 4}, "exact"),
+    ]
+    for model, kw, expected in cases:
+        reg = GrokAlignLoss(model, **kw)
+        reg(x)
+        assert reg.last_estimator == expected, (model, kw)
+
+
+@pytest.mark.parametrize("model_fn", [mlp, smooth])
+@pytest.mark.parametrize("estimator", ["vjp", "jvp", "exact", "auto"])
+def test_forward_with_penalty_shares_the_forward(model_fn, estimator):
+    model = model_fn()
+    x = torch.randn(5, 6, dtype=DT)
+    reg = GrokAlignLoss(model, estimator=estimator, generator=torch.Generator().manual_seed(1))
+    logits, pen = reg.forward_with_penalty(x)
+    torch.testing.assert_close(logits, model(x))
+    reg2 = GrokAlignLoss(model, estimator=estimator, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(pen, reg2(x))
+    # Training with it: gradients equal the sum of the separate task and penalty gradients.
+    y = torch.randint(0, 4, (5,))
+    total = nn.functional.cross_entropy(logits, y) + pen
+    g_total = torch.autograd.grad(total, list(model.parameters()))
+    reg3 = GrokAlignLoss(model, estimator=estimator, generator=torch.Generator().manual_seed(1))
+    g_task = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    g_pen = torch.autograd.grad(reg3(x), list(model.parameters()), allow_unused=True, materialize_grads=True)
+    for a, b, c in zip(g_total, g_task, g_pen):
+        torch.testing.assert_close(a, b + c)
+
+
+@pytest.mark.parametrize("estimator", ["vjp", "exact", "auto"])
+def test_reusing_the_callers_logits(estimator):
+    model = smooth()
+    x = torch.randn(5, 6, dtype=DT).requires_grad_(True)
+    logits = model(x)
+    reg = GrokAlignLoss(model, estimator=estimator, generator=torch.Generator().manual_seed(7))
+    reused = reg(x, logits=logits)
+    fresh = GrokAlignLoss(model, estimator=estimator if estimator != "auto" else "vjp", generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(reused, fresh(x.detach()))
+    assert x.grad is None and x.requires_grad and x.is_leaf
+
+
+def test_reproducible_from_the_generator():
+    model = mlp()
+    x = torch.randn(8, 6, dtype=DT)
+    for est in ("vjp", "jvp"):
+        a = GrokAlignLoss(model, estimator=est, generator=torch.Generator().manual_seed(5))
+        b = GrokAlignLoss(model, estimator=est, generator=torch.Generator().manual_seed(5))
+        c = GrokAlignLoss(model, estimator=est, generator=torch.Generator().manual_seed(6))
+        pa, pb, pc = a(x), b(x), c(x)
+        assert torch.equal(pa, pb)
+        assert not torch.equal(pa, pc)
+        assert not torch.equal(a(x), pa)  # fresh probes every call
+
+
+def test_weight_zero_gives_the_plain_gradients_exactly():
+    model = mlp(bias=True)
+    x, y = torch.randn(8, 6, dtype=DT), torch.randint(0, 4, (8,))
+    reg = GrokAlignLoss(model, weight=0.0)
+    logits, pen = reg.forward_with_penalty(x)
+    g = torch.autograd.grad(nn.functional.cross_entropy(logits, y) + pen, list(model.parameters()))
+    ref = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    assert pen.item() == 0.0
+    for a, b in zip(g, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+def test_loss_holds_no_parameters_and_leaves_the_model_alone():
+    model = mlp()
+    reg = GrokAlignLoss(model)
+    assert list(reg.parameters()) == [] and reg.state_dict() == {}
+    model.train()
+    reg.eval()
+    assert model.training  # the model's mode is its owner's business
+    flags = [p.requires_grad for p in model.parameters()]
+    x = torch.randn(3, 6, dtype=DT)
+    reg(x)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert not x.requires_grad
+    copy.deepcopy(reg)(x)
+
+
+def test_transformer_on_embeddings():
+    """The Jacobian is w.r.t. the embeddings; the gradient reaches the embedding table."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(11, 8).to(DT)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).to(DT)
+    head = nn.Linear(8, 5).to(DT)
+
+    def model(e):
+        return head(layer(e)[:, -1])
+
+    tokens = torch.randint(0, 11, (4, 3))
+    exact = GrokAlignLoss(model, weight=1.0, estimator="exact")
+    e = emb(tokens)
+    torch.testing.assert_close(exact(e), brute_norms(model, e.detach()).mean())
+    logits, pen = GrokAlignLoss(model, estimator="auto").forward_with_penalty(emb(tokens))
+    pen.backward()
+    assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0
+    _, pj = GrokAlignLoss(model, estimator="jvp").forward_with_penalty(emb(tokens))
+    assert torch.isfinite(pj)
+
+
+# ---------------------------------------------------------------- refusals and bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, needle",
+    [
+        ({"weight": -1.0}, ValueError, "weight"),
+        ({"weight": float("nan")}, ValueError, "weight"),
+        ({"weight": "1e-3"}, ValueError, "weight"),
+        ({"weight": True}, ValueError, "weight"),
+        ({"num_projections": 0}, ValueError, "num_projections"),
+        ({"num_projections": 1.5}, ValueError, "num_projections"),
+        ({"estimator": "hutchinson"}, ValueError, "estimator"),
+        ({"squared": 1}, TypeError, "squared"),
+        ({"generator": 42}, TypeError, "generator"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, exc, needle):
+    with pytest.raises(exc, match=needle) as info:
+        GrokAlignLoss(mlp(), **kwargs)
+    assert repr(list(kwargs.values())[0])[:6] in str(info.value)
+
+
+def test_non_callable_model():
+    with pytest.raises(TypeError, match="model"):
+        GrokAlignLoss(3)
+
+
+def _bad_calls():
+    x = torch.randn(4, 6, dtype=DT)
+    return [
+        ("empty batch", lambda reg: reg(torch.empty(0, 6, dtype=DT)), ValueError, "empty"),
+        ("int input", lambda reg: reg(torch.ones(4, 6, dtype=torch.long)), TypeError, "floating"),
+        ("not a tensor", lambda reg: reg([[1.0] * 6]), TypeError, "Tensor"),
+        ("1-d input", lambda reg: reg(torch.randn(6, dtype=DT)), ValueError, "shape"),
+        ("wrong width", lambda reg: reg(torch.randn(4, 5, dtype=DT)), RuntimeError, "shape"),
+        ("logits without grad", lambda reg: reg(x, logits=reg.model(x)), ValueError, "requires_grad"),
+        (
+            "logits of another batch",
+            lambda reg: reg(x.clone().requires_grad_(True), logits=torch.randn(3, 4, dtype=DT)),
+            ValueError,
+            "batch size",
+        ),
+        (
+            "logits not from x",
+            lambda reg: reg(x.clone().requires_grad_(True), logits=reg.model(x.clone().requires_grad_(True))),
+            ValueError,
+            "depend on x",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("estimator", ["auto", "vjp", "jvp", "exact"])
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_rejected_calls_change_no_state(estimator, case):
+    label, call, exc, needle = _bad_calls()[case]
+    if estimator == "jvp" and "logits" in label:
+        needle = "logits" if "grad" not in label else needle
+    model = smooth()
+    gen = torch.Generator().manual_seed(0)
+    reg = GrokAlignLoss(model, estimator=estimator, generator=gen)
+    reg(torch.randn(2, 6, dtype=DT))
+    last = reg.last_estimator
+    gen_state = gen.get_state().clone()
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(exc, match=needle):
+        call(reg)
+    assert torch.equal(gen.get_state(), gen_state), label
+    assert reg.last_estimator == last
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q) and p.grad is None
+
+
+def test_train_mode_batchnorm_is_refused_and_eval_mode_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).to(DT)
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state().clone()
+    reg = GrokAlignLoss(model, generator=gen)
+    x = torch.randn(5, 6, dtype=DT)
+    running = model[1].running_mean.clone()
+    with pytest.raises(ValueError, match="BatchNorm1d.*batch statistics"):
+        reg(x)
+    assert torch.equal(model[1].running_mean, running) and torch.equal(gen.get_state(), state)
+    model.eval()
+    exact = GrokAlignLoss(model, weight=1.0, estimator="exact")
+    torch.testing.assert_close(exact(x), brute_norms(model, x).mean())
+    no_stats = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False)).to(DT).eval()
+    with pytest.raises(ValueError, match="batch statistics"):
+        GrokAlignLoss(no_stats)(x)
+
+
+def test_active_dropout_is_not_taken_by_the_fast_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).to(DT)
+    reg = GrokAlignLoss(model, estimator="auto")
+    reg(torch.randn(4, 6, dtype=DT))
+    assert reg.last_estimator == "vjp"
+    model.eval()
+    reg(torch.randn(4, 6, dtype=DT))
+    assert reg.last_estimator == "jvp"
+
+
+# ---------------------------------------------------------------- centroid diagnostics
+
+
+def test_centroid_closed_forms():
+    f = linear_map()
+    x = torch.tensor([[0.5, 1.0], [1.5, -0.5]], dtype=DT)
+    torch.testing.assert_close(centroids(f, x), torch.tensor([[9.0, 12.0], [9.0, 12.0]], dtype=DT))
+    stats = centroid_alignment(f, x)
+    assert stats.alignment.tolist() == pytest.approx([0.98387, 0.31623], abs=5e-6)
+    torch.testing.assert_close(stats.alignment, torch.tensor([16.5 / (15 * math.sqrt(1.25)), 7.5 / (15 * math.sqrt(2.5))], dtype=DT))
+    torch.testing.assert_close(stats.inner_product, torch.tensor([16.5, 7.5], dtype=DT))
+    torch.testing.assert_close(stats.norm, torch.full((2,), 15.0, dtype=DT))
+    assert stats.mean_norm == pytest.approx(15.0)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_centroids_of_a_bias_free_relu_net(fast):
+    model = mlp()
+    wrapped = model if fast else (lambda v: model(v))
+    x = torch.randn(6, 6, dtype=DT)
+    stats = centroid_alignment(wrapped, x)
+    torch.testing.assert_close(stats.inner_product, model(x).sum(1).detach())
+    J = torch.stack([torch.autograd.functional.jacobian(lambda v: model(v[None])[0], x[b]) for b in range(6)])
+    torch.testing.assert_close(centroids(wrapped, x), J.sum(1))
+
+
+def test_pc1_share():
+    rank_one = nn.Sequential(nn.Linear(2, 3, bias=False)).to(DT)
+    with torch.no_grad():
+        rank_one[0].weight.copy_(torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], dtype=DT))
+    assert jacobian_pc1_share(rank_one, torch.randn(4, 2, dtype=DT)) == pytest.approx(1.0)
+    # W's rows centred: (-2,-2), (0,0), (2,2) -> rank one as well; an orthogonal W is not.
+    assert jacobian_pc1_share(linear_map(), torch.randn(4, 2, dtype=DT)) == pytest.approx(1.0)
+    iso = nn.Sequential(nn.Linear(2, 4, bias=False)).to(DT)
+    with torch.no_grad():
+        iso[0].weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=DT))
+    assert jacobian_pc1_share(iso, torch.randn(3, 2, dtype=DT)) == pytest.approx(0.5)
+    model = mlp()
+    x = torch.randn(5, 6, dtype=DT)
+    J = torch.stack([torch.autograd.functional.jacobian(lambda v: model(v[None])[0], x[b]) for b in range(5)])
+    rows = J.reshape(-1, 6)
+    s = torch.linalg.svdvals(rows - rows.mean(0))
+    assert jacobian_pc1_share(model, x) == pytest.approx(float(s[0] ** 2 / (s**2).sum()))
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def _compile_case(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4))
+    smooth_model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
+    x = torch.randn(8, 6)
+    probes = torch.randn(1, 8, 6)
+    for m in (model, smooth_model):
+
+        def penalty(inp, u, m=m):
+            est = jacobian_frobenius_norm(m, inp, estimator="jvp", probes=u)
+            return est.norms.mean() + est.outputs.square().mean()
+
+        compiled = torch.compile(penalty, backend=backend, fullgraph=True)
+        eager = penalty(x, probes)
+        got = compiled(x, probes)
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+        ge = torch.autograd.grad(eager, list(m.parameters()))
+        gc = torch.autograd.grad(got, list(m.parameters()))
+        for a, b in zip(gc, ge):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # The module with its own generator: drawing is a graph break but values match eager.
+    reg_c = GrokAlignLoss(model, estimator="jvp", generator=torch.Generator().manual_seed(0))
+    reg_e = GrokAlignLoss(model, estimator="jvp", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(torch.compile(reg_c, backend=backend)(x), reg_e(x), rtol=1e-5, atol=1e-6)
+
+
+def test_jvp_estimator_under_torch_compile_aot_eager():
+    torch._dynamo.reset()
+    _compile_case("aot_eager")
+
+
+@pytest.mark.slow
+def test_jvp_estimator_under_torch_compile_inductor():
+    torch._dynamo.reset()
+    _compile_case("inductor")

@@ -1,0 +1,417 @@
+"""The batched Jacobian kernels against brute force, closed forms and finite differences."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from grokopt.jacobian import (
+    is_piecewise_linear,
+    jacobian_frobenius_norm,
+    jvp,
+    per_sample_jacobian,
+    vjp,
+)
+
+DT = torch.float64
+W = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=DT)
+
+
+def brute_jacobian(model, x, create_graph=True):
+    """One torch.autograd.functional.jacobian call per sample: (B, *out, *in)."""
+    jacs = []
+    for b in range(x.shape[0]):
+        jacs.append(
+            torch.autograd.functional.jacobian(
+                lambda xi: model(xi.unsqueeze(0)).squeeze(0), x[b], create_graph=create_graph
+            )
+        )
+    return torch.stack(jacs)
+
+
+def _seeded(seed):
+    torch.manual_seed(seed)
+
+
+def make_model(name):
+    _seeded(0)
+    if name == "relu_bias":
+        m = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.LeakyReLU(0.1), nn.Linear(6, 3))
+        shape = (5,)
+    elif name == "relu_nobias_nested":
+        m = nn.Sequential(
+            nn.Sequential(nn.Linear(5, 7, bias=False), nn.ReLU()),
+            nn.Identity(),
+            nn.Dropout(0.5).eval(),
+            nn.Linear(7, 4, bias=False),
+        )
+        shape = (5,)
+    elif name == "flatten_clip":
+        m = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU6(), nn.Linear(8, 5), nn.Hardtanh(-0.3, 0.4), nn.Linear(5, 3))
+        shape = (2, 3)
+    elif name == "tanh":  # not piecewise linear: the torch.func path
+        m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+        shape = (5,)
+    elif name == "wide_out":  # d < C, so "auto" Jacobians take the forward route
+        m = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 7))
+        shape = (2,)
+    else:
+        raise KeyError(name)
+    m = m.to(DT)
+    if name == "flatten_clip":
+        with torch.no_grad():
+            m[1].weight.mul_(3.0)  # push pre-activations past both clip points
+    return m, shape
+
+
+PL = ["relu_bias", "relu_nobias_nested", "flatten_clip", "wide_out"]
+ALL = PL + ["tanh"]
+
+
+def batch(shape, B=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((B,) + shape, generator=g, dtype=DT)
+
+
+def param_grads(model, scalar):
+    params = [p for p in model.parameters()]
+    return torch.autograd.grad(scalar, params, allow_unused=True, materialize_grads=True)
+
+
+def fast_flags(name):
+    return [None, False] if name in PL else [None]
+
+
+# ---------------------------------------------------------------- classification
+
+
+def test_piecewise_linear_detection():
+    assert is_piecewise_linear(make_model("relu_bias")[0])
+    assert is_piecewise_linear(make_model("relu_nobias_nested")[0])
+    assert is_piecewise_linear(make_model("flatten_clip")[0])
+    assert not is_piecewise_linear(make_model("tanh")[0])
+    assert not is_piecewise_linear(nn.Linear(3, 2))  # not a Sequential: forward unknown
+    assert not is_piecewise_linear(nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)))  # active dropout
+    assert not is_piecewise_linear(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
+    assert not is_piecewise_linear(nn.Sequential(nn.Flatten(0), nn.Linear(3, 2)))
+    hooked = nn.Sequential(nn.Linear(3, 2))
+    hooked[0].register_forward_hook(lambda *a: None)
+    assert not is_piecewise_linear(hooked)
+
+
+def test_fast_path_true_refuses_other_models():
+    m, shape = make_model("tanh")
+    with pytest.raises(ValueError, match="fast_path=True"):
+        jvp(m, batch(shape), batch(shape), fast_path=True)
+
+
+# ---------------------------------------------------------------- against brute force
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("mode", ["auto", "rev", "fwd"])
+def test_per_sample_jacobian_matches_brute_force(name, mode):
+    m, shape = make_model(name)
+    x = batch(shape)
+    ref = brute_jacobian(m, x)
+    R = torch.randn_like(ref)
+    ref_grads = param_grads(m, (ref * R).sum())
+    for fast in fast_flags(name):
+        out, jac = per_sample_jacobian(m, x, mode=mode, fast_path=fast)
+        torch.testing.assert_close(out, m(x))
+        torch.testing.assert_close(jac, ref)
+        for g, r in zip(param_grads(m, (jac * R).sum()), ref_grads):
+            torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k", [None, 3])
+def test_jvp_matches_brute_force(name, k):
+    m, shape = make_model(name)
+    x = batch(shape)
+    tangents = batch(shape, seed=2) if k is None else torch.randn((k,) + x.shape, dtype=DT)
+    J = brute_jacobian(m, x)
+    C = J[0].numel() // x[0].numel()
+    Jf = J.reshape(x.shape[0], C, -1)
+    tf = tangents.reshape(-1, x.shape[0], x[0].numel())
+    ref = torch.einsum("bcd,kbd->kbc", Jf, tf)
+    ref = ref[0] if k is None else ref
+    R = torch.randn_like(ref)
+    ref_grads = param_grads(m, (ref * R).sum())
+    for fast in fast_flags(name):
+        out, jv = jvp(m, x, tangents, fast_path=fast)
+        torch.testing.assert_close(out, m(x))
+        torch.testing.assert_close(jv.reshape(ref.shape), ref)
+        for g, r in zip(param_grads(m, (jv.reshape(ref.shape) * R).sum()), ref_grads):
+            torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k", [None, 2])
+def test_vjp_matches_brute_force(name, k):
+    m, shape = make_model(name)
+    x = batch(shape)
+    out_shape = m(x).shape
+    cot = torch.randn(out_shape, dtype=DT) if k is None else torch.randn((k,) + out_shape, dtype=DT)
+    J = brute_jacobian(m, x)
+    B = x.shape[0]
+    Jf = J.reshape(B, out_shape[1:].numel(), -1)
+    ref = torch.einsum("bcd,kbc->kbd", Jf, cot.reshape(-1, B, Jf.shape[1]))
+    ref = (ref[0] if k is None else ref).reshape(cot.shape[:-1] + x.shape[1:])
+    R = torch.randn_like(ref)
+    ref_grads = param_grads(m, (ref * R).sum())
+    for fast in fast_flags(name):
+        out, g = vjp(m, x, cot, fast_path=fast)
+        torch.testing.assert_close(out, m(x))
+        torch.testing.assert_close(g, ref)
+        for a, r in zip(param_grads(m, (g * R).sum()), ref_grads):
+            torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("estimator", ["vjp", "jvp", "exact"])
+@pytest.mark.parametrize("squared", [False, True])
+def test_frobenius_estimators_match_brute_force(name, estimator, squared):
+    """With fixed probes every estimator is a deterministic function of J: check it exactly."""
+    m, shape = make_model(name)
+    x = batch(shape)
+    B = x.shape[0]
+    J = brute_jacobian(m, x).reshape(B, -1, x[0].numel())
+    C = J.shape[1]
+    k = 3
+    if estimator == "vjp":
+        probes = torch.randn(k, B, C, dtype=DT)
+        unit = probes / probes.norm(dim=-1, keepdim=True)
+        sq = (C / k) * torch.einsum("bcd,kbc->kbd", J, unit).pow(2).sum(-1).sum(0)
+        probes = probes.reshape((k,) + m(x).shape)
+    elif estimator == "jvp":
+        probes = torch.randn((k,) + x.shape, dtype=DT)
+        sq = torch.einsum("bcd,kbd->kbc", J, probes.reshape(k, B, -1)).pow(2).sum(-1).mean(0)
+    else:
+        probes = None
+        sq = J.pow(2).sum((1, 2))
+    ref = sq if squared else sq.clamp_min(1e-8).sqrt()
+    ref_grads = param_grads(m, ref.sum())
+    for fast in fast_flags(name):
+        est = jacobian_frobenius_norm(
+            m, x, estimator=estimator, num_projections=k, squared=squared, probes=probes, fast_path=fast
+        )
+        assert est.estimator == estimator
+        torch.testing.assert_close(est.outputs, m(x))
+        torch.testing.assert_close(est.norms, ref)
+        for a, r in zip(param_grads(m, est.norms.sum()), ref_grads):
+            torch.testing.assert_close(a, r)
+
+
+def test_gradient_reaches_an_upstream_input():
+    """x may itself be computed (embeddings): the penalty's gradient flows into it."""
+    m, shape = make_model("relu_bias")
+    table = torch.randn(9, 5, dtype=DT, requires_grad=True)
+    idx = torch.tensor([0, 3, 3, 8])
+    probes = torch.randn(2, 4, 5, dtype=DT)
+    grads = []
+    for fast in (None, False):
+        x = table[idx]
+        est = jacobian_frobenius_norm(m, x, estimator="jvp", num_projections=2, probes=probes, fast_path=fast)
+        (est.norms.sum() + est.outputs.sum()).backward()
+        grads.append(table.grad.clone())
+        table.grad = None
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- closed forms (SPEC 3)
+
+
+def linear_model(sequential):
+    lin = nn.Linear(2, 3, bias=False).to(DT)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+    return nn.Sequential(lin) if sequential else lin
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_closed_form_linear_map(sequential):
+    f = linear_model(sequential)
+    x = torch.tensor([[0.5, 1.0], [1.5, -0.5]], dtype=DT)
+    exact = jacobian_frobenius_norm(f, x, estimator="exact").norms
+    torch.testing.assert_close(exact, torch.full((2,), math.sqrt(91.0), dtype=DT))
+    assert abs(math.sqrt(91.0) - 9.5394) < 1e-4
+    probe = torch.ones(1, 2, 3, dtype=DT) / math.sqrt(3.0)
+    const = jacobian_frobenius_norm(f, x, estimator="vjp", probes=probe).norms
+    torch.testing.assert_close(const, torch.full((2,), 15.0, dtype=DT))
+    _, mu = vjp(f, x, torch.ones(2, 3, dtype=DT))
+    torch.testing.assert_close(mu, torch.tensor([[9.0, 12.0], [9.0, 12.0]], dtype=DT))
+    # The Gaussian input probe e_1 gives ||J e_1|| = ||(1, 3, 5)|| = sqrt(35).
+    jv = jacobian_frobenius_norm(f, x, estimator="jvp", probes=torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=DT))
+    torch.testing.assert_close(jv.norms, torch.full((2,), math.sqrt(35.0), dtype=DT))
+
+
+# ---------------------------------------------------------------- unbiasedness
+
+
+def _spectrum(J):
+    A = J @ J.transpose(-1, -2)
+    tr = A.diagonal(dim1=-2, dim2=-1).sum(-1)
+    tr2 = (A * A).sum((-1, -2))
+    return tr, tr2
+
+
+@pytest.mark.parametrize("estimator", ["vjp", "jvp"])
+@pytest.mark.parametrize("name", ["relu_bias", "tanh"])
+def test_squared_estimators_are_unbiased(estimator, name):
+    """The mean of N probes is within 4 exact standard errors of ||J||_F^2.
+
+    Exact per-probe variances: vjp (unit sphere in R^C, scaled by C)
+    2 (C tr(A^2) - tr(A)^2) / (C + 2); jvp (Gaussian in R^d) 2 tr(A^2), with A = J J^T.
+    """
+    m, shape = make_model(name)
+    x = batch(shape, B=3)
+    J = brute_jacobian(m, x, create_graph=False).reshape(3, -1, x[0].numel())
+    C = J.shape[1]
+    truth = J.pow(2).sum((1, 2))
+    tr, tr2 = _spectrum(J)
+    var = 2 * (C * tr2 - tr**2) / (C + 2) if estimator == "vjp" else 2 * tr2
+    N = 4000
+    gen = torch.Generator().manual_seed(1234)
+    est = jacobian_frobenius_norm(m, x, estimator=estimator, num_projections=N, squared=True, generator=gen)
+    err = (est.norms.detach() - truth).abs()
+    bound = 4 * (var / N).sqrt()
+    assert torch.all(err <= bound), (err, bound)
+    # The bound is informative: it is a small fraction of the estimand.
+    assert torch.all(bound < 0.1 * truth)
+
+
+def test_vjp_estimator_is_exact_for_an_isotropic_jacobian():
+    """All singular values equal => the unit-probe estimate has zero variance (formula above)."""
+    f = nn.Linear(4, 2, bias=False).to(DT)
+    with torch.no_grad():
+        f.weight.copy_(torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]], dtype=DT))
+    gen = torch.Generator().manual_seed(0)
+    est = jacobian_frobenius_norm(f, torch.randn(5, 4, dtype=DT), estimator="vjp", squared=True, generator=gen)
+    torch.testing.assert_close(est.norms.detach(), torch.full((5,), 8.0, dtype=DT))
+
+
+# ---------------------------------------------------------------- finite differences
+
+
+@pytest.mark.parametrize("name", ["relu_bias", "tanh"])
+@pytest.mark.parametrize("estimator", ["vjp", "jvp", "exact"])
+def test_parameter_gradients_match_finite_differences(name, estimator):
+    m, shape = make_model(name)
+    x = batch(shape, B=3)
+    names = [n for n, _ in m.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in m.parameters())
+    if estimator == "vjp":
+        probes = torch.randn((2,) + m(x).shape, dtype=DT)
+    elif estimator == "jvp":
+        probes = torch.randn((2,) + x.shape, dtype=DT)
+    else:
+        probes = None
+
+    def penalty(*ps):
+        def model(inp):
+            return torch.func.functional_call(m, dict(zip(names, ps)), (inp,))
+
+        return jacobian_frobenius_norm(
+            model, x, estimator=estimator, num_projections=2, probes=probes
+        ).norms.mean()
+
+    # functional_call hides the Sequential, so this is the torch.func path; check the fast
+    # path's gradients equal it.
+    assert torch.autograd.gradcheck(penalty, params, eps=1e-6, atol=1e-6, rtol=1e-5)
+    ref = torch.autograd.grad(penalty(*params), params, allow_unused=True, materialize_grads=True)
+    fast = jacobian_frobenius_norm(m, x, estimator=estimator, num_projections=2, probes=probes).norms.mean()
+    for a, r in zip(param_grads(m, fast), ref):
+        torch.testing.assert_close(a, r)
+
+
+# ---------------------------------------------------------------- laws (hypothesis)
+
+
+@settings(max_examples=25, deadline=None)
+@given(a=st.floats(-3, 3), b=st.floats(-3, 3), seed=st.integers(0, 2**16))
+def test_jvp_is_linear_in_the_tangent(a, b, seed):
+    m, shape = make_model("relu_bias")
+    gen = torch.Generator().manual_seed(seed)
+    x, u, w = (torch.randn((3,) + shape, generator=gen, dtype=DT) for _ in range(3))
+    _, ju = jvp(m, x, u)
+    _, jw = jvp(m, x, w)
+    _, jc = jvp(m, x, a * u + b * w)
+    torch.testing.assert_close(jc, a * ju + b * jw)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), scale=st.floats(0.01, 100.0))
+def test_bias_free_relu_identities(seed, scale):
+    """Positive homogeneity: J_x x = f(x), <mu_x, x> = sum of logits, J_{cx} = J_x."""
+    torch.manual_seed(seed % 7)
+    m = nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.LeakyReLU(0.2), nn.Linear(8, 4, bias=False)).to(DT)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 6, generator=gen, dtype=DT)
+    for fast in (None, False):
+        out, jx = jvp(m, x, x, fast_path=fast)
+        torch.testing.assert_close(jx, out)
+        _, mu = vjp(m, x, torch.ones_like(out), fast_path=fast)
+        torch.testing.assert_close((mu * x).sum(1), out.sum(1))
+    _, j1 = per_sample_jacobian(m, x)
+    _, j2 = per_sample_jacobian(m, scale * x)
+    torch.testing.assert_close(j1, j2)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_batch_permutation_equivariance(seed):
+    """Samples do not interact: permuting the batch (and its probes) permutes the estimates."""
+    m, shape = make_model("relu_bias")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((6,) + shape, generator=gen, dtype=DT)
+    probes = torch.randn((2,) + x.shape, generator=gen, dtype=DT)
+    perm = torch.randperm(6, generator=gen)
+    a = jacobian_frobenius_norm(m, x, estimator="jvp", num_projections=2, probes=probes).norms
+    b = jacobian_frobenius_norm(m, x[perm], estimator="jvp", num_projections=2, probes=probes[:, perm]).norms
+    torch.testing.assert_close(a[perm], b)
+
+
+# ---------------------------------------------------------------- modules that interact
+
+
+def test_train_mode_batchnorm_is_refused_by_every_kernel():
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(DT)
+    x = torch.randn(5, 3, dtype=DT)
+    calls = [
+        lambda: jvp(m, x, x),
+        lambda: vjp(m, x, torch.ones(5, 2, dtype=DT)),
+        lambda: per_sample_jacobian(m, x),
+        lambda: jacobian_frobenius_norm(m, x),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="BatchNorm1d"):
+            call()
+    m.eval()
+    _, jac = per_sample_jacobian(m, x)
+    torch.testing.assert_close(jac, brute_jacobian(m, x))
+
+
+def test_transformer_on_embeddings_uses_the_func_path():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).to(DT)
+    head = nn.Linear(8, 3).to(DT)
+
+    def model(e):
+        return head(layer(e)[:, -1])
+
+    x = torch.randn(3, 4, 8, dtype=DT)
+    J = brute_jacobian(model, x)
+    _, jac = per_sample_jacobian(model, x)
+    torch.testing.assert_close(jac, J)
+    u = torch.randn_like(x)
+    _, jv = jvp(model, x, u)
+    torch.testing.assert_close(jv, torch.einsum("bcij,bij->bc", J, u))
+    _, g = vjp(model, x, torch.ones(3, 3, dtype=DT))
+    torch.testing.assert_close(g, J.sum(1))
