@@ -7,6 +7,8 @@ GrokAlignLoss (Jacobian regularisation), plus the diagnostics and the grokking r
 from .centroids import CentroidStats, centroid_alignment, centroids, jacobian_pc1_share
 from .grokalign import GrokAlignLoss
 from .grokfast import Grokfast, NonFiniteGradientError, grokfast_
+from .metrics import absolute_gradient_entropy
+from .neuralgrok import AmplifiedOptimizer, amplify_gradients, make_amplifier
 from .jacobian import (
     FrobeniusEstimate,
     is_piecewise_linear,
@@ -18,17 +20,21 @@ from .wrapper import GradientTransform
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmplifiedOptimizer",
     "CentroidStats",
     "FrobeniusEstimate",
     "GradientTransform",
     "GrokAlignLoss",
     "Grokfast",
     "NonFiniteGradientError",
+    "absolute_gradient_entropy",
+    "amplify_gradients",
     "centroid_alignment",
     "centroids",
     "grokfast_",
     "is_piecewise_linear",
     "jacobian_frobenius_norm",
     "jacobian_pc1_share",
+    "make_amplifier",
     "per_sample_jacobian",
 ]

@@ -98,3 +98,44 @@ def state_tensors(opt: Optimizer) -> dict[str, torch.Tensor]:
             else:
                 out[f"{index}/{key}"] = torch.tensor(value)
     return out
+
+
+# ---------------------------------------------------------------- NeuralGrok (issue 4)
+
+
+def _neuralgrok_meta(opt: Optimizer, model: nn.Module, batch: Batch) -> None:
+    """Meta-step on a held-out slice; g_hat from the step's own batch where recomputed."""
+    x, y = batch
+    mse = nn.functional.mse_loss
+    amplified = opt
+    while not hasattr(amplified, "maybe_meta_step"):
+        amplified = amplified.optimizer
+    inner = None if amplified.g_hat == "last" else (lambda fwd: mse(fwd(x), y))
+    amplified.maybe_meta_step(model, lambda fwd: mse(fwd(x[::2] * 0.5), y[::2]), inner)
+
+
+def _neuralgrok(**kw: Any) -> Callable[[Optimizer, nn.Module], Optimizer]:
+    from grokopt.neuralgrok import AmplifiedOptimizer
+
+    def build(opt: Optimizer, model: nn.Module) -> Optimizer:
+        torch.manual_seed(7)  # the amplifier's init, so that fresh objects agree
+        return AmplifiedOptimizer(opt, hidden=(8, 8), meta_lr=1e-2, **kw)
+
+    return build
+
+
+def _grokfast_then_neuralgrok(opt: Optimizer, model: nn.Module) -> Optimizer:
+    return grokopt.Grokfast(_neuralgrok(meta_every=2)(opt, model), alpha=0.9, lamb=2.0)
+
+
+def _neuralgrok_over_grokfast(opt: Optimizer, model: nn.Module) -> Optimizer:
+    return _neuralgrok(meta_every=2)(grokopt.Grokfast(opt, alpha=0.9, lamb=2.0), model)
+
+
+WRAPPER_CASES += [
+    WrapperCase("neuralgrok", _neuralgrok(meta_every=2), _neuralgrok_meta),
+    WrapperCase("neuralgrok-last", _neuralgrok(meta_every=1, g_hat="last", c=0.5), _neuralgrok_meta),
+    WrapperCase("neuralgrok-exact", _neuralgrok(meta_every=3, path="exact"), _neuralgrok_meta),
+    WrapperCase("neuralgrok-over-grokfast", _neuralgrok_over_grokfast, _neuralgrok_meta),
+    WrapperCase("grokfast-over-neuralgrok", _grokfast_then_neuralgrok, _neuralgrok_meta),
+]

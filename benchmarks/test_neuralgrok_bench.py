@@ -1,0 +1,171 @@
+"""Cost of NeuralGrok per training step, and the amplifier's memory at 50M parameters.
+
+(a) On the paper's decoder (422,784 parameters, batch 512, 4 tokens, 93 held-out examples
+as the outer batch: 1% of the 9,312 equations), one round = 4 training steps and the
+meta-step due after the 4th (meta_every=4), averaged per step, in one benchmark group:
+
+- ``adam``: plain Adam (lr 1e-3, betas (0.9, 0.98), weight decay 1e-3), the denominator;
+- ``ours-recompute``: AmplifiedOptimizer, piecewise-linear path, the paper's g_hat
+  (one extra forward/backward per meta-step);
+- ``ours-last``: the same with g_hat="last" (no extra backward);
+- ``paper-per-element``: the MLP on every gradient entry, all at once, as the reference
+  code does (path="exact", chunk_size=None), paper's g_hat.
+
+Each non-Adam result carries ``ratio_to_adam`` in its extra_info.
+
+(b) 50M parameters (50 tensors of 1000 x 1000): peak extra resident memory of step()'s
+transform and of one meta-step, measured in a fresh subprocess as VmHWM minus the resident
+size before (the peak is reset through /proc/self/clear_refs); the paper's way is estimated
+as P x sum(hidden) x 4 bytes of activations (it cannot run in this machine's memory).
+
+Threads: GROKOPT_BENCH_THREADS (default 1: on a shared 2-core machine, two threads wait on
+each other and make every elementwise kernel 10-20x slower).
+
+Run: pytest benchmarks/test_neuralgrok_bench.py --benchmark-json=benchmarks/results/<name>.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from grokopt.neuralgrok import AmplifiedOptimizer
+
+THREADS = int(os.environ.get("GROKOPT_BENCH_THREADS", "1"))
+P_LARGE = 50 * 1000 * 1000
+HIDDEN = (128, 128)
+_MEANS: dict[str, float] = {}
+
+
+def _decoder() -> nn.Module:
+    try:
+        from grokopt.tasks.models import DecoderTransformer
+
+        model = DecoderTransformer(vocab_size=99, num_classes=99)
+    except ImportError:  # the task models are optional for this benchmark
+        pytest.skip("grokopt.tasks.models.DecoderTransformer is not available")
+    assert sum(p.numel() for p in model.parameters()) == 422_784
+    return model
+
+
+def _data(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    a = torch.randint(0, 97, (512,), generator=gen)
+    b = torch.randint(1, 97, (512,), generator=gen)
+    tokens = torch.stack([a, torch.full_like(a, 97), b, torch.full_like(a, 98)], 1)
+    return tokens, (a + b) % 97
+
+
+@pytest.mark.parametrize(
+    "impl", ["adam", "ours-recompute", "ours-last", "paper-per-element"]
+)
+def test_training_step(benchmark, impl):
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    model = _decoder()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=1e-3)
+    if impl != "adam":
+        opt = AmplifiedOptimizer(
+            opt, hidden=HIDDEN, meta_every=4,
+            g_hat="last" if impl == "ours-last" else "recompute",
+            path="exact" if impl == "paper-per-element" else "pwl",
+            chunk_size=None if impl == "paper-per-element" else 1 << 18,
+        )
+    gen = torch.Generator().manual_seed(1)
+    batches = [_data(gen) for _ in range(4)]
+    x_out, y_out = _data(gen)
+    x_out, y_out = x_out[:93], y_out[:93]
+    ce = nn.functional.cross_entropy
+
+    def four_steps():
+        for x, y in batches:
+            opt.zero_grad()
+            ce(model(x), y).backward()
+            opt.step()
+            if impl != "adam":
+                opt.maybe_meta_step(
+                    model, lambda fwd: ce(fwd(x_out), y_out),
+                    None if impl == "ours-last" else (lambda m: ce(m(x), y)),
+                )
+
+    benchmark.group = "neuralgrok/decoder-422784/batch-512/cpu"
+    benchmark.extra_info.update(threads=THREADS, steps_per_round=4, meta_every=4,
+                                machine="2-core x86-64 CPU, no GPU")
+    rounds = 2 if impl == "paper-per-element" else 8
+    benchmark.pedantic(four_steps, rounds=rounds, iterations=1, warmup_rounds=1)
+    mean = benchmark.stats.stats.mean / 4
+    _MEANS[impl] = mean
+    benchmark.extra_info["seconds_per_step"] = mean
+    if impl != "adam" and "adam" in _MEANS:
+        benchmark.extra_info["ratio_to_adam"] = mean / _MEANS["adam"]
+
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from torch import nn
+    from grokopt.neuralgrok import AmplifiedOptimizer, amplify_gradients
+
+    torch.set_num_threads(int(sys.argv[1]))
+
+    def rss(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+    def reset_peak():
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(1000, 1000, bias=False) for _ in range(50)])
+    opt = AmplifiedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3), g_hat="last")
+    x = torch.randn(8, 1000)
+    model(x).pow(2).mean().backward()
+    for p in model.parameters():
+        p.grad.mul_(1e3)  # realistic spread of gradient magnitudes is not needed for memory
+    out = {"params": sum(p.numel() for p in model.parameters())}
+    opt.step()  # warm-up: allocator pools, last_grad buffers
+    before = rss("VmRSS")
+    reset_peak()
+    opt.step()
+    out["step_peak_extra_bytes"] = rss("VmHWM") - before
+    outer = lambda fwd: fwd(x).pow(2).mean()
+    before = rss("VmRSS")
+    reset_peak()
+    opt.meta_step(model, outer)
+    out["meta_step_peak_extra_bytes"] = rss("VmHWM") - before
+    print(json.dumps(out))
+    """
+)
+
+
+def test_amplifier_memory_50m(benchmark):
+    """Extra resident memory of step() and of a meta-step at 50M parameters."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc to reset the peak resident size")
+    result = {}
+
+    def measure():
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(THREADS)],
+                              capture_output=True, text=True, check=True)
+        result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    benchmark.group = "neuralgrok/memory-50M/cpu"
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    p = result["params"]
+    paper = p * sum(HIDDEN) * 4  # one fp32 activation per hidden unit per gradient entry
+    benchmark.extra_info.update(
+        params=p,
+        step_peak_extra_gb=result["step_peak_extra_bytes"] / 1e9,
+        meta_step_peak_extra_gb=result["meta_step_peak_extra_bytes"] / 1e9,
+        meta_step_lookahead_params_gb=p * 4 / 1e9,
+        paper_per_element_activations_estimate_gb=paper / 1e9,
+        machine="2-core x86-64 CPU, no GPU",
+    )

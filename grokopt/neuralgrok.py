@@ -1,0 +1,770 @@
+"""NeuralGrok: a learned per-element gain on the gradient, trained by a one-step lookahead.
+
+SPEC section 2. For each gradient tensor ``g`` the amplifier (a small MLP on one scalar)
+gives ``f = MLP(g)`` elementwise; the transform is
+
+    G_phi(g) = c * (w * g) / (||w * g|| + eps),    w = exp(f - max f)
+
+(``w`` is the softmax of ``f`` without its normaliser, which the renormalisation cancels).
+The amplifier is trained every ``meta_every`` steps on a held-out batch by the exact gradient
+of the outer loss at the lookahead parameters ``theta - lr * G_phi(g_hat)``.
+
+Cost. The paper runs the MLP on every one of the P gradient entries (P x sum(hidden) floats of
+activations, several plain steps of compute). A ReLU MLP of one scalar is a continuous
+*piecewise-linear* function with at most ``h1 + (h1 + 1) * h2`` kinks, so this module finds
+the kinks inside ``[min g, max g]``, evaluates one affine piece (intercept, slope) per interval
+with the MLP, and then looks every entry up: ``f = a[k] + s[k] * g`` with ``k`` from a binary
+search. That is the *same function* (not an approximation), its work is O(P log K) elementwise
+plus a P-independent O(K * hidden^2), and the pieces are differentiable in the amplifier's
+weights, so the meta-step's hypergradient is exact as well (see :func:`amplify_gradients`).
+Amplifiers that are not ``Linear``/``ReLU``/``LeakyReLU`` stacks use the per-element path in
+chunks (exact, memory O(chunk x hidden), compute O(P x hidden^2)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .wrapper import GradientTransform
+
+__all__ = ["AmplifiedOptimizer", "amplify_gradients", "make_amplifier"]
+
+_PATHS = ("auto", "pwl", "exact")
+_G_HAT = ("recompute", "last")
+_CHUNK = 1 << 18
+
+Forward = Callable[..., Any]
+
+
+# ---------------------------------------------------------------------------- amplifier
+
+
+def make_amplifier(
+    hidden: Sequence[int] = (128, 128),
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Sequential:
+    """The paper's amplifier: ``Linear(1, h1)-ReLU-...-Linear(hn, 1)``, PyTorch default init.
+
+    Example:
+        >>> amp = make_amplifier((16, 16))
+        >>> amp(torch.zeros(5, 1)).shape
+        torch.Size([5, 1])
+    """
+    hidden = tuple(hidden)
+    if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
+    layers: list[nn.Module] = []
+    width = 1
+    for h in hidden:
+        layers += [nn.Linear(width, h, device=device, dtype=dtype), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, 1, device=device, dtype=dtype))
+    return nn.Sequential(*layers)
+
+
+def _piecewise_plan(amplifier: nn.Module) -> list[tuple[str, Any]] | None:
+    """The amplifier as [("linear", module) | ("act", negative_slope)], or None if it is not
+    a stack the piecewise-linear path can represent exactly."""
+    plan: list[tuple[str, Any]] = []
+
+    def walk(m: nn.Module) -> bool:
+        if type(m) is nn.Sequential:
+            return all(walk(child) for child in m)
+        if type(m) is nn.Linear:
+            plan.append(("linear", m))
+        elif type(m) is nn.ReLU:
+            plan.append(("act", 0.0))
+        elif type(m) is nn.LeakyReLU:
+            plan.append(("act", float(m.negative_slope)))
+        elif type(m) is not nn.Identity:
+            return False
+        return True
+
+    if not walk(amplifier) or not plan or plan[0][0] != "linear":
+        return None
+    return plan
+
+
+def _dual(plan: list[tuple[str, Any]], x: Tensor) -> tuple[Tensor, Tensor]:
+    """Values and d/dx of the (sub)network at points x (K,), shape (K, width) each.
+
+    The activation pattern is read off the values at x, so on an interval where no unit
+    changes sign this is the network's exact affine piece, differentiable in its weights.
+    """
+    h = x[:, None]
+    d = torch.ones_like(h)
+    for kind, layer in plan:
+        if kind == "linear":
+            h = nn.functional.linear(h, layer.weight, layer.bias)
+            d = nn.functional.linear(d, layer.weight)
+        else:
+            # Built in h's dtype: a float32 0.1 would be off by 1e-9 in an fp64 network.
+            gain = torch.where(h.detach() > 0, h.new_ones(()), h.new_full((), layer))
+            h = h * gain
+            d = d * gain
+    return h, d
+
+
+def _piecewise_table(
+    plan: list[tuple[str, Any]], lo: float, hi: float, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Kinks (sorted, inside (lo, hi)), and intercept and slope of each of the K pieces.
+
+    Kinks come layer by layer: once all kinks of the layers below are known, every unit of
+    the next activation is affine on each interval, so its zero there is one division.
+    """
+    with torch.no_grad():
+        kinks = torch.empty(0, dtype=dtype, device=device)
+        ends = torch.tensor([lo, hi], dtype=dtype, device=device)
+        for i, (kind, _) in enumerate(plan):
+            if kind != "act":
+                continue
+            edges = torch.cat([ends[:1], kinks, ends[1:]])
+            mids = (edges[:-1] + edges[1:]) / 2
+            z, dz = _dual(plan[:i], mids)
+            roots = mids[:, None] - z / dz  # dz == 0 gives inf/nan, dropped by the test below
+            inside = (roots > edges[:-1, None]) & (roots < edges[1:, None])
+            kinks = torch.unique(torch.cat([kinks, roots[inside]]))  # sorted
+        edges = torch.cat([ends[:1], kinks, ends[1:]])
+        mids = (edges[:-1] + edges[1:]) / 2
+    value, slope = _dual(plan, mids)
+    value, slope = value[:, 0], slope[:, 0]
+    return kinks, value - slope * mids, slope
+
+
+def _lookup(x: Tensor, kinks: Tensor, intercept: Tensor, slope: Tensor) -> Tensor:
+    k = torch.searchsorted(kinks, x)  # int64: index_select is ~2x faster than with int32
+    return torch.addcmul(intercept.index_select(0, k), slope.index_select(0, k), x)
+
+
+class _PiecewiseAmplify(torch.autograd.Function):
+    """G_phi of one flat tensor on the pwl path, differentiable in the pieces' (intercept,
+    slope), keeping nothing P-sized for backward but the gradient itself.
+
+    Autograd would save the indices, gathered slopes, w and u of every entry (about 35 bytes
+    per entry at fp32, 1.8 GB at 50M parameters); backward recomputes them chunk by chunk
+    from g and the K pieces instead, so its memory is O(chunk) beyond its input and output.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, intercept: Tensor, slope: Tensor, kinks: Tensor, g: Tensor,
+                c: float, eps: float, work: torch.dtype, chunk: int) -> Tensor:
+        y = torch.empty(g.numel(), dtype=work, device=intercept.device)
+        for part, out in zip(g.split(chunk), y.split(chunk)):
+            out.copy_(_lookup(part.to(intercept.dtype), kinks, intercept, slope))
+        top = y.argmax()
+        m = y[top].clone()
+        for part, out in zip(g.split(chunk), y.split(chunk)):
+            out.sub_(m).exp_().mul_(part.to(work))
+        n = torch.linalg.vector_norm(y)
+        y.mul_(c / (n + eps))
+        ctx.save_for_backward(intercept, slope, kinks, g, m, n, top)
+        ctx.c, ctx.eps, ctx.work, ctx.chunk = c, eps, work, chunk
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        intercept, slope, kinks, g, m, n, top = ctx.saved_tensors
+        c, eps, work, chunk = ctx.c, ctx.eps, ctx.work, ctx.chunk
+
+        def pieces(part: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            x = part.to(intercept.dtype)
+            k = torch.searchsorted(kinks, x)
+            f = torch.addcmul(intercept.index_select(0, k), slope.index_select(0, k), x).to(work)
+            return x, k, f.sub_(m).exp_().mul_(part.to(work))  # u = w * g
+
+        # y = c u / (n + eps), n = ||u||:  dL/du = c/(n+eps) (gy - u (u.gy) / (n (n+eps)))
+        dot = sum((pieces(part)[2] * gp).sum() for part, gp in zip(g.split(chunk), gy.split(chunk)))
+        coef = torch.where(n > 0, dot / (n * (n + eps)), torch.zeros_like(n))
+        scale = c / (n + eps)
+        grad_a = torch.zeros_like(intercept)
+        grad_s = torch.zeros_like(slope)
+        total = torch.zeros((), dtype=work, device=gy.device)
+        for part, gp in zip(g.split(chunk), gy.split(chunk)):
+            x, k, u = pieces(part)
+            df = (gp - u * coef).mul_(scale).mul_(u)  # du/df = u
+            total += df.sum()
+            grad_a.index_add_(0, k, df.to(grad_a.dtype))
+            grad_s.index_add_(0, k, (df * x).to(grad_s.dtype))
+        # u = exp(f - max f) g: the max moves with the pieces too (it matters through eps).
+        x_top = g.reshape(-1)[top].to(intercept.dtype)
+        k_top = torch.searchsorted(kinks, x_top.reshape(1))
+        grad_a.index_add_(0, k_top, (-total).reshape(1).to(grad_a.dtype))
+        grad_s.index_add_(0, k_top, (-total * x_top).reshape(1).to(grad_s.dtype))
+        return grad_a, grad_s, None, None, None, None, None, None
+
+
+def _amplifier_dtype_device(amplifier: nn.Module, fallback: Tensor) -> tuple[torch.dtype, torch.device]:
+    for p in amplifier.parameters():
+        return p.dtype, p.device
+    return torch.float32, fallback.device
+
+
+def _check_amplifier(amplifier: Any, device: torch.device) -> None:
+    if not isinstance(amplifier, nn.Module):
+        raise TypeError(f"amplifier must be an nn.Module, got {type(amplifier).__name__}")
+    dtype, dev = _amplifier_dtype_device(amplifier, torch.empty(0, device=device))
+    probe = torch.linspace(-1.0, 1.0, 3, dtype=dtype, device=dev)[:, None]
+    with torch.no_grad():
+        try:
+            out = amplifier(probe)
+        except Exception as exc:
+            raise ValueError(
+                f"amplifier must map a (n, 1) tensor to a (n, 1) tensor; calling it on a "
+                f"(3, 1) tensor raised {type(exc).__name__}: {exc}"
+            ) from exc
+    if not isinstance(out, Tensor) or tuple(out.shape) != (3, 1):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"amplifier must map a (n, 1) tensor to a (n, 1) tensor (one gain per gradient "
+            f"entry); on a (3, 1) input it returned {shape}"
+        )
+
+
+# ---------------------------------------------------------------------------- transform
+
+
+def amplify_gradients(
+    grads: Sequence[Tensor],
+    amplifier: nn.Module,
+    *,
+    c: float | Sequence[float] = 1.0,
+    eps: float = 1e-12,
+    path: str = "auto",
+    chunk_size: int | None = _CHUNK,
+) -> list[Tensor]:
+    """G_phi of SPEC section 2 for each tensor; new tensors, the inputs are not changed.
+
+    ``f = amplifier(g)`` elementwise, ``w = exp(f - max f)`` and ``c * w*g / (||w*g|| + eps)``,
+    in the wider of fp32 and the amplifier's dtype, returned in each gradient's dtype. An
+    all-zero gradient gives zeros. While grad mode is on, the result is differentiable in
+    the amplifier's parameters (the gradients themselves are treated as constants).
+
+    Paths (the same function, up to rounding):
+
+    - ``"pwl"``: the amplifier is a ``Linear``/``ReLU``/``LeakyReLU`` stack, hence exactly
+      piecewise linear in its input. Its kinks inside ``[min g, max g]`` and one
+      (intercept, slope) per piece are computed from the weights, and each entry is looked up
+      by binary search. No P x hidden activations exist at any time.
+    - ``"exact"``: the MLP on every entry (the paper's way); without grad mode it runs in
+      chunks of ``chunk_size`` entries so that its memory is O(chunk_size x hidden).
+    - ``"auto"``: ``"pwl"`` when the amplifier allows it, else ``"exact"``.
+
+    Args:
+        grads: gradient tensors (any float dtype).
+        amplifier: a module mapping (n, 1) to (n, 1).
+        c: target norm per tensor, one float or one per tensor.
+        eps: added to the norm; keeps an all-zero gradient at zero.
+        path: ``"auto"``, ``"pwl"`` or ``"exact"``.
+        chunk_size: entries per chunk of the no-grad paths (None: all at once).
+
+    Example:
+        >>> amp = make_amplifier((8,))
+        >>> g = torch.tensor([3.0, -4.0])
+        >>> out, = amplify_gradients([g], amp, c=2.0)
+        >>> round(out.norm().item(), 5)
+        2.0
+    """
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    grads = list(grads)
+    cs = list(c) if isinstance(c, Sequence) else [c] * len(grads)
+    if len(cs) != len(grads):
+        raise ValueError(f"c has {len(cs)} entries for {len(grads)} gradients")
+    if not grads:
+        return []
+    plan = _piecewise_plan(amplifier)
+    if path == "pwl" and plan is None:
+        raise ValueError(
+            "path='pwl' needs an amplifier built only from nn.Linear, nn.ReLU, nn.LeakyReLU "
+            "and nn.Identity (in nn.Sequential); use path='exact' or 'auto' for this one"
+        )
+    use_pwl = plan is not None and path != "exact"
+    amp_dtype, amp_device = _amplifier_dtype_device(amplifier, grads[0])
+    differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in amplifier.parameters())
+
+    table = None
+    if use_pwl:
+        nonempty = [g.detach() for g in grads if g.numel()]
+        if nonempty:
+            bounds = torch.stack([torch.stack(torch.aminmax(g)).to(amp_dtype) for g in nonempty])
+            lo, hi = bounds[:, 0].min().item(), bounds[:, 1].max().item()
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                lo = hi = 0.0  # inf/NaN entries make the output NaN below, as in the paper
+            table = _piecewise_table(plan, lo, hi, amp_dtype, amp_device)  # type: ignore[arg-type]
+
+    def gains(x: Tensor) -> Tensor:
+        if table is not None:
+            if chunk_size is None:
+                return _lookup(x, *table)
+            return torch.cat([_lookup(part, *table) for part in x.split(chunk_size)])
+        if differentiable or chunk_size is None:
+            return amplifier(x[:, None]).reshape(-1)
+        return torch.cat([amplifier(part[:, None]).reshape(-1) for part in x.split(chunk_size)])
+
+    out = []
+    for g, c_i in zip(grads, cs):
+        g = g.detach()
+        if g.numel() == 0:
+            out.append(torch.zeros_like(g))
+            continue
+        work = torch.promote_types(torch.promote_types(g.dtype, torch.float32), amp_dtype)
+        if differentiable and table is not None:
+            kinks, intercept, slope = table
+            y = _PiecewiseAmplify.apply(intercept, slope, kinks, g.reshape(-1).to(amp_device),
+                                        c_i, eps, work, chunk_size or _CHUNK)
+            out.append(y.view(g.shape).to(device=g.device, dtype=g.dtype))
+            continue
+        x = g.reshape(-1).to(device=amp_device, dtype=amp_dtype)
+        f = gains(x).to(work)
+        gw = g.reshape(-1).to(device=amp_device, dtype=work)
+        if differentiable:
+            u = torch.exp(f - f.max()) * gw
+            y = u * (c_i / (torch.linalg.vector_norm(u) + eps))
+        else:
+            # In place: the only P-sized temporaries are f (and a cast of g if needed).
+            y = f.sub_(f.max()).exp_().mul_(gw)
+            y.mul_(c_i / (torch.linalg.vector_norm(y) + eps))
+        out.append(y.view(g.shape).to(device=g.device, dtype=g.dtype))
+    return out
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+
+def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}: {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+
+
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _all_reduce_mean(tensors: Iterable[Tensor]) -> None:
+    world = _world_size()
+    if world == 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(world)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # Evaluate the plain module: a DDP wrapper's forward expects a backward() that syncs
+    # gradients, which autograd.grad never triggers.
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class AmplifiedOptimizer(GradientTransform):
+    """NeuralGrok: step on amplified gradients G_phi(g); learn the amplifier by meta-steps.
+
+    ``step()`` replaces every gradient by G_phi(g) (no autograd graph) and steps the inner
+    optimizer. :meth:`meta_step` (or :meth:`maybe_meta_step`, every ``meta_every`` steps)
+    trains the amplifier on a held-out batch: it evaluates the model at the lookahead
+    parameters ``theta - lr * G_phi(g_hat)`` (``lr`` of each parameter's group, plain SGD)
+    through :func:`torch.func.functional_call`, so the module's own parameters are untouched,
+    and steps the meta-optimizer with the exact gradient of that outer loss w.r.t. the
+    amplifier's weights. Under DDP the hypergradient (and a recomputed g_hat) is averaged
+    across ranks here, since ``autograd.grad`` bypasses DDP's own averaging.
+
+    ``g_hat`` (what the lookahead steps along):
+
+    - ``"recompute"`` (the paper's): the gradient of ``inner_loss`` (passed to the meta-step,
+      normally the step's own batch) at the current, just-updated parameters. One extra
+      forward/backward per meta-step; the lookahead starts where the model is.
+    - ``"last"``: the raw gradient of the last ``step()`` (before G_phi), stored each step
+      (one extra copy of the gradients in memory and in the state_dict). No extra
+      backward, but it was taken one step earlier than the parameters it is applied to.
+
+    Args:
+        optimizer: any optimizer, including a grokopt wrapper (``AmplifiedOptimizer(
+            Grokfast(AdamW(...)))`` amplifies and then filters).
+        amplifier: a module mapping (n, 1) to (n, 1); default :func:`make_amplifier` with
+            ``hidden`` on the parameters' device, fp32.
+        hidden: widths of the default amplifier (paper: (128, 128) for mod-97 tasks).
+        c: norm of every amplified gradient tensor, > 0 (paper 1.0; later code 0.2). Stored
+            per group as ``neuralgrok_c``.
+        meta_lr: learning rate of the default meta-optimizer, Adam(betas=(0.9, 0.98),
+            weight_decay=1e-3); ignored when ``meta_optimizer`` is given.
+        meta_optimizer: an optimizer over exactly the amplifier's parameters.
+        meta_every: :meth:`maybe_meta_step` runs a meta-step every this many steps (>= 1).
+        g_hat: ``"recompute"`` or ``"last"`` (above).
+        eps: added to each tensor's norm (>= 0).
+        path: ``"auto"``, ``"pwl"`` or ``"exact"`` (see :func:`amplify_gradients`).
+        chunk_size: entries per chunk of the no-grad transform (None: all at once).
+        max_grad_norm: if set, clip the amplified gradients to this global norm before the
+            inner step (the reference pipeline uses 1.0). Not applied in the lookahead.
+
+    Example:
+        >>> import torch
+        >>> from grokopt.neuralgrok import AmplifiedOptimizer
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Linear(3, 2)
+        >>> opt = AmplifiedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3),
+        ...                          hidden=(16, 16), meta_every=2)
+        >>> x, y, x_out, y_out = torch.randn(8, 3), torch.randn(8, 2), torch.randn(4, 3), torch.randn(4, 2)
+        >>> mse = torch.nn.functional.mse_loss
+        >>> for _ in range(4):
+        ...     opt.zero_grad()
+        ...     mse(model(x), y).backward()
+        ...     opt.step()
+        ...     _ = opt.maybe_meta_step(model, lambda fwd: mse(fwd(x_out), y_out),
+        ...                             inner_loss=lambda fwd: mse(fwd(x), y))
+        >>> opt.meta_steps, round(model.weight.grad.norm().item(), 4)
+        (2, 1.0)
+    """
+
+    _prefix = "neuralgrok_"
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        amplifier: nn.Module | None = None,
+        hidden: Sequence[int] = (128, 128),
+        c: float = 1.0,
+        meta_lr: float = 1e-4,
+        meta_optimizer: Optimizer | None = None,
+        meta_every: int = 4,
+        g_hat: str = "recompute",
+        eps: float = 1e-12,
+        path: str = "auto",
+        chunk_size: int | None = _CHUNK,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            super().__init__(optimizer, {})  # the base class's TypeError names the argument
+        if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
+            raise ValueError(f"meta_every must be an int >= 1, got {meta_every!r}")
+        if g_hat not in _G_HAT:
+            raise ValueError(f"g_hat must be one of {_G_HAT}, got {g_hat!r}")
+        if path not in _PATHS:
+            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        _check_positive("c", c)
+        _check_positive("eps", eps, allow_zero=True)
+        _check_positive("meta_lr", meta_lr)
+        if max_grad_norm is not None:
+            _check_positive("max_grad_norm", max_grad_norm)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        device = params[0].device if params else torch.device("cpu")
+        if amplifier is None:
+            amplifier = make_amplifier(hidden, device=device)
+        _check_amplifier(amplifier, device)
+        if path == "pwl" and _piecewise_plan(amplifier) is None:
+            raise ValueError(
+                "path='pwl' needs an amplifier built only from nn.Linear, nn.ReLU, "
+                "nn.LeakyReLU and nn.Identity; use path='exact' or 'auto' for this amplifier"
+            )
+        amp_params = list(amplifier.parameters())
+        if meta_optimizer is None:
+            if not amp_params:
+                raise ValueError("amplifier has no parameters to learn; give one with parameters")
+            meta_optimizer = torch.optim.Adam(
+                amp_params, lr=meta_lr, betas=(0.9, 0.98), weight_decay=1e-3
+            )
+        elif not isinstance(meta_optimizer, Optimizer):
+            raise TypeError(
+                f"meta_optimizer must be a torch.optim.Optimizer or None, got "
+                f"{type(meta_optimizer).__name__}"
+            )
+        else:
+            owned = {id(p) for g in meta_optimizer.param_groups for p in g["params"]}
+            if owned != {id(p) for p in amp_params}:
+                raise ValueError(
+                    "meta_optimizer must optimise exactly the amplifier's parameters, "
+                    "e.g. torch.optim.Adam(amplifier.parameters())"
+                )
+        super().__init__(optimizer, {"c": c})
+        self.amplifier = amplifier
+        self.meta_optimizer = meta_optimizer
+        self.meta_every = meta_every
+        self.g_hat = g_hat
+        self.eps = eps
+        self.path = path
+        self.chunk_size = chunk_size
+        self.max_grad_norm = max_grad_norm
+        self._counters = {"steps": 0, "meta_steps": 0, "last_meta_at": 0}
+
+    @property
+    def steps(self) -> int:
+        """Number of completed ``step()`` calls."""
+        return self._counters["steps"]
+
+    @property
+    def meta_steps(self) -> int:
+        """Number of completed meta-steps."""
+        return self._counters["meta_steps"]
+
+    def _validate_group(self, options: dict[str, Any]) -> None:
+        merged = {**self._own_defaults(), **options} if hasattr(self, "defaults") else options
+        _check_positive("c", merged.get("neuralgrok_c"))
+
+    # ------------------------------------------------------------------ step
+
+    def _transform_gradients(self) -> bool:
+        pairs = [(p, g, group["neuralgrok_c"]) for group in self.param_groups
+                 for p, g in self._grads(group)]
+        if self.g_hat == "last":
+            for p, g, _ in pairs:
+                saved = self.state[p].get("last_grad")
+                if saved is None or saved.shape != g.shape or saved.dtype != g.dtype:
+                    self.state[p]["last_grad"] = g.detach().clone()
+                else:
+                    saved.copy_(g)
+        if pairs:
+            grads = [g for _, g, _ in pairs]
+            new = amplify_gradients(grads, self.amplifier, c=[c for _, _, c in pairs],
+                                    eps=self.eps, path=self.path, chunk_size=self.chunk_size)
+            for g, n in zip(grads, new):
+                g.copy_(n)
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p, _, _ in pairs], self.max_grad_norm)
+        self._counters["steps"] += 1
+        return True
+
+    # ------------------------------------------------------------------ meta-step
+
+    def meta_loss(
+        self,
+        model: nn.Module,
+        outer_loss: Callable[[Forward], Tensor],
+        inner_loss: Callable[[Forward], Tensor] | None = None,
+    ) -> Tensor:
+        """The outer loss at the one-step lookahead, differentiable in the amplifier only.
+
+        Nothing is changed: not the model, not the amplifier, not the optimizers.
+
+        Args:
+            model: the module whose parameters this optimizer updates (a DDP wrapper is
+                unwrapped); every parameter of the optimizer must be one of its parameters.
+            outer_loss: called with ``forward``, the model evaluated at the lookahead
+                parameters (``forward(*args, **kwargs)`` is ``model(*args, **kwargs)`` there),
+                returns a scalar loss on the held-out batch.
+            inner_loss: called with the model itself at its current parameters, returns the
+                training loss whose gradient is g_hat. Required with ``g_hat="recompute"``;
+                with ``g_hat="last"`` it overrides the stored gradient.
+        """
+        if self.steps == 0:
+            raise RuntimeError(
+                "meta-step before any step(): there is no gradient to look ahead along; "
+                "call step() first"
+            )
+        if not callable(outer_loss):
+            raise TypeError(f"outer_loss must be callable, got {type(outer_loss).__name__}")
+        if inner_loss is None and self.g_hat == "recompute":
+            raise ValueError(
+                "inner_loss is required with g_hat='recompute' (the paper's g_hat: the "
+                "gradient of the training batch at the updated parameters); pass e.g. "
+                "inner_loss=lambda model: loss_fn(model(x), y), or build the optimizer "
+                "with g_hat='last'"
+            )
+        if inner_loss is not None and not callable(inner_loss):
+            raise TypeError(f"inner_loss must be callable or None, got {type(inner_loss).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        module = _unwrap(model)
+        names = {id(p): n for n, p in module.named_parameters()}
+        entries = [(p, group) for group in self.param_groups for p in group["params"]
+                   if p.requires_grad]
+        missing = [tuple(p.shape) for p, _ in entries if id(p) not in names]
+        if missing:
+            raise ValueError(
+                f"model does not hold {len(missing)} of this optimizer's parameters (shapes "
+                f"{missing[:3]}{'...' if len(missing) > 3 else ''}); pass the module whose "
+                f"parameters the optimizer updates"
+            )
+
+        if inner_loss is not None:
+            with torch.enable_grad():
+                loss_in = inner_loss(module)
+                _check_scalar("inner_loss", loss_in)
+                found = torch.autograd.grad(
+                    loss_in, [p for p, _ in entries], allow_unused=True
+                )
+            g_hats = [None if g is None else g.detach() for g in found]
+            _all_reduce_mean(g for g in g_hats if g is not None)
+        else:
+            g_hats = [self.state.get(p, {}).get("last_grad") for p, _ in entries]
+
+        chosen = [(p, group, g) for (p, group), g in zip(entries, g_hats) if g is not None]
+        with torch.enable_grad():
+            moved = amplify_gradients(
+                [g for _, _, g in chosen], self.amplifier,
+                c=[group["neuralgrok_c"] for _, group, _ in chosen],
+                eps=self.eps, path=self.path, chunk_size=self.chunk_size,
+            )
+            params = {n: p.detach() for n, p in module.named_parameters()}
+            for (p, group, _), step in zip(chosen, moved):
+                lr = group["lr"]
+                lr = lr.detach() if isinstance(lr, Tensor) else lr
+                params[names[id(p)]] = (p.detach() - lr * step).to(p.dtype)
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                return torch.func.functional_call(module, params, args, kwargs)
+
+            loss = outer_loss(forward)
+            _check_scalar("outer_loss", loss)
+        return loss
+
+    def meta_step(
+        self,
+        model: nn.Module,
+        outer_loss: Callable[[Forward], Tensor],
+        inner_loss: Callable[[Forward], Tensor] | None = None,
+    ) -> Tensor:
+        """One meta-step: the hypergradient of :meth:`meta_loss`, averaged across DDP ranks,
+        then one step of the meta-optimizer. Returns the outer loss (detached).
+
+        Example:
+            >>> import torch
+            >>> from grokopt.neuralgrok import AmplifiedOptimizer
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = AmplifiedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+            ...                          hidden=(4,), g_hat="last")
+            >>> model(torch.ones(1, 2)).sum().backward(); opt.step()
+            >>> loss = opt.meta_step(model, lambda fwd: fwd(torch.ones(1, 2)).pow(2).sum())
+            >>> opt.meta_steps
+            1
+        """
+        loss = self.meta_loss(model, outer_loss, inner_loss)
+        amp_params = [p for g in self.meta_optimizer.param_groups for p in g["params"]]
+        grads = torch.autograd.grad(loss, amp_params, allow_unused=True)
+        for p, g in zip(amp_params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+        _all_reduce_mean(p.grad for p in amp_params)
+        self.meta_optimizer.step()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        self._counters["meta_steps"] += 1
+        self._counters["last_meta_at"] = self.steps
+        return loss.detach()
+
+    def maybe_meta_step(
+        self,
+        model: nn.Module,
+        outer_loss: Callable[[Forward], Tensor],
+        inner_loss: Callable[[Forward], Tensor] | None = None,
+    ) -> Tensor | None:
+        """:meth:`meta_step` if ``steps`` is a positive multiple of ``meta_every`` and no
+        meta-step was taken since the last step; returns its loss, or None.
+
+        Example:
+            >>> import torch
+            >>> from grokopt.neuralgrok import AmplifiedOptimizer
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = AmplifiedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+            ...                          hidden=(4,), meta_every=2, g_hat="last")
+            >>> outer = lambda fwd: fwd(torch.ones(1, 2)).pow(2).sum()
+            >>> done = []
+            >>> for _ in range(4):
+            ...     model(torch.ones(1, 2)).sum().backward(); opt.step(); opt.zero_grad()
+            ...     done.append(opt.maybe_meta_step(model, outer) is not None)
+            >>> done
+            [False, True, False, True]
+        """
+        steps = self.steps
+        if steps == 0 or steps % self.meta_every or self._counters["last_meta_at"] == steps:
+            return None
+        return self.meta_step(model, outer_loss, inner_loss)
+
+    # ------------------------------------------------------------------ state dict
+
+    def _validate_param_state(self, param: Tensor, state: dict[str, Any]) -> None:
+        saved = state.get("last_grad")
+        if saved is not None and (not isinstance(saved, Tensor) or tuple(saved.shape) != tuple(param.shape)):
+            shape = tuple(saved.shape) if isinstance(saved, Tensor) else type(saved).__name__
+            raise ValueError(
+                f"state_dict's neuralgrok_last_grad has shape {shape}, the parameter has "
+                f"{tuple(param.shape)}"
+            )
+
+    def _extra_keys(self) -> tuple[str, ...]:
+        return ("neuralgrok_amplifier", "neuralgrok_meta_optimizer", "neuralgrok_counters")
+
+    def _extra_state_dict(self) -> dict[str, Any]:
+        return {
+            "neuralgrok_amplifier": dict(self.amplifier.state_dict()),
+            "neuralgrok_meta_optimizer": self.meta_optimizer.state_dict(),
+            "neuralgrok_counters": dict(self._counters),
+        }
+
+    def _check_extra_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        for key in self._extra_keys():
+            if key not in state_dict:
+                raise ValueError(f"state_dict is missing the key {key!r}")
+        saved = state_dict["neuralgrok_amplifier"]
+        own = self.amplifier.state_dict()
+        if not isinstance(saved, Mapping) or set(saved) != set(own):
+            raise ValueError(
+                f"state_dict's neuralgrok_amplifier has keys "
+                f"{sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__}, this "
+                f"amplifier has {sorted(own)}"
+            )
+        for k, v in own.items():
+            if not isinstance(saved[k], Tensor) or saved[k].shape != v.shape:
+                raise ValueError(
+                    f"state_dict's neuralgrok_amplifier[{k!r}] does not match this amplifier's "
+                    f"shape {tuple(v.shape)}"
+                )
+        meta = state_dict["neuralgrok_meta_optimizer"]
+        groups = self.meta_optimizer.param_groups
+        if (
+            not isinstance(meta, Mapping) or "state" not in meta or "param_groups" not in meta
+            or len(meta["param_groups"]) != len(groups)
+            or any(len(s["params"]) != len(g["params"]) for s, g in zip(meta["param_groups"], groups))
+        ):
+            raise ValueError(
+                "state_dict's neuralgrok_meta_optimizer does not fit this meta-optimizer "
+                "(different parameter groups)"
+            )
+        counters = state_dict["neuralgrok_counters"]
+        if (
+            not isinstance(counters, Mapping) or set(counters) != set(self._counters)
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counters.values())
+        ):
+            raise ValueError(
+                f"state_dict's neuralgrok_counters must hold non-negative ints under "
+                f"{sorted(self._counters)}, got {counters!r}"
+            )
+
+    def _load_extra_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.amplifier.load_state_dict(state_dict["neuralgrok_amplifier"])
+        self.meta_optimizer.load_state_dict(state_dict["neuralgrok_meta_optimizer"])
+        self._counters = dict(state_dict["neuralgrok_counters"])
+
+    def __repr__(self) -> str:
+        base = super().__repr__()
+        head, _, rest = base.partition(",\n")
+        return (f"{head}, meta_every={self.meta_every}, g_hat={self.g_hat!r}, "
+                f"path={self.path!r},\n{rest}")
+
+
+def _check_scalar(name: str, loss: Any) -> None:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"{name} must return a scalar tensor, got {got}")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"{name} returned a loss that does not depend on the model's parameters; "
+            f"compute it from the forward it is given"
+        )

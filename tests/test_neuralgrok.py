@@ -1,0 +1,246 @@
+"""NeuralGrok's transform G_phi: SPEC section 2 invariants, a reference, fast vs exact path."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from grokopt.neuralgrok import _piecewise_plan, _piecewise_table, amplify_gradients, make_amplifier
+
+PATHS = ["pwl", "exact"]
+F64 = torch.float64
+
+
+def amp64(hidden=(16, 16), seed=0):
+    torch.manual_seed(seed)
+    return make_amplifier(hidden, dtype=F64)
+
+
+def reference(g: torch.Tensor, amp: nn.Module, c: float) -> torch.Tensor:
+    """SPEC section 2 written as in the paper: softmax over the tensor, then renormalise."""
+    f = torch.stack([amp(v.view(1, 1)).view(()) for v in g.reshape(-1)])
+    w = torch.softmax(f, 0)
+    u = w * g.reshape(-1)
+    return (c * u / u.norm()).view(g.shape)
+
+
+# ---------------------------------------------------------------- invariants (SPEC 2)
+
+grad_tensors = st.lists(
+    st.floats(-10, 10, allow_nan=False, allow_infinity=False), min_size=1, max_size=40
+).filter(lambda v: max(abs(x) for x in v) > 1e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=grad_tensors, c=st.floats(0.05, 5.0), path=st.sampled_from(PATHS))
+def test_norm_is_c_and_direction_matches_reference(values, c, path):
+    amp = amp64(seed=len(values))
+    g = torch.tensor(values, dtype=F64)
+    with torch.no_grad():
+        out, = amplify_gradients([g], amp, c=c, eps=0.0, path=path)
+        ref = reference(g, amp, c)
+    # fp64: the norm and the softmax are a few hundred roundings of 1.1e-16 away.
+    assert out.norm().item() == pytest.approx(c, rel=1e-10)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12 * c)
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=grad_tensors, shift=st.floats(-20, 20), path=st.sampled_from(PATHS))
+def test_adding_a_constant_to_f_changes_nothing(values, shift, path):
+    amp = amp64(seed=1)
+    shifted = copy.deepcopy(amp)
+    with torch.no_grad():
+        shifted[-1].bias += shift
+        g = torch.tensor(values, dtype=F64)
+        a, = amplify_gradients([g], amp, path=path)
+        b, = amplify_gradients([g], shifted, path=path)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("c", [0.2, 1.0])
+def test_constant_f_is_plain_per_tensor_normalisation(path, c):
+    amp = amp64()
+    with torch.no_grad():
+        amp[-1].weight.zero_()
+        amp[-1].bias.fill_(3.0)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 7, generator=gen, dtype=F64), torch.randn(3, generator=gen, dtype=F64)]
+    with torch.no_grad():
+        out = amplify_gradients(grads, amp, c=c, path=path)
+    for g, o in zip(grads, out):
+        torch.testing.assert_close(o, c * g / g.norm(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("grad_mode", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+def test_all_zero_gradient_gives_zero_not_nan(path, grad_mode, dtype):
+    torch.manual_seed(0)
+    amp = make_amplifier((8, 8))
+    grads = [torch.zeros(4, 3, dtype=dtype), torch.ones(2, dtype=dtype), torch.zeros(0, dtype=dtype)]
+    with torch.set_grad_enabled(grad_mode):
+        out = amplify_gradients(grads, amp, path=path)
+    assert torch.equal(out[0], torch.zeros(4, 3, dtype=dtype))
+    assert out[2].shape == (0,)
+    assert all(o.dtype == dtype and torch.isfinite(o).all() for o in out)
+    if grad_mode:
+        total = sum(o.float().sum() for o in out)
+        grads_phi = torch.autograd.grad(total, list(amp.parameters()), allow_unused=True)
+        assert all(g is None or torch.isfinite(g).all() for g in grads_phi)
+
+
+def test_inputs_are_not_changed_and_outputs_keep_dtype_and_shape():
+    torch.manual_seed(0)
+    amp = make_amplifier((8,))
+    g = torch.randn(3, 4, dtype=torch.bfloat16)
+    before = g.clone()
+    out, = amplify_gradients([g], amp, c=0.5)
+    assert torch.equal(g, before)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 4)
+    assert out.float().norm().item() == pytest.approx(0.5, rel=1e-2)  # bf16: 8 bits
+
+
+# ---------------------------------------------------------------- the piecewise-linear path
+
+
+def rounding_bound(amp: nn.Module, x_max: float, dtype: torch.dtype) -> float:
+    """A priori bound on |f_pwl(x) - f_exact(x)| for |x| <= x_max, both in ``dtype``.
+
+    Both paths evaluate the same affine piece of the ReLU MLP. Evaluating Linear layers
+    y = W h + b in floating point errs by at most gamma_n (|W||h| + |b|) (Higham, Thm 3.5),
+    ReLU is 1-Lipschitz and exact, so a whole forward errs by at most gamma_N * M(x), N the
+    summed fan-ins (+1 each), M(x) = M(0) + M_s |x| the network with |W|, |b| and no
+    activation (M_s: its slope). The pwl path evaluates value and slope at an interval's
+    midpoint m (|m| <= x_max) and extrapolates with three more roundings, so it errs by at
+    most gamma_{N+3} (M(0) + 3 M_s x_max); the exact path by less. A point next to a kink
+    can be given the neighbouring piece when the kink itself is off by rounding, which costs
+    at most the same again. Hence 4 gamma_{N+3} (M(0) + 3 M_s x_max).
+    """
+    u = torch.finfo(dtype).eps / 2
+    linears = [m for m in amp if isinstance(m, nn.Linear)]
+    n = sum(m.in_features + 1 for m in linears) + 3
+    gamma = n * u / (1 - n * u)
+    m0 = torch.zeros(1, dtype=F64)
+    ms = torch.ones(1, dtype=F64)
+    for m in linears:
+        w = m.weight.detach().double().abs()
+        m0 = w @ m0 + m.bias.detach().double().abs()
+        ms = w @ ms
+    return 4 * gamma * (m0.item() + 3 * ms.item() * x_max)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("scale", [1e-4, 1e-1, 30.0])
+def test_pwl_gains_equal_the_mlp_within_the_rounding_bound(dtype, scale):
+    torch.manual_seed(3)
+    amp = make_amplifier((128, 128), dtype=dtype)
+    x = torch.randn(20_000, dtype=dtype) * scale
+    kinks, a, s = _piecewise_table(_piecewise_plan(amp), x.min().item(), x.max().item(), dtype, x.device)
+    with torch.no_grad():
+        fast = torch.addcmul(a[torch.searchsorted(kinks, x)], s[torch.searchsorted(kinks, x)], x)
+        exact = amp(x[:, None])[:, 0]
+    bound = rounding_bound(amp, x.abs().max().item(), dtype)
+    err = (fast - exact).abs().max().item()
+    assert err <= bound, (err, bound)
+    # A ReLU MLP (128, 128) has at most 128 + 129 * 128 kinks on the whole line.
+    assert kinks.numel() <= 128 + 129 * 128
+
+
+def test_kinks_are_where_the_mlp_bends():
+    """Brute force on a fine grid: the second difference of the MLP is non-zero exactly
+    in grid cells that contain a computed kink."""
+    amp = amp64((6, 5), seed=4)
+    lo, hi = -3.0, 3.0
+    kinks, _, _ = _piecewise_table(_piecewise_plan(amp), lo, hi, F64, torch.device("cpu"))
+    grid = torch.linspace(lo, hi, 60_001, dtype=F64)
+    with torch.no_grad():
+        f = amp(grid[:, None])[:, 0]
+    bend = (f[2:] - 2 * f[1:-1] + f[:-2]).abs() > 1e-9
+    h = grid[1] - grid[0]
+    near = torch.zeros_like(bend)
+    for k in kinks:
+        near |= (grid[1:-1] - k).abs() < h
+    assert torch.equal(bend & ~near, torch.zeros_like(bend))  # every bend is a found kink
+    for k in kinks:  # and every found kink bends (no spurious ones)
+        assert bend[((grid[1:-1] - k).abs() < h)].any()
+
+
+@pytest.mark.parametrize("chunk", [None, 7])  # 7: the pwl backward recomputes in many chunks
+@pytest.mark.parametrize("scale", [1e-3, 1.0])
+def test_pwl_transform_and_hypergradient_agree_with_exact_path(scale, chunk):
+    """Outputs: a gain error of at most E per entry changes w by a factor in
+    [e^-E, e^E] after the common shift, so ||G_pwl - G_exact|| <= 2c(e^{2E} - 1) (plus the
+    renormalisation's own rounding, 1e-13 in fp64). Hypergradients: each is a sum over entries
+    of products of the same affine pieces' derivatives, computed in fp64 by both paths;
+    their difference is rounding (about N * 1e-16 of the terms' size), checked at 1e-9."""
+    torch.manual_seed(5)
+    amp = make_amplifier((32, 32), dtype=F64)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(40, 30, generator=gen, dtype=F64) * scale,
+             torch.randn(30, generator=gen, dtype=F64) * scale]
+    weights = [torch.randn(g.shape, generator=gen, dtype=F64) for g in grads]
+    outs, hyper = {}, {}
+    for path in PATHS:
+        out = amplify_gradients(grads, amp, c=0.7, path=path, chunk_size=chunk)
+        objective = sum((o * w).sum() for o, w in zip(out, weights))
+        hyper[path] = torch.autograd.grad(objective, list(amp.parameters()))
+        outs[path] = [o.detach() for o in out]
+    x_max = max(g.abs().max().item() for g in grads)
+    e = rounding_bound(amp, x_max, F64)
+    for a, b in zip(outs["pwl"], outs["exact"]):
+        assert (a - b).norm().item() <= 2 * 0.7 * math.expm1(2 * e) + 1e-13
+    # The last bias's true hypergradient is 0 (shift invariance), so both paths give only the
+    # rounding residue of a cancelling sum there: absolute tolerance on the common scale.
+    scale_all = max(b.abs().max().item() for b in hyper["exact"])
+    for a, b in zip(hyper["pwl"], hyper["exact"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * scale_all)
+
+
+def test_chunked_paths_equal_unchunked():
+    torch.manual_seed(0)
+    amp = make_amplifier((16, 16))
+    g = torch.randn(1000) * 0.1
+    with torch.no_grad():
+        for path in PATHS:
+            whole, = amplify_gradients([g], amp, path=path, chunk_size=None)
+            parts, = amplify_gradients([g], amp, path=path, chunk_size=37)
+            # the lookup is elementwise: chunking cannot change a bit; the MLP's matmuls may
+            # block differently per chunk size, one rounding of fp32 per layer
+            tol = 0 if path == "pwl" else 1e-6
+            torch.testing.assert_close(parts, whole, rtol=tol, atol=tol)
+
+
+def test_leaky_relu_and_identity_use_pwl_other_activations_fall_back():
+    torch.manual_seed(0)
+    leaky = nn.Sequential(nn.Linear(1, 8), nn.LeakyReLU(0.1), nn.Identity(), nn.Linear(8, 1)).double()
+    assert _piecewise_plan(leaky) is not None
+    g = torch.randn(300, dtype=F64)
+    with torch.no_grad():
+        a, = amplify_gradients([g], leaky, path="pwl")
+        b, = amplify_gradients([g], leaky, path="exact")
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    smooth = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    assert _piecewise_plan(smooth) is None
+    with pytest.raises(ValueError, match="path='pwl'"):
+        amplify_gradients([g.float()], smooth, path="pwl")
+    with torch.no_grad():
+        auto, = amplify_gradients([g.float()], smooth)  # falls back to the exact path
+    assert auto.norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_bad_arguments_name_themselves():
+    amp = make_amplifier((4,))
+    g = [torch.ones(2)]
+    with pytest.raises(ValueError, match="path"):
+        amplify_gradients(g, amp, path="fast")
+    with pytest.raises(ValueError, match="chunk_size"):
+        amplify_gradients(g, amp, chunk_size=0)
+    with pytest.raises(ValueError, match="c has 2 entries"):
+        amplify_gradients(g, amp, c=[1.0, 2.0])

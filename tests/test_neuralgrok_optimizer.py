@@ -1,0 +1,408 @@
+"""AmplifiedOptimizer: step, meta-step (finite differences), state, nesting, bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from contract import make_batches, make_model
+from grokopt import Grokfast, grokfast_
+from grokopt.neuralgrok import AmplifiedOptimizer, amplify_gradients, make_amplifier
+
+F64 = torch.float64
+mse = nn.functional.mse_loss
+
+
+def model64(seed=0):
+    return make_model(seed, F64)
+
+
+def setup(g_hat="recompute", path="exact", hidden=(6, 6), lr=0.3, seed=0, **kw):
+    model = model64(seed)
+    torch.manual_seed(seed + 100)
+    amp = make_amplifier(hidden, dtype=F64)
+    opt = AmplifiedOptimizer(torch.optim.SGD(model.parameters(), lr=lr), amplifier=amp,
+                             g_hat=g_hat, path=path, meta_lr=1e-2, **kw)
+    return model, opt
+
+
+def one_step(model, opt, batch):
+    x, y = batch
+    opt.zero_grad()
+    mse(model(x), y).backward()
+    opt.step()
+
+
+def losses(batch, outer):
+    (x, y), (xo, yo) = batch, outer
+    return (lambda fwd: mse(fwd(xo), yo)), (lambda fwd: mse(fwd(x), y))
+
+
+# ---------------------------------------------------------------- step
+
+
+@pytest.mark.parametrize("path", ["pwl", "exact"])
+def test_step_is_inner_optimizer_on_amplified_gradients(path):
+    model, opt = setup(path=path, eps=0.0)  # the reference normalises w first: eps would differ
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3)
+    amp = copy.deepcopy(opt.amplifier)
+    for batch in make_batches(3, dtype=F64):
+        one_step(model, opt, batch)
+        x, y = batch
+        ref_opt.zero_grad()
+        mse(ref(x), y).backward()
+        with torch.no_grad():
+            for p in ref.parameters():  # SPEC 2 per tensor, written out
+                f = amp(p.grad.reshape(-1, 1)).reshape(p.shape)
+                u = torch.softmax(f.reshape(-1), 0).reshape(p.shape) * p.grad
+                p.grad.copy_(u / u.norm())
+        ref_opt.step()
+    # Per step the amplified gradients agree to ~10 ulp of their O(1) entries (fp64, see
+    # test_neuralgrok.py); 3 steps of lr 0.3 keep the parameters within 1e-12 of each other.
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", ["amplify-then-filter", "filter-then-amplify"])
+def test_nesting_with_grokfast_composes_the_transforms(order):
+    model = make_model(0)
+    ref = copy.deepcopy(model)
+    torch.manual_seed(1)
+    amp = make_amplifier((8, 8))
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    if order == "amplify-then-filter":
+        opt = AmplifiedOptimizer(Grokfast(adamw, alpha=0.9, lamb=2.0), amplifier=copy.deepcopy(amp))
+    else:
+        opt = Grokfast(AmplifiedOptimizer(adamw, amplifier=copy.deepcopy(amp)), alpha=0.9, lamb=2.0)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.01)
+    states = [{} for _ in ref.parameters()]
+    for x, y in make_batches(4):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            mse(m(x), y).backward()
+        opt.step()
+        grads = [p.grad for p in ref.parameters()]
+        with torch.no_grad():
+            if order == "amplify-then-filter":
+                for g, n in zip(grads, amplify_gradients(grads, amp)):
+                    g.copy_(n)
+                grokfast_(grads, states, alpha=0.9, lamb=2.0)
+            else:
+                grokfast_(grads, states, alpha=0.9, lamb=2.0)
+                for g, n in zip(grads, amplify_gradients(grads, amp)):
+                    g.copy_(n)
+        ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_max_grad_norm_clips_after_the_transform():
+    model, opt = setup(path="pwl", max_grad_norm=0.5)
+    x, y = make_batches(1, dtype=F64)[0]
+    opt.zero_grad()
+    mse(model(x), y).backward()
+    opt.step()
+    total = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+    # 4 tensors of norm 1 -> clipped; clip_grad_norm_ divides by (norm + 1e-6)
+    assert total.item() == pytest.approx(0.5 * 2 / (2 + 1e-6), rel=1e-12)
+
+
+# ---------------------------------------------------------------- meta-step: exact hypergradient
+
+
+@pytest.mark.parametrize("g_hat", ["recompute", "last"])
+@pytest.mark.parametrize("path", ["exact", "pwl"])
+def test_hypergradient_matches_central_finite_differences(g_hat, path):
+    """fp64, h = 1e-6: central differences err by O(h^2 |L'''|) ~ 1e-12 plus rounding
+    ~ 1e-16 |L| / h ~ 1e-10, far below the 1e-6 relative tolerance. The pwl path is the same
+    function, so the same check applies (no kink sits within h of a data point here)."""
+    model, opt = setup(g_hat=g_hat, path=path)
+    batches = make_batches(3, dtype=F64)
+    for batch in batches[:2]:
+        one_step(model, opt, batch)
+    outer, inner = losses(batches[1], batches[2])
+    inner = inner if g_hat == "recompute" else None
+    params = list(opt.amplifier.parameters())
+    loss = opt.meta_loss(model, outer, inner)
+    analytic = torch.autograd.grad(loss, params)
+    h = 1e-6
+    for p, a in zip(params, analytic):
+        numeric = torch.zeros_like(p)
+        for i in range(p.numel()):
+            with torch.no_grad():
+                old = p.view(-1)[i].item()
+                p.view(-1)[i] = old + h
+                up = opt.meta_loss(model, outer, inner).item()
+                p.view(-1)[i] = old - h
+                down = opt.meta_loss(model, outer, inner).item()
+                p.view(-1)[i] = old
+            numeric.view(-1)[i] = (up - down) / (2 * h)
+        torch.testing.assert_close(a, numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_meta_loss_is_outer_loss_at_the_lookahead_and_touches_nothing():
+    model, opt = setup(g_hat="last", path="pwl")
+    batches = make_batches(2, dtype=F64)
+    one_step(model, opt, batches[0])
+    g_hat = [opt.state[p]["last_grad"].clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    grads_before = [p.grad.clone() for p in model.parameters()]
+    amp_before = copy.deepcopy(opt.amplifier.state_dict())
+    outer, _ = losses(batches[0], batches[1])
+    loss = opt.meta_loss(model, outer)
+    with torch.no_grad():
+        moved = amplify_gradients(g_hat, opt.amplifier)
+        ahead = copy.deepcopy(model)
+        for p, step in zip(ahead.parameters(), moved):
+            p -= 0.3 * step
+        expected = outer(ahead)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    for p, b, g in zip(model.parameters(), before, grads_before):
+        assert torch.equal(p, b) and torch.equal(p.grad, g)
+    for k, v in opt.amplifier.state_dict().items():
+        assert torch.equal(v, amp_before[k])
+    assert opt.meta_steps == 0
+
+
+def test_meta_steps_lower_the_outer_loss_on_a_toy_problem():
+    """theta in R^4 at 0, inner gradient a (fixed), lookahead -lr * d with d = G(a), a unit
+    vector with the signs of a. The outer target punishes moving along the one large entry
+    of a and rewards moving along the small ones; the outer loss
+    ||lr d + t||^2 = lr^2 + ||t||^2 + 2 lr d.t is lowest when the amplifier weights small |g|
+    up. Closed forms: constant f (plain normalisation, d = a/||a||) and the best unit d
+    (equal weight on the small entries)."""
+
+    class Vector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.theta = nn.Parameter(torch.zeros(4, dtype=F64))
+
+        def forward(self):
+            return self.theta
+
+    lr = 0.5
+    model = Vector()
+    a = torch.tensor([3.0, -0.2, 0.1, -0.15], dtype=F64)
+    sign = a.sign()
+    target = 0.5 * torch.cat([sign[:1], -sign[1:]])  # moving along sign(a) helps at small |a|
+    torch.manual_seed(0)
+    opt = AmplifiedOptimizer(torch.optim.SGD(model.parameters(), lr=lr),
+                             amplifier=make_amplifier((16,), dtype=F64), meta_lr=3e-2, meta_every=1)
+    inner = lambda m: (m() * a).sum()  # noqa: E731 - gradient a, independent of theta
+    outer = lambda fwd: (fwd() - target).pow(2).sum()  # noqa: E731
+    model.theta.grad = a.clone()
+    opt.step()
+    with torch.no_grad():
+        model.theta.zero_()  # look ahead from the same point every time
+
+    def closed_form(d):
+        return ((-lr * d - target) ** 2).sum().item()
+
+    plain = closed_form(a / a.norm())
+    best = closed_form(torch.cat([torch.zeros(1, dtype=F64), sign[1:] / 3**0.5]))
+    first = opt.meta_loss(model, outer, inner).item()
+    history = [opt.meta_step(model, outer, inner).item() for _ in range(100)]
+    last = opt.meta_loss(model, outer, inner).item()
+    assert history[0] == pytest.approx(first, rel=1e-12)
+    assert best - 1e-12 <= last  # no unit step does better than the closed-form optimum
+    assert last < best + 0.1 * (min(first, plain) - best), (first, plain, last, best)
+
+
+# ---------------------------------------------------------------- state
+
+
+OUTER = make_batches(1, seed=9, dtype=F64)[0]
+
+
+def meta(model, opt, batch):
+    outer, inner = losses(batch, OUTER)
+    opt.maybe_meta_step(model, outer, None if opt.g_hat == "last" else inner)
+
+
+@pytest.mark.parametrize("g_hat", ["recompute", "last"])
+def test_state_dict_round_trip_between_a_step_and_its_meta_step(g_hat):
+    batches = make_batches(9, dtype=F64)
+    model_a, opt_a = setup(g_hat=g_hat, path="pwl", meta_every=2)
+    for batch in batches:
+        one_step(model_a, opt_a, batch)
+        meta(model_a, opt_a, batch)
+
+    model_b, opt_b = setup(g_hat=g_hat, path="pwl", meta_every=2)
+    for i, batch in enumerate(batches[:6]):
+        one_step(model_b, opt_b, batch)
+        if i < 5:
+            meta(model_b, opt_b, batch)
+    assert opt_b.steps == 6 and opt_b.meta_steps == 2  # step 6 done, its meta-step due
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+
+    model_c, opt_c = setup(g_hat=g_hat, path="pwl", meta_every=2, seed=42)
+    model_c.load_state_dict(saved["model"])
+    opt_c.load_state_dict(saved["opt"])
+    assert (opt_c.steps, opt_c.meta_steps) == (6, 2)
+    meta(model_c, opt_c, batches[5])
+    for batch in batches[6:]:
+        one_step(model_c, opt_c, batch)
+        meta(model_c, opt_c, batch)
+
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(p, q)
+    sa, sc = opt_a.state_dict(), opt_c.state_dict()
+    assert sa["neuralgrok_counters"] == sc["neuralgrok_counters"] == {
+        "steps": 9, "meta_steps": 4, "last_meta_at": 8}
+    for k, v in sa["neuralgrok_amplifier"].items():
+        assert torch.equal(v, sc["neuralgrok_amplifier"][k])
+    for i, entries in sa["neuralgrok_meta_optimizer"]["state"].items():
+        for k, v in entries.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(sc["neuralgrok_meta_optimizer"]["state"][i][k]))
+    if g_hat == "last":
+        assert all("neuralgrok_last_grad" in s for s in sa["state"].values())
+
+
+def test_bad_state_dict_is_rejected_and_changes_nothing():
+    model, opt = setup(g_hat="last", path="pwl")
+    batches = make_batches(2, dtype=F64)
+    one_step(model, opt, batches[0])
+    opt.meta_step(model, losses(batches[0], batches[1])[0])
+    good = opt.state_dict()
+    snapshot = copy.deepcopy(good)
+
+    def corrupt(fn):
+        sd = copy.deepcopy(good)
+        fn(sd)
+        return sd
+
+    bad = [
+        corrupt(lambda sd: sd["neuralgrok_amplifier"].update({"0.weight": torch.zeros(3, 3)})),
+        corrupt(lambda sd: sd.pop("neuralgrok_meta_optimizer")),
+        corrupt(lambda sd: sd.update(neuralgrok_counters={"steps": -1, "meta_steps": 0, "last_meta_at": 0})),
+        corrupt(lambda sd: sd["state"][0].update(neuralgrok_last_grad=torch.zeros(2))),
+    ]
+    other_model, other = setup(g_hat="last", path="pwl", seed=3)
+    other_before = copy.deepcopy(other.state_dict())
+    for sd in bad:
+        with pytest.raises(ValueError, match="state_dict"):
+            other.load_state_dict(sd)
+        after = other.state_dict()
+        assert after["neuralgrok_counters"] == other_before["neuralgrok_counters"]
+        for k, v in after["neuralgrok_amplifier"].items():
+            assert torch.equal(v, other_before["neuralgrok_amplifier"][k])
+        assert after["state"] == {} and after["neuralgrok_meta_optimizer"]["state"] == {}
+    assert opt.state_dict()["neuralgrok_counters"] == snapshot["neuralgrok_counters"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(c=0.0), "c must be"), (dict(c=-1.0), "c must be"), (dict(c=float("nan")), "c must be"),
+    (dict(c=True), "c must be"), (dict(meta_every=0), "meta_every"), (dict(meta_every=1.5), "meta_every"),
+    (dict(meta_every=True), "meta_every"), (dict(g_hat="fresh"), "g_hat"), (dict(path="fast"), "path"),
+    (dict(meta_lr=0.0), "meta_lr"), (dict(eps=-1.0), "eps"), (dict(chunk_size=0), "chunk_size"),
+    (dict(hidden=(0,)), "hidden"), (dict(amplifier=nn.Linear(1, 2)), "amplifier"),
+    (dict(amplifier=nn.Linear(2, 1)), "amplifier"), (dict(amplifier="mlp"), "amplifier"),
+    (dict(amplifier=nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)), path="pwl"), "path='pwl'"),
+    (dict(meta_optimizer=torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1.0)), "meta_optimizer"),
+])
+def test_bad_constructor_arguments_name_the_argument(kw, match):
+    model = make_model()
+    inner = torch.optim.Adam(model.parameters())
+    groups_before = copy.deepcopy(inner.state_dict())
+    with pytest.raises((ValueError, TypeError), match=match):
+        AmplifiedOptimizer(inner, **kw)
+    assert inner.state_dict() == groups_before  # the caller's optimizer is untouched
+
+
+def test_plain_object_instead_of_optimizer_is_a_type_error():
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        AmplifiedOptimizer([1, 2])
+
+
+def snapshot(model, opt):
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        {k: v.clone() for k, v in opt.amplifier.state_dict().items()},
+        copy.deepcopy(opt.meta_optimizer.state_dict()),
+        dict(opt._counters),
+    )
+
+
+def assert_same(a, b):
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    for k in a[1]:
+        assert torch.equal(a[1][k], b[1][k])
+    assert str(a[2]) == str(b[2]) and a[3] == b[3]
+
+
+def test_rejected_meta_steps_change_nothing():
+    model, opt = setup(g_hat="recompute", path="pwl")
+    batches = make_batches(2, dtype=F64)
+    outer, inner = losses(*batches)
+    before = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match="before any step"):
+        opt.meta_step(model, outer, inner)
+    assert_same(before, snapshot(model, opt))
+
+    one_step(model, opt, batches[0])
+    opt.meta_step(model, outer, inner)  # Adam state exists now, so a change would show
+    before = snapshot(model, opt)
+    stranger = nn.Sequential(model[0], nn.Tanh())  # lacks model[2]'s parameters
+    with pytest.raises(ValueError, match="model does not hold 2 of this optimizer's parameters"):
+        opt.meta_step(stranger, outer, inner)
+    with pytest.raises(ValueError, match="inner_loss is required"):
+        opt.meta_step(model, outer)
+    with pytest.raises(ValueError, match="outer_loss must return a scalar"):
+        opt.meta_step(model, lambda fwd: fwd(batches[1][0]), inner)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        opt.meta_step(lambda x: x, outer, inner)
+    with pytest.raises(TypeError, match="outer_loss must be callable"):
+        opt.meta_step(model, 3.0, inner)
+    assert_same(before, snapshot(model, opt))
+
+
+def test_invalid_group_c_is_rejected_at_step_before_any_change():
+    model, opt = setup(path="pwl")
+    x, y = make_batches(1, dtype=F64)[0]
+    opt.param_groups[0]["neuralgrok_c"] = -2.0
+    mse(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="c must be"):
+        opt.step()
+    assert opt.steps == 0
+    for p, b, g in zip(model.parameters(), before, grads):
+        assert torch.equal(p, b) and torch.equal(p.grad, g)
+
+
+def test_maybe_meta_step_runs_every_meta_every_steps_once():
+    model, opt = setup(g_hat="last", path="pwl", meta_every=3)
+    batches = make_batches(7, dtype=F64)
+    outer = losses(batches[0], batches[1])[0]
+    ran = []
+    for batch in batches:
+        one_step(model, opt, batch)
+        ran.append(opt.maybe_meta_step(model, outer) is not None)
+        assert opt.maybe_meta_step(model, outer) is None  # never twice for one step
+    assert ran == [False, False, True, False, False, True, False]
+    assert opt.meta_steps == 2
+
+
+def test_default_amplifier_is_the_papers_mlp_on_the_parameters_device_in_fp32():
+    model = make_model(dtype=torch.bfloat16)
+    opt = AmplifiedOptimizer(torch.optim.Adam(model.parameters()))
+    layers = list(opt.amplifier)
+    assert [type(m) for m in layers] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    assert [(m.in_features, m.out_features) for m in layers[::2]] == [(1, 128), (128, 128), (128, 1)]
+    assert all(p.dtype == torch.float32 for p in opt.amplifier.parameters())
+    meta = opt.meta_optimizer
+    assert isinstance(meta, torch.optim.Adam)
+    assert (meta.defaults["lr"], meta.defaults["betas"], meta.defaults["weight_decay"]) == (1e-4, (0.9, 0.98), 1e-3)
+    assert "meta_every=4" in repr(opt)
