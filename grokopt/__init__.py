@@ -15,6 +15,16 @@ from .jacobian import (
     jacobian_frobenius_norm,
     per_sample_jacobian,
 )
+from .race import RaceConfig, RaceResult, run_race
+from .tasks import (
+    DecoderTransformer,
+    EmbeddingMLP,
+    OmnigrokMLP,
+    grokfast_split,
+    load_digits_task,
+    modular_dataset,
+    neuralgrok_split,
+)
 from .wrapper import GradientTransform
 
 __version__ = "0.1.0"
@@ -22,19 +32,29 @@ __version__ = "0.1.0"
 __all__ = [
     "AmplifiedOptimizer",
     "CentroidStats",
+    "DecoderTransformer",
+    "EmbeddingMLP",
     "FrobeniusEstimate",
     "GradientTransform",
     "GrokAlignLoss",
     "Grokfast",
     "NonFiniteGradientError",
+    "OmnigrokMLP",
+    "RaceConfig",
+    "RaceResult",
     "absolute_gradient_entropy",
     "amplify_gradients",
     "centroid_alignment",
     "centroids",
     "grokfast_",
+    "grokfast_split",
     "is_piecewise_linear",
     "jacobian_frobenius_norm",
     "jacobian_pc1_share",
+    "load_digits_task",
     "make_amplifier",
+    "modular_dataset",
+    "neuralgrok_split",
     "per_sample_jacobian",
+    "run_race",
 ]
