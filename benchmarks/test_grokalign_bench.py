@@ -18,16 +18,15 @@ the default OpenMP spin-waiting turns contention into 10x noise.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _common import functional_jvp_penalty, paper_vjp_penalty, pin_threads
 from grokopt.grokalign import GrokAlignLoss
 
-torch.set_num_threads(int(os.environ.get("GROKOPT_BENCH_THREADS", "1")))
+pin_threads()
 
 LAMBDA = 1e-3
 B = 256
@@ -70,10 +69,6 @@ class TinyTransformer(nn.Module):
         return self.head(self.norm(h)[:, -1])
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-
-
 def _setup(kind: str):
     if kind == "mlp":
         model = paper_mlp()
@@ -113,28 +108,13 @@ def _steps(kind: str):
         # The reference code: a task forward, then a second forward with x requiring grad
         # and a double-backward VJP (math attention: fused kernels have no double backward).
         opt.zero_grad(set_to_none=True)
-        x = inputs()
-        logits = fn(x)
-        x2 = x.detach().requires_grad_(True)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.MATH]):
-            out = fn(x2)
-            v = _unit(torch.randn_like(out))
-            (g,) = torch.autograd.grad(out, x2, v, create_graph=True)
-        C = out.shape[1]
-        pen = (C * g.flatten(1).pow(2).sum(1)).clamp_min(1e-8).sqrt().mean()
+        logits, pen = paper_vjp_penalty(fn, inputs())
         (F.cross_entropy(logits, y) + LAMBDA * pen).backward()
         opt.step()
 
     def peer_jvp():
         opt.zero_grad(set_to_none=True)
-        x = inputs()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.MATH]):
-            logits, t = torch.autograd.functional.jvp(fn, x, torch.randn_like(x), create_graph=True)
-        pen = t.flatten(1).pow(2).sum(1).clamp_min(1e-8).sqrt().mean()
+        logits, pen = functional_jvp_penalty(fn, inputs())
         (F.cross_entropy(logits, y) + LAMBDA * pen).backward()
         opt.step()
 

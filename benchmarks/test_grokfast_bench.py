@@ -19,30 +19,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
+from _common import DEVICES, SHAPES
+from _common import params_with_grads as _params
+from _common import sync as _sync
 from grokopt import Grokfast, grokfast_
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-SHAPES = {
-    # 200 tensors of 64x64 / 64 (a deep narrow MLP): 0.42M parameters
-    "small-tensors": [(64, 64) if i % 2 == 0 else (64,) for i in range(200)],
-    # 4 tensors of 1024x1024: 4.2M parameters
-    "large-tensors": [(1024, 1024)] * 4,
-}
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _params(shapes, device):
-    gen = torch.Generator().manual_seed(0)
-    params = [nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(device)
-    return params
 
 
 def _paper_loop(named_grads, ema, alpha=0.98, lamb=2.0):

@@ -36,9 +36,9 @@ import pytest
 import torch
 from torch import nn
 
+from _common import THREADS
 from grokopt.neuralgrok import AmplifiedOptimizer
 
-THREADS = int(os.environ.get("GROKOPT_BENCH_THREADS", "1"))
 P_LARGE = 50 * 1000 * 1000
 HIDDEN = (128, 128)
 _MEANS: dict[str, float] = {}

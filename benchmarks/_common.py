@@ -1,0 +1,94 @@
+"""Helpers shared by the benchmark suites (models, thread pinning, the papers' reference ways).
+
+Imported as ``from _common import ...``: pytest puts this folder on ``sys.path`` when it
+collects the suites here (they live outside any package).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+#: Torch CPU threads for every suite. On a shared 2-core machine the default OpenMP
+#: spin-waiting turns contention into 10x noise; GROKOPT_BENCH_THREADS overrides.
+THREADS = int(os.environ.get("GROKOPT_BENCH_THREADS", "1"))
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+MACHINE = "2-core x86-64 CPU (AMD EPYC), no GPU, shared"
+
+#: Parameter layouts of the filter benchmarks.
+SHAPES = {
+    # 200 tensors of 64x64 / 64 (a deep narrow MLP): 0.42M parameters
+    "small-tensors": [(64, 64) if i % 2 == 0 else (64,) for i in range(200)],
+    # 4 tensors of 1024x1024: 4.2M parameters
+    "large-tensors": [(1024, 1024)] * 4,
+}
+
+
+def pin_threads() -> int:
+    """Set torch's CPU threads to :data:`THREADS` and return it."""
+    torch.set_num_threads(THREADS)
+    return THREADS
+
+
+def sync(device: str) -> None:
+    """Wait for the device, so that a clock read after it covers the queued kernels."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def params_with_grads(shapes: Sequence[tuple[int, ...]], device: str) -> list[nn.Parameter]:
+    """Seeded parameters of ``shapes``, each with a seeded random ``.grad``."""
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device)
+    return params
+
+
+# ------------------------------------------------------------------------------ GrokAlign
+
+
+def unit(v: Tensor) -> Tensor:
+    """Rows of ``v`` scaled to unit length (the paper's output-space probes)."""
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def paper_vjp_penalty(
+    fn: Callable[[Tensor], Tensor], x: Tensor, draw: Callable[[Tensor], Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The GrokAlign reference way: ``(logits, mean_b ||J||_F estimate)``.
+
+    A task forward, then a second forward with ``x`` requiring grad and a double-backward
+    VJP with one unit probe per sample (math attention: the fused kernels have no double
+    backward). ``draw(out)`` gives Gaussian probes shaped like the outputs ``out`` before
+    normalisation (default ``torch.randn_like``), so a check can feed the probes that another
+    implementation draws.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    logits = fn(x)
+    x2 = x.detach().requires_grad_(True)
+    with sdpa_kernel([SDPBackend.MATH]):
+        out = fn(x2)
+        raw = torch.randn_like(out) if draw is None else draw(out)
+        (g,) = torch.autograd.grad(out, x2, unit(raw), create_graph=True)
+    C = out.shape[1]
+    return logits, (C * g.flatten(1).pow(2).sum(1)).clamp_min(1e-8).sqrt().mean()
+
+
+def functional_jvp_penalty(
+    fn: Callable[[Tensor], Tensor], x: Tensor, probes: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The peer way: ``torch.autograd.functional.jvp(create_graph=True)`` with one Gaussian
+    input probe per sample; ``(logits, mean_b ||J u||)``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    u = torch.randn_like(x) if probes is None else probes
+    with sdpa_kernel([SDPBackend.MATH]):
+        logits, t = torch.autograd.functional.jvp(fn, x, u, create_graph=True)
+    return logits, t.flatten(1).pow(2).sum(1).clamp_min(1e-8).sqrt().mean()
