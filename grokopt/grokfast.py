@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .wrapper import GradientTransform
+from .wrapper import GradientTransform, _is_dtensor, _shard_groups
 
 __all__ = ["Grokfast", "NonFiniteGradientError", "grokfast_"]
 
@@ -64,10 +65,30 @@ def _check_options(
 
 
 def _all_finite(grads: Sequence[Tensor]) -> Tensor:
-    """One 0-d bool tensor (on the first grad's device) without a host sync."""
+    """One 0-d bool tensor (on the first grad's device), without a host sync unless some
+    gradients are sharded.
+
+    Empty tensors are left out: the inf-norm of an empty tensor is an error in torch (and
+    FSDP2 gives a rank an empty shard of a parameter with fewer rows than ranks). For
+    DTensor gradients the check runs on the local shards and is then all-reduced over the
+    mesh dimensions they are split along, so every rank takes the same decision (ranks
+    that disagreed would fall out of step and deadlock in the next collective).
+    """
     device = grads[0].device
-    maxima = torch._foreach_norm(list(grads), ord=math.inf)
-    return torch.stack([m.to(device) for m in maxima]).isfinite().all()
+    local = [g.to_local() if _is_dtensor(g) else g for g in grads]
+    nonempty = [g for g in local if g.numel()]
+    if nonempty:
+        maxima = torch._foreach_norm(nonempty, ord=math.inf)
+        finite = torch.stack([m.to(device) for m in maxima]).isfinite().all()
+    else:
+        finite = torch.ones((), dtype=torch.bool, device=device)
+    groups = {group for g in grads for group in _shard_groups(g)}
+    if groups:
+        flag = finite.to(torch.int32)
+        for group in groups:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        finite = flag.bool()
+    return finite
 
 
 def _bucket(
@@ -123,6 +144,23 @@ def grokfast_(
     """
     _check_options(alpha=alpha, lamb=lamb, filter=filter, window=window,
                    reduction=reduction, warmup=warmup)
+    # Checked here so that a bad argument fails with its name, not deep inside a kernel
+    # after some states were already updated.
+    if foreach is not None and not isinstance(foreach, bool):
+        raise TypeError(f"foreach must be None or a bool, got {type(foreach).__name__}: {foreach!r}")
+    if finite is not None and not (
+        isinstance(finite, Tensor) and finite.dtype == torch.bool and finite.ndim == 0
+    ):
+        raise TypeError(f"finite must be None or a 0-d bool tensor, got {finite!r}")
+    if isinstance(grads, Tensor) or isinstance(states, Mapping):
+        raise TypeError("grads and states must be sequences (one entry per gradient tensor)")
+    grads, states = list(grads), list(states)
+    for i, (g, s) in enumerate(zip(grads, states)):
+        if not isinstance(g, Tensor) or not g.is_floating_point():
+            got = f"{g.dtype} tensor" if isinstance(g, Tensor) else type(g).__name__
+            raise TypeError(f"grads[{i}] must be a floating-point tensor, got {got}")
+        if not isinstance(s, dict):
+            raise TypeError(f"states[{i}] must be a dict (start with {{}}), got {type(s).__name__}")
     if len(grads) != len(states):
         raise ValueError(f"grads and states must have equal lengths, got {len(grads)} and {len(states)}")
     if not grads:
@@ -148,8 +186,21 @@ def _ema_init(g: Tensor, state: dict[str, Any], finite: Tensor | None) -> None:
     if "ema" not in state:
         mu = g.detach().to(_state_dtype(g.dtype), copy=True)
         if finite is not None:
-            mu = torch.where(finite, mu, torch.zeros_like(mu))
+            _update_where(finite, mu, torch.zeros_like(mu))
         state["ema"] = mu
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _update_where(finite: Tensor, dst: Tensor, new: Tensor) -> None:
+    """``dst <- new`` where ``finite`` (a 0-d bool tensor), on the device, in place.
+
+    Done on local shards: ``finite`` is a plain tensor (already agreed across ranks), and
+    DTensor has no rule for mixing it with sharded tensors (nor for _foreach_copy_).
+    """
+    _local(dst).copy_(torch.where(finite, _local(new), _local(dst)))
 
 
 def _ema_reference(
@@ -160,7 +211,10 @@ def _ema_reference(
         mu = state["ema"]
         g32 = g.to(mu.dtype)
         new = mu.lerp(g32, 1 - alpha)
-        mu.copy_(new if finite is None else torch.where(finite, new, mu))
+        if finite is None:
+            mu.copy_(new)
+        else:
+            _update_where(finite, mu, new)
         g.copy_(g32 + lamb * mu)
 
 
@@ -179,7 +233,11 @@ def _ema_foreach(
         torch._foreach_lerp_(mus, src, weight)
     else:
         new = torch._foreach_lerp(mus, src, weight)
-        torch._foreach_copy_(mus, [torch.where(finite, n, m) for n, m in zip(new, mus)])
+        if _is_dtensor(mus[0]):
+            for m, n in zip(mus, new):
+                _update_where(finite, m, n)
+        else:
+            torch._foreach_copy_(mus, [torch.where(finite, n, m) for n, m in zip(new, mus)])
     if low_precision:
         torch._foreach_copy_(grads, _add_scaled(src, mus, lamb))
     elif isinstance(lamb, Tensor):
@@ -352,6 +410,16 @@ class Grokfast(GradientTransform):
         grads = [grad for _, pairs in groups for _, grad in pairs]
         if not grads:
             return True
+        sharded = [tuple(grad.shape) for group, pairs in groups if group["grokfast_filter"] == "ma"
+                   for _, grad in pairs if _is_dtensor(grad)]
+        if sharded:
+            # The MA window buffer (window, *shape) would be built at the global shape on
+            # every rank; refused before anything changes rather than silently unsharded.
+            raise NotImplementedError(
+                f"filter='ma' does not support sharded (DTensor, e.g. FSDP2) parameters "
+                f"({len(sharded)} sharded gradients, shapes {sharded[:3]}); use filter='ema', "
+                f"which shards with the parameters"
+            )
         finite = None
         if self.nonfinite == "error" or any(g["grokfast_filter"] == "ma" for g, _ in groups):
             if not bool(_all_finite(grads)):

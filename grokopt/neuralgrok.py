@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .wrapper import GradientTransform
+from .wrapper import GradientTransform, _is_dtensor, _shard_groups
 
 __all__ = ["AmplifiedOptimizer", "amplify_gradients", "make_amplifier"]
 
@@ -59,9 +59,20 @@ def make_amplifier(
         >>> amp(torch.zeros(5, 1)).shape
         torch.Size([5, 1])
     """
+    if not isinstance(hidden, Sequence) or isinstance(hidden, str):
+        raise TypeError(f"hidden must be a sequence of positive ints, got {type(hidden).__name__}: {hidden!r}")
     hidden = tuple(hidden)
     if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
         raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if device is not None:
+        # An int, an unknown string or an absent accelerator fails here with the argument's
+        # name instead of inside nn.Linear.
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"device {device!r} is not usable here: {exc}") from exc
     layers: list[nn.Module] = []
     width = 1
     for h in hidden:
@@ -278,10 +289,21 @@ def amplify_gradients(
         raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(amplifier, nn.Module):
+        raise TypeError(f"amplifier must be an nn.Module, got {type(amplifier).__name__}")
+    if isinstance(grads, Tensor) or not isinstance(grads, Iterable):
+        raise TypeError(f"grads must be a sequence of tensors, got {type(grads).__name__}")
     grads = list(grads)
-    cs = list(c) if isinstance(c, Sequence) else [c] * len(grads)
+    for i, g in enumerate(grads):
+        if not isinstance(g, Tensor) or not g.is_floating_point():
+            got = f"{g.dtype} tensor" if isinstance(g, Tensor) else type(g).__name__
+            raise TypeError(f"grads[{i}] must be a floating-point tensor, got {got}")
+    cs = list(c) if isinstance(c, Sequence) and not isinstance(c, str) else [c] * len(grads)
     if len(cs) != len(grads):
         raise ValueError(f"c has {len(cs)} entries for {len(grads)} gradients")
+    for value in cs:
+        _check_positive("c", value)
+    _check_positive("eps", eps, allow_zero=True)
     if not grads:
         return []
     plan = _piecewise_plan(amplifier)
@@ -293,6 +315,15 @@ def amplify_gradients(
     use_pwl = plan is not None and path != "exact"
     amp_dtype, amp_device = _amplifier_dtype_device(amplifier, grads[0])
     differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in amplifier.parameters())
+    if any(_is_dtensor(g) for g in grads):
+        if differentiable:
+            raise NotImplementedError(
+                "amplify_gradients is not differentiable for sharded (DTensor, e.g. FSDP2) "
+                "gradients: meta-steps with sharded parameters are not supported; call it "
+                "under torch.no_grad() (as step() does)"
+            )
+        return _amplify_sharded(grads, amplifier, cs, eps, plan if use_pwl else None,
+                                chunk_size, amp_dtype, amp_device)
 
     table = None
     if use_pwl:
@@ -337,6 +368,94 @@ def amplify_gradients(
             y = f.sub_(f.max()).exp_().mul_(gw)
             y.mul_(c_i / (torch.linalg.vector_norm(y) + eps))
         out.append(y.view(g.shape).to(device=g.device, dtype=g.dtype))
+    return out
+
+
+def _reduce_per_tensor(values: Tensor, groups: list[tuple[Any, ...]], op: Any) -> Tensor:
+    """All-reduce ``values[i]`` over ``groups[i]``, one collective per distinct group set."""
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for i, gs in enumerate(groups):
+        if gs:
+            buckets.setdefault(gs, []).append(i)
+    for gs, idx in buckets.items():
+        part = values[idx]  # advanced indexing: a contiguous copy, safe to reduce in place
+        for group in gs:
+            dist.all_reduce(part, op=op, group=group)
+        values[idx] = part
+    return values
+
+
+def _amplify_sharded(
+    grads: list[Tensor], amplifier: nn.Module, cs: list[float], eps: float,
+    plan: list[tuple[str, Any]] | None, chunk_size: int | None,
+    amp_dtype: torch.dtype, amp_device: torch.device,
+) -> list[Tensor]:
+    """G_phi for gradients of which some are DTensors (FSDP2 shards), equal to the unsharded
+    result up to rounding.
+
+    The transform is elementwise except for three reductions over each whole tensor: the
+    range [min g, max g] that the piecewise table must cover, max f, and ||w*g||. Each is
+    computed on the local shard and all-reduced over the mesh dimensions the tensor is
+    sharded along; everything else runs on the local shard. Plain tensors in the list
+    simply take no collective. Every rank must call this with the same list of tensors (as
+    step() under FSDP2 does), since the collectives are matched by order.
+    """
+    from torch.distributed.tensor import DTensor
+
+    locals_ = [(g.to_local() if _is_dtensor(g) else g).detach().reshape(-1) for g in grads]
+    groups = [_shard_groups(g) for g in grads]
+    table = None
+    if plan is not None:
+        # The table must cover the *global* range, as in the unsharded run.
+        lo = torch.full((len(grads),), math.inf, dtype=torch.float64)
+        hi = torch.full((len(grads),), -math.inf, dtype=torch.float64)
+        for i, x in enumerate(locals_):
+            if x.numel():
+                a, b = torch.aminmax(x.to(amp_dtype))
+                lo[i], hi[i] = a.item(), b.item()
+        lo = _reduce_per_tensor(lo, groups, dist.ReduceOp.MIN)
+        hi = _reduce_per_tensor(hi, groups, dist.ReduceOp.MAX)
+        nonempty = [i for i, g in enumerate(grads) if g.numel()]
+        if nonempty:
+            low, high = lo[nonempty].min().item(), hi[nonempty].max().item()
+            if not (math.isfinite(low) and math.isfinite(high)):
+                low = high = 0.0  # inf/NaN entries make the output NaN, as in the paper
+            table = _piecewise_table(plan, low, high, amp_dtype, amp_device)
+
+    def gains(x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            return x.new_empty(0)
+        parts = x.split(chunk_size) if chunk_size is not None else (x,)
+        if table is not None:
+            return torch.cat([_lookup(part, *table) for part in parts])
+        return torch.cat([amplifier(part[:, None]).reshape(-1) for part in parts])
+
+    fs, works = [], []
+    maxima = torch.full((len(grads),), -math.inf, dtype=torch.float64)
+    for i, (g, x) in enumerate(zip(grads, locals_)):
+        work = torch.promote_types(torch.promote_types(g.dtype, torch.float32), amp_dtype)
+        f = gains(x.to(device=amp_device, dtype=amp_dtype)).to(work)
+        if f.numel():
+            maxima[i] = f.max().item()
+        fs.append(f)
+        works.append(work)
+    maxima = _reduce_per_tensor(maxima, groups, dist.ReduceOp.MAX)
+    squares = torch.zeros(len(grads), dtype=torch.float64)
+    us = []
+    for i, (x, f, work) in enumerate(zip(locals_, fs, works)):
+        u = f.sub_(maxima[i].to(work)).exp_().mul_(x.to(device=amp_device, dtype=work))
+        squares[i] = u.pow(2).sum().item() if u.numel() else 0.0
+        us.append(u)
+    norms = _reduce_per_tensor(squares, groups, dist.ReduceOp.SUM).sqrt()
+    out = []
+    for i, (g, u) in enumerate(zip(grads, us)):
+        local = g.to_local() if _is_dtensor(g) else g
+        y = u.mul_(cs[i] / (norms[i].item() + eps)).view(local.shape)
+        y = y.to(device=local.device, dtype=local.dtype)
+        if _is_dtensor(g):
+            y = DTensor.from_local(y, g.device_mesh, g.placements, run_check=False,  # type: ignore[attr-defined]
+                                   shape=g.shape, stride=g.stride())
+        out.append(y)
     return out
 
 
@@ -511,6 +630,12 @@ class AmplifiedOptimizer(GradientTransform):
         """Number of completed ``step()`` calls."""
         return self._counters["steps"]
 
+    def _has_state(self) -> bool:
+        # With g_hat="recompute" and a stateless inner optimizer (plain SGD) nothing
+        # per-parameter is kept, but the step counter (the meta-step schedule) still is.
+        counters = self.__dict__.get("_counters")
+        return super()._has_state() or bool(counters and counters["steps"] > 0)
+
     @property
     def meta_steps(self) -> int:
         """Number of completed meta-steps."""
@@ -587,6 +712,18 @@ class AmplifiedOptimizer(GradientTransform):
         names = {id(p): n for n, p in module.named_parameters()}
         entries = [(p, group) for group in self.param_groups for p in group["params"]
                    if p.requires_grad]
+        sharded = [tuple(p.shape) for p, _ in entries if _is_dtensor(p)]
+        if sharded:
+            # The lookahead evaluates the module through functional_call with substituted
+            # parameters, which FSDP2's own unshard hooks would override, and the
+            # hypergradient would need cross-shard reductions in its backward: refused
+            # rather than silently wrong.
+            raise NotImplementedError(
+                f"meta-steps with sharded (DTensor, e.g. FSDP2) parameters are not "
+                f"supported ({len(sharded)} sharded parameters, shapes {sharded[:3]}); "
+                f"step() works with them, so train the amplifier under DDP or one process, "
+                f"or keep it fixed (never call meta_step)"
+            )
         missing = [tuple(p.shape) for p, _ in entries if id(p) not in names]
         if missing:
             raise ValueError(

@@ -12,6 +12,8 @@ the same group dicts and every level strips its own keys from a state_dict on th
 
 from __future__ import annotations
 
+import io
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -23,6 +25,40 @@ __all__ = ["GradientTransform"]
 
 # A state_dict's top-level key listing the wrappers, outermost first, that produced it.
 _STACK_KEY = "grokopt_stack"
+# torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and
+# "param_groups" (every key of each group, though), so a wrapper's top-level keys would be
+# lost. They are also mirrored under this key of the first param group, serialised with
+# torch.save to one bytes value: a group then still holds only plain values (comparable
+# with ==, which tensors are not), and DCP saves it as one object. load_state_dict lifts
+# them back (weights_only) when the top level lacks them. Cost: the top-level entries
+# (a few hundred KB for a default amplifier with its Adam state) are stored twice.
+_MIRROR_KEY = "grokopt_top_level"
+
+
+class _WrapperState(defaultdict):
+    """A wrapper's per-parameter state whose truth value means "this optimizer has state".
+
+    torch.distributed.checkpoint initialises an optimizer whose ``state`` is empty by calling
+    ``step()`` once with zero gradients. A wrapper may keep no per-parameter state of its
+    own (AmplifiedOptimizer with g_hat="recompute") while its inner optimizer does; judged by
+    its own dict alone it would look fresh at every save, and that zero step would advance
+    the inner optimizer (Adam's step count and moments) and the wrapper's counters.
+    """
+
+    def __init__(self, owner: GradientTransform | None = None, *args: Any) -> None:
+        super().__init__(dict, *args)
+        self._owner = owner
+
+    def __bool__(self) -> bool:
+        if len(self):
+            return True
+        owner = self.__dict__.get("_owner")
+        return owner is not None and owner._has_state()
+
+    def __reduce__(self) -> Any:
+        # The owner is re-attached by GradientTransform.__setstate__; keeping it out of the
+        # reduce arguments avoids a reference cycle through the pickled arguments.
+        return (_WrapperState, (), None, None, iter(self.items()))
 
 
 class GradientTransform(Optimizer):
@@ -60,6 +96,11 @@ class GradientTransform(Optimizer):
                 f"{type(optimizer).__name__}: wrap an optimizer you have already built, "
                 f"e.g. {type(self).__name__}(torch.optim.AdamW(model.parameters()))"
             )
+        if not isinstance(hyperparameters, Mapping):
+            raise TypeError(
+                f"hyperparameters must be a mapping of name to default value, got "
+                f"{type(hyperparameters).__name__}"
+            )
         inner: Optimizer = optimizer
         while isinstance(inner, GradientTransform):
             if type(inner) is type(self):
@@ -78,7 +119,12 @@ class GradientTransform(Optimizer):
         # Optimizer.__init__ installs the step-hook machinery and calls add_param_group for
         # each group; during construction that only fills in this wrapper's defaults.
         super().__init__(list(optimizer.param_groups), options)
+        self.state = _WrapperState(self, self.state)
         self._ready = True
+
+    def _has_state(self) -> bool:
+        """Whether this optimizer holds training state (see :class:`_WrapperState`)."""
+        return bool(self.optimizer.state)
 
     # ------------------------------------------------------------------ param groups
 
@@ -178,6 +224,13 @@ class GradientTransform(Optimizer):
         out.update(state=state, param_groups=inner["param_groups"])
         out[_STACK_KEY] = [type(self).__name__, *inner.get(_STACK_KEY, [])]
         out.update(self._extra_state_dict())
+        top = {k: v for k, v in out.items() if k not in ("state", "param_groups")}
+        groups = [{k: v for k, v in g.items() if k != _MIRROR_KEY} for g in out["param_groups"]]
+        if groups:
+            buffer = io.BytesIO()
+            torch.save(top, buffer)
+            groups[0][_MIRROR_KEY] = buffer.getvalue()
+        out["param_groups"] = groups
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -192,6 +245,7 @@ class GradientTransform(Optimizer):
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing the key {key!r}")
+        state_dict = _lift_mirror(state_dict)
         stack = list(state_dict.get(_STACK_KEY, []))
         if not stack or stack[0] != type(self).__name__:
             raise ValueError(
@@ -275,6 +329,8 @@ class GradientTransform(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if isinstance(self.__dict__.get("state"), _WrapperState):
+            self.state._owner = self
 
     def __repr__(self) -> str:
         inner = repr(self.optimizer).replace("\n", "\n  ")
@@ -284,5 +340,62 @@ class GradientTransform(Optimizer):
         return f"{type(self).__name__}({options},\n  {inner})"
 
 
+def _lift_mirror(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The state_dict with the mirrored top-level keys restored (where the top level lacks
+    them, as after torch.distributed.checkpoint) and the mirror removed from the groups."""
+    groups = state_dict["param_groups"]
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in groups):
+        raise ValueError("state_dict's 'param_groups' must be a list of dicts")
+    mirror = groups[0].get(_MIRROR_KEY) if groups else None
+    out = dict(state_dict)
+    if mirror is not None and _STACK_KEY not in out:
+        try:
+            lifted = torch.load(io.BytesIO(mirror), weights_only=True, map_location="cpu")
+        except Exception as exc:
+            raise ValueError(
+                f"state_dict's param_groups[0][{_MIRROR_KEY!r}] (the wrapper state kept "
+                f"for torch.distributed.checkpoint) is unreadable: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(lifted, dict):
+            raise ValueError(
+                f"state_dict's param_groups[0][{_MIRROR_KEY!r}] holds a "
+                f"{type(lifted).__name__}, expected a dict of the wrapper's top-level keys"
+            )
+        out.update(lifted)
+    out["param_groups"] = [{k: v for k, v in g.items() if k != _MIRROR_KEY} for g in groups]
+    return out
+
+
 def _own_keys(group: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k.startswith(prefix)}
+
+
+# ---------------------------------------------------------------- sharded (DTensor) tensors
+
+
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
+def _shard_groups(g: Tensor) -> tuple[Any, ...]:
+    """Process groups of the mesh dimensions along which a DTensor is split.
+
+    Reducing a shard-local sum (or max) over each of them in turn gives the sum (max) over
+    the whole tensor; replicated dimensions hold copies and need no reduction.
+    """
+    if not _is_dtensor(g):
+        return ()
+    groups = []
+    for dim, placement in enumerate(g.placements):  # type: ignore[attr-defined]
+        if placement.is_partial():
+            raise ValueError(
+                f"a gradient has a Partial placement ({g.placements}); reduce it first "  # type: ignore[attr-defined]
+                f"(FSDP2 does this in backward), the amplifier needs its final values"
+            )
+        if placement.is_shard():
+            groups.append(g.device_mesh.get_group(dim))  # type: ignore[attr-defined]
+    return tuple(groups)

@@ -7,11 +7,10 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _dist import launch  # noqa: E402
 from contract import make_batches, make_model  # noqa: E402
 
 from grokopt.neuralgrok import AmplifiedOptimizer, make_amplifier  # noqa: E402
@@ -33,26 +32,21 @@ def batches():
     return data[:WORLD], data[WORLD:]  # per rank: inner batch, outer batch
 
 
-def worker(rank, path, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
-    try:
-        model, opt = build()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        inner, outer = batches()
-        (x, y), (xo, yo) = inner[rank], outer[rank]
-        opt.zero_grad()
-        mse(ddp(x), y).backward()  # DDP averages these gradients
-        opt.step()
-        opt.meta_step(ddp, lambda fwd: mse(fwd(xo), yo), lambda m: mse(m(x), y))
-        torch.save({k: v.clone() for k, v in opt.amplifier.state_dict().items()}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def worker(rank, world, out):
+    model, opt = build()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    inner, outer = batches()
+    (x, y), (xo, yo) = inner[rank], outer[rank]
+    opt.zero_grad()
+    mse(ddp(x), y).backward()  # DDP averages these gradients
+    opt.step()
+    opt.meta_step(ddp, lambda fwd: mse(fwd(xo), yo), lambda m: mse(m(x), y))
+    torch.save({k: v.clone() for k, v in opt.amplifier.state_dict().items()}, f"{out}.{rank}")
 
 
 @pytest.mark.slow
 def test_ddp_averages_hypergradient_and_g_hat(tmp_path):
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path / "amp")), nprocs=WORLD, join=True)
+    launch(worker, str(tmp_path / "amp"), world_size=WORLD)
     got = [torch.load(tmp_path / f"amp.{r}") for r in range(WORLD)]
 
     # One process: the step on the mean loss; g_hat of the mean inner loss; the mean of the

@@ -1,0 +1,60 @@
+"""One launcher for the multi-process tests: gloo on the loopback address, bounded in time.
+
+``launch(fn, tmp_path, *args)`` runs ``fn(rank, world_size, *args)`` in ``world_size`` spawned
+processes that share a freshly initialised gloo process group (127.0.0.1, a free port). A
+process that raises fails the test with its traceback; if they have not all finished within
+``timeout`` seconds (a deadlock: one rank stuck in a collective the other never joins) they
+are killed and the test fails, instead of hanging the run.
+
+``fn`` must be a module-level function of a test module (spawned processes import it by
+name; pytest puts tests/ on sys.path and spawn passes sys.path on to the children).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    # Another process may take the port between close() and the rendezvous; rare on a test
+    # machine, and the failure is a clear "address in use", not a wrong result.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
+    torch.set_num_threads(1)  # two ranks on a shared 2-core machine
+    os.environ.update(MASTER_ADDR=HOST, MASTER_PORT=str(port))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: float = 180.0) -> None:
+    ctx = mp.start_processes(
+        _entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):  # raises ProcessRaisedException if a rank failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{fn.__name__} did not finish within {timeout} s on {world_size} ranks")

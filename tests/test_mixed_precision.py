@@ -1,0 +1,90 @@
+"""Mixed precision: bf16 parameters keep fp32 wrapper state; CPU autocast with every wrapper
+and with GrokAlignLoss. (GradScaler's skip: tests/test_contract.py and tests/test_faults.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from contract import INNER_OPTIMIZERS, WRAPPER_CASES, make_batches, make_model
+from grokopt import GrokAlignLoss
+
+CASES = [pytest.param(c, id=c.name) for c in WRAPPER_CASES]
+
+
+def _wrapper_tensors(opt):
+    for entries in opt.state_dict()["state"].values():
+        for key, value in entries.items():
+            if key.startswith(("grokfast_", "neuralgrok_")) and isinstance(value, torch.Tensor):
+                yield key, value
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_parameters_keep_filter_state_in_fp32(case):
+    model = make_model(0, torch.bfloat16)
+    opt = case.build(INNER_OPTIMIZERS["adamw-foreach"](model.parameters()), model)
+    for batch in make_batches(3, dtype=torch.bfloat16):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(batch[0]), batch[1]).backward()
+        opt.step()
+        if case.after_step is not None:
+            case.after_step(opt, model, batch)
+    for key, value in _wrapper_tensors(opt):
+        # The low-pass filters accumulate: fp32. A stored raw gradient keeps its dtype.
+        expected = torch.bfloat16 if key == "neuralgrok_last_grad" else torch.float32
+        assert value.dtype == expected, key
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_autocast_training_follows_the_fp32_run(case):
+    """Under autocast the matmuls run in bf16 (8 significant bits: relative error ~4e-3 per
+    product), the parameters and the wrapper state stay fp32. Three steps of lr 1e-2 move
+    each weight by ~3e-2, so the autocast run must agree with the fp32 run to a small
+    fraction of that move: atol 5e-3 (and it must have moved away from the init)."""
+    runs = {}
+    for mode in ("fp32", "autocast"):
+        model = make_model(0)
+        init = [p.detach().clone() for p in model.parameters()]
+        opt = case.build(INNER_OPTIMIZERS["adam"](model.parameters()), model)
+        for batch in make_batches(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+                out = model(batch[0])
+            assert out.dtype == (torch.bfloat16 if mode == "autocast" else torch.float32)
+            nn.functional.mse_loss(out.float(), batch[1]).backward()
+            opt.step()
+            if case.after_step is not None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+                    case.after_step(opt, model, batch)
+        runs[mode] = [p.detach().clone() for p in model.parameters()]
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        for _, value in _wrapper_tensors(opt):
+            assert value.dtype == torch.float32
+    for a, b, p0 in zip(runs["fp32"], runs["autocast"], init):
+        assert not torch.equal(a, p0)
+        torch.testing.assert_close(b, a, atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("estimator", ["vjp", "jvp", "exact"])
+def test_grokalign_under_cpu_autocast(estimator):
+    """The penalty under autocast is finite, differentiable, and close to fp32's: bf16
+    matmuls (relative error ~4e-3 each, two layers) give a norm within a few percent; with
+    the same probes (same generator seed) rtol 5e-2 is a loose but meaningful bound."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    values = {}
+    for mode in ("fp32", "autocast"):
+        reg = GrokAlignLoss(model, weight=1.0, estimator=estimator, num_projections=2,
+                            generator=torch.Generator().manual_seed(1))
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            penalty = reg(x)
+        assert torch.isfinite(penalty)
+        penalty.float().backward()
+        # (the last bias does not enter the input Jacobian: no gradient)
+        assert all(torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32
+                   for p in model.parameters() if p.grad is not None)
+        values[mode] = penalty.detach().float()
+    torch.testing.assert_close(values["autocast"], values["fp32"], rtol=5e-2, atol=0)
