@@ -415,3 +415,27 @@ def test_hyperparameters_may_be_0d_tensors():
 def test_nan_amplitude_reference_value():
     # Guard the closed form used above against a silent change in the SPEC numbers.
     assert math.isclose(1 + 2.0 * (1 - 0.98) / (1 + 0.98), 1.020202, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "grad, finite",
+    [
+        (torch.full((8,), 1e30), True),                      # 2-norm overflows fp32: confirmed finite
+        (torch.full((4096,), 60000.0, dtype=torch.float16), True),  # norm beyond fp16's range
+        (torch.tensor([1e30, float("nan")]), False),
+        (torch.tensor([1.0, -float("inf")]), False),
+        (torch.tensor([], dtype=torch.float32), True),
+    ],
+)
+def test_error_mode_decides_finiteness_exactly(grad, finite):
+    param = nn.Parameter(torch.zeros_like(grad))
+    other = nn.Parameter(torch.zeros(3))
+    param.grad, other.grad = grad.clone(), torch.ones(3)
+    opt = Grokfast(torch.optim.SGD([param, other], lr=0.0))
+    if finite:
+        opt.step()
+        assert "ema" in opt.state[other]
+    else:
+        with pytest.raises(NonFiniteGradientError):
+            opt.step()
+        assert not opt.state[other]
