@@ -355,10 +355,11 @@ def _ga_agreement(kind: str, impl: str) -> float:
 # torch 2.13 (CPU) differentiates LayerNorm's forward-mode (JVP) formula wrongly w.r.t. the
 # parameters feeding it: for Linear -> LayerNorm, d/dtheta ||J u||^2 by reverse-over-forward
 # disagrees with central finite differences by 1.5-5x, while the create_graph VJP agrees.
-# On the decoder both JVP routes (ours with estimator="jvp", and autograd.functional.jvp)
-# give wrong penalty gradients, differently wrong, so they cannot be compared; the peer is
-# then not timed. Ours with estimator="auto" takes the VJP on the decoder (checked exact
-# against the paper's way above). strict: this starts failing once torch is fixed.
+# On the decoder autograd.functional.jvp gives wrong penalty gradients, and ours refuses
+# estimator="jvp" on LayerNorm models (ValueError), so the two cannot be compared and the
+# peer is not timed. Ours with estimator="auto" takes the VJP on the decoder (checked exact
+# against the paper's way above). strict: this starts failing once torch is fixed and the
+# guard in grokopt.jacobian is lifted (tests/test_jacobian.py pins the torch bug itself).
 _JVP_LAYERNORM_BUG = pytest.mark.xfail(
     strict=True, reason="torch 2.13: reverse-over-forward through LayerNorm is wrong")
 

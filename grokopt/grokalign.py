@@ -41,7 +41,9 @@ class GrokAlignLoss(nn.Module):
         num_projections: probes per sample (k).
         estimator: "vjp" (the paper's reverse-mode Hutchinson estimate with unit output
             probes), "jvp" (forward mode, Gaussian input probes; compiles with
-            ``torch.compile``), "exact" (full per-sample Jacobian) or "auto" (the fastest valid
+            ``torch.compile``; refused for models with ``nn.LayerNorm``, whose forward-mode
+            rule gives wrong parameter gradients in torch 2.13), "exact" (full per-sample
+            Jacobian) or "auto" (the fastest valid
             one: "exact" when it costs no more passes than k probes, else "jvp" for
             piecewise-linear ``nn.Sequential`` models and "vjp" for anything else). Note that
             "jvp" is unbiased for ``||J||_F^2`` too but has a larger variance than "vjp"

@@ -131,6 +131,38 @@ def _check_vectors(v: object, x_or_out_shape: torch.Size, name: str) -> Tensor:
     raise ValueError(f"{name} must have shape {shape} or (k, *{shape}) with k >= 1, got {tuple(v.shape)}")
 
 
+def _module_of(model: object) -> nn.Module | None:
+    """The nn.Module behind ``model``: itself, or the owner of a bound method such as a
+    transformer's ``forward_embeddings`` (other callables cannot be inspected)."""
+    if isinstance(model, nn.Module):
+        return model
+    owner = getattr(model, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def _check_forward_mode_safe(model: object) -> None:
+    """Refuse the "jvp" estimator where torch computes its parameter gradients wrongly.
+
+    Reverse-over-forward through ``nn.LayerNorm`` (torch's native layer-norm forward-mode
+    rule) gives wrong parameter gradients in torch 2.13: against central differences in
+    float64 they are off by 45-116%, while the same normalisation written with elementwise
+    ops, RMSNorm, GroupNorm and every other layer we use are right to 1e-10
+    (tests/test_jacobian.py pins both facts). Training on such gradients would be silently
+    wrong, so the estimator is refused and the reverse-mode ones are named instead.
+    """
+    module = _module_of(model)
+    if module is None:
+        return
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.LayerNorm):
+            raise ValueError(
+                f"estimator='jvp' is refused for models with nn.LayerNorm ({name or 'model'}): "
+                f"torch's forward-mode LayerNorm gives wrong parameter gradients under "
+                f"backward (torch {torch.__version__}); use estimator='vjp' (the paper's), "
+                f"'exact' or 'auto'"
+            )
+
+
 def check_samples_independent(model: object) -> None:
     """Refuse models whose per-sample outputs depend on other samples of the batch.
 
@@ -154,9 +186,10 @@ def check_samples_independent(model: object) -> None:
         ...     print("refused")
         refused
     """
-    if not isinstance(model, nn.Module):
+    owner = _module_of(model)
+    if owner is None:
         return
-    for name, module in model.named_modules():
+    for name, module in owner.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             uses_batch_stats = module.training or (
                 module.running_mean is None and module.running_var is None
@@ -776,6 +809,8 @@ def jacobian_frobenius_norm(
     plan = _resolve_plan(model, fast_path)
     if estimator == "jvp" and logits is not None:
         raise ValueError("logits can only be reused by reverse-mode estimators ('vjp', 'exact', 'auto')")
+    if estimator == "jvp":
+        _check_forward_mode_safe(model)
     if logits is not None:
         plan = None
     state = generator.get_state() if generator is not None else None
