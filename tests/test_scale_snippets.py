@@ -149,3 +149,9 @@ def run_snippet(rank, world_size, source):
 @pytest.mark.parametrize("source", [DDP, FSDP2], ids=["ddp", "fsdp2"])
 def test_distributed_snippets(source):
     launch(run_snippet, source, world_size=2)
+
+
+@pytest.mark.parametrize("name", ["DDP", "FSDP2", "AMP", "COMPILE", "DCP"])
+def test_readme_shows_the_snippet_that_runs_here(name):
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert globals()[name].strip("\n") in readme
