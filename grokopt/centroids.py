@@ -66,7 +66,7 @@ def centroids(model: Model, x: Tensor) -> Tensor:
 def _ones_vjp(model: Model, x: Tensor) -> tuple[Tensor, Tensor]:
     # The all-ones cotangent needs the output's shape, so the forward comes first and the
     # reverse pass reuses it; no graph is kept for the parameters.
-    plan = _resolve_plan(model, None)
+    plan = _resolve_plan(model, None, x)
     if plan is not None:
         with torch.no_grad():
             out, tape = _pl_forward_record(plan, x)

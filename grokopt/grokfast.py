@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -168,8 +168,12 @@ def grokfast_(
         isinstance(finite, Tensor) and finite.dtype == torch.bool and finite.ndim == 0
     ):
         raise TypeError(f"finite must be None or a 0-d bool tensor, got {finite!r}")
-    if isinstance(grads, Tensor) or isinstance(states, Mapping):
-        raise TypeError("grads and states must be sequences (one entry per gradient tensor)")
+    for name, value in (("grads", grads), ("states", states)):
+        if isinstance(value, (Tensor, Mapping, str, bytes)) or not isinstance(value, Iterable):
+            raise TypeError(
+                f"{name} must be a sequence with one entry per gradient tensor, got "
+                f"{type(value).__name__}"
+            )
     grads, states = list(grads), list(states)
     for i, (g, s) in enumerate(zip(grads, states)):
         if not isinstance(g, Tensor) or not g.is_floating_point():
@@ -409,6 +413,12 @@ class Grokfast(GradientTransform):
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
+        # 0-d tensor hyperparameters are range-checked here, once (at every step that would
+        # cost a host sync); a value assigned to a group later is the caller's to keep sane.
+        for name, value in (("alpha", alpha), ("lamb", lamb)):
+            if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+                _check_options(**{**dict(alpha=0.5, lamb=1.0, filter="ema", window=1,
+                                         reduction="mean", warmup=True), name: value.item()})
         self.foreach = foreach
         self.nonfinite = nonfinite
         super().__init__(

@@ -270,7 +270,7 @@ def is_piecewise_linear(model: object) -> bool:
     return _plan(model) is not None
 
 
-def _resolve_plan(model: object, fast_path: bool | None) -> list[nn.Module] | None:
+def _resolve_plan(model: object, fast_path: bool | None, x: Tensor) -> list[nn.Module] | None:
     if fast_path is False:
         return None
     plan = _plan(model)
@@ -280,6 +280,8 @@ def _resolve_plan(model: object, fast_path: bool | None) -> list[nn.Module] | No
             f"inactive Dropout layers without hooks, got {type(model).__name__}; "
             "use fast_path=None to fall back to torch.func"
         )
+    if plan is not None:
+        _pl_output_shape(plan, x.shape)  # refuses an input the layers cannot take
     return plan
 
 
@@ -380,9 +382,17 @@ def _pl_reverse(tape: list[tuple[str, object]], cotangents: Tensor) -> Tensor:
 
 
 def _pl_output_shape(plan: list[nn.Module], in_shape: torch.Size) -> tuple[int, ...]:
+    """The output shape of the fast path for an input shape; a mismatch with a Linear's
+    in_features is refused here (the fast path runs the matmuls itself, so torch's own
+    error would not say that the input was wrong)."""
     shape = list(in_shape)
     for m in plan:
         if type(m) is nn.Linear:
+            if shape[-1] != m.in_features:
+                raise ValueError(
+                    f"x has shape {tuple(in_shape)}, which reaches {m} with {shape[-1]} "
+                    f"features; it expects {m.in_features}"
+                )
             shape[-1] = m.out_features
         elif type(m) is nn.Flatten:
             start, end = _flatten_dims(m, len(shape))
@@ -487,7 +497,7 @@ def jvp(model: Model, x: Tensor, tangents: Tensor, *, fast_path: bool | None = N
     single = isinstance(tangents, Tensor) and tangents.shape == x.shape
     tans = _check_vectors(tangents, x.shape, "tangents")
     check_samples_independent(model)
-    plan = _resolve_plan(model, fast_path)
+    plan = _resolve_plan(model, fast_path, x)
     if plan is not None:
         out, jv = _pl_jvp(plan, x, tans)
     else:
@@ -536,7 +546,7 @@ def vjp(
     if not isinstance(cotangents, Tensor):
         raise TypeError(f"cotangents must be a torch.Tensor, got {type(cotangents).__name__}")
     check_samples_independent(model)
-    plan = _resolve_plan(model, fast_path)
+    plan = _resolve_plan(model, fast_path, x)
     if plan is not None:
         with contextlib.nullcontext() if create_graph else torch.no_grad():
             out, tape = _pl_forward_record(plan, x)
@@ -590,7 +600,7 @@ def per_sample_jacobian(
     if mode not in ("auto", "rev", "fwd"):
         raise ValueError(f"mode must be 'auto', 'rev' or 'fwd', got {mode!r}")
     check_samples_independent(model)
-    plan = _resolve_plan(model, fast_path)
+    plan = _resolve_plan(model, fast_path, x)
     in_shape = tuple(x.shape[1:])
     d = math.prod(in_shape)
     B = x.shape[0]
@@ -806,7 +816,7 @@ def jacobian_frobenius_norm(
             probes = _check_vectors(probes, x.shape, "probes")
         elif probes.dim() < 3 or probes.shape[1] != x.shape[0]:
             raise ValueError(f"probes for 'vjp' must have shape (k, B={x.shape[0]}, *out), got {tuple(probes.shape)}")
-    plan = _resolve_plan(model, fast_path)
+    plan = _resolve_plan(model, fast_path, x)
     if estimator == "jvp" and logits is not None:
         raise ValueError("logits can only be reused by reverse-mode estimators ('vjp', 'exact', 'auto')")
     if estimator == "jvp":

@@ -15,6 +15,11 @@ def _tensors(items: Tensor | nn.Module | Iterable[Tensor]) -> list[Tensor]:
         items = items.parameters()
     elif isinstance(items, Tensor):
         items = [items]
+    elif isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(
+            f"params_or_tensors must be a module, a tensor, or an iterable of tensors or "
+            f"parameters, got {type(items).__name__}"
+        )
     out = []
     for t in items:
         if isinstance(t, nn.Parameter):

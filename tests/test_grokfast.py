@@ -439,3 +439,13 @@ def test_error_mode_decides_finiteness_exactly(grad, finite):
         with pytest.raises(NonFiniteGradientError):
             opt.step()
         assert not opt.state[other]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(alpha=torch.tensor(float("nan"))), "alpha must be finite"),
+    (dict(alpha=torch.tensor(1.0)), "alpha must be in"),
+    (dict(lamb=torch.tensor(-1.0)), "lamb must be >= 0"),
+])
+def test_tensor_hyperparameters_are_range_checked_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Grokfast(torch.optim.SGD(make_model().parameters(), lr=0.1), **kwargs)

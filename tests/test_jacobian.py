@@ -472,3 +472,9 @@ def test_jvp_estimator_is_refused_for_layernorm_models():
         reg(emb)
     # "auto" and the reverse-mode estimators stay available
     assert jacobian_frobenius_norm(net, x, estimator="auto").estimator == "vjp"
+
+
+def test_fast_path_refuses_an_input_of_the_wrong_width_naming_x():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"x has shape \(5, 2\).*expects 3"):
+        jacobian_frobenius_norm(net, torch.randn(5, 2), estimator="jvp")
