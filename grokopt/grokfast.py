@@ -279,22 +279,60 @@ def _add_scaled(xs: list[Tensor], ys: list[Tensor], scale: Any) -> list[Tensor]:
 def _ma_prepare(g: Tensor, state: dict[str, Any], window: int) -> None:
     dtype = _state_dtype(g.dtype)
     if "ma_buffer" not in state:
-        state["ma_buffer"] = torch.zeros((window, *g.shape), dtype=dtype, device=g.device)
-        state["ma_sum"] = torch.zeros(g.shape, dtype=dtype, device=g.device)
+        local = _local(g)
+        state["ma_buffer"] = _like_sharded(
+            g, torch.zeros((window, *local.shape), dtype=dtype, device=local.device), lead=1)
+        state["ma_sum"] = _like_sharded(g, torch.zeros(local.shape, dtype=dtype, device=local.device))
         state["ma_count"] = 0
     elif state["ma_buffer"].shape[0] != window:
         _resize_window(state, window)
 
 
+def _like_sharded(g: Tensor, local: Tensor, lead: int = 0) -> Tensor:
+    """``local`` as the shard of a tensor laid out like ``g`` (plain if ``g`` is plain).
+
+    ``lead`` extra leading dimensions (the MA window) are unsplit: each ``Shard(d)`` of
+    ``g`` becomes ``Shard(d + lead)``, so the state holds exactly the entries of the local
+    gradient shard and torch.distributed.checkpoint saves and reshards it like the parameter.
+    """
+    if not _is_dtensor(g):
+        return local
+    from torch.distributed.tensor import DTensor, Shard
+
+    placements = [Shard(p.dim + lead) if p.is_shard() else p  # type: ignore[attr-defined]
+                  for p in g.placements]  # type: ignore[attr-defined]
+    shape = (*local.shape[:lead], *g.shape)
+    return DTensor.from_local(local, g.device_mesh, placements, run_check=False,  # type: ignore[attr-defined]
+                              shape=torch.Size(shape), stride=_contiguous_stride(shape))
+
+
+def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(stride))
+
+
 def _resize_window(state: dict[str, Any], window: int) -> None:
     """Keep the most recent min(count, window) gradients when the window length changes."""
-    old, count = state["ma_buffer"], state["ma_count"]
+    old_t, count = state["ma_buffer"], state["ma_count"]
+    old = _local(old_t)
     keep = min(count, old.shape[0], window)
     new = torch.zeros((window, *old.shape[1:]), dtype=old.dtype, device=old.device)
     for age in range(1, keep + 1):  # age 1 = newest
         new[(count - age) % window] = old[(count - age) % old.shape[0]]
+    total = new.sum(0)
+    if _is_dtensor(old_t):
+        from torch.distributed.tensor import DTensor
+
+        shape = torch.Size((window, *old_t.shape[1:]))
+        new = DTensor.from_local(new, old_t.device_mesh, old_t.placements, run_check=False,  # type: ignore[attr-defined]
+                                 shape=shape, stride=_contiguous_stride(shape))
+        _local(state["ma_sum"]).copy_(total)
+    else:
+        state["ma_sum"] = total
     state["ma_buffer"] = new
-    state["ma_sum"] = new.sum(0)
     # Past the new window the count only matters modulo window and for "is it full".
     state["ma_count"] = count
 
@@ -303,20 +341,25 @@ def _ma_filled(count: int, window: int) -> int:
     return min(count, window)
 
 
+# The MA kernels work on local shards: every operation is elementwise or along the window
+# dimension, which is never split, so a sharded (FSDP2) gradient is filtered exactly as the
+# unsharded one, with no collective.
+
+
 def _ma_reference(
     grads: list[Tensor], states: list[dict[str, Any]], window: int, lamb: Any,
     reduction: str, warmup: bool,
 ) -> None:
-    for g, state in zip(grads, states):
-        _ma_prepare(g, state, window)
-        buf = state["ma_buffer"]
+    for g_t, state in zip(grads, states):
+        _ma_prepare(g_t, state, window)
+        g, buf, total = _local(g_t), _local(state["ma_buffer"]), _local(state["ma_sum"])
         buf[state["ma_count"] % window].copy_(g)
         state["ma_count"] += 1
         n = _ma_filled(state["ma_count"], window)
-        state["ma_sum"].copy_(buf.sum(0))
+        total.copy_(buf.sum(0))
         if warmup and n < window:
             continue
-        avg = state["ma_sum"] / n if reduction == "mean" else state["ma_sum"]
+        avg = total / n if reduction == "mean" else total
         g.copy_(g.to(avg.dtype) + avg * lamb)
 
 
@@ -326,19 +369,21 @@ def _ma_foreach(
 ) -> None:
     for g, state in zip(grads, states):
         _ma_prepare(g, state, window)
-    dtype = states[0]["ma_sum"].dtype
-    src = [g.to(dtype) for g in grads] if dtype != grads[0].dtype else grads
-    slots = [s["ma_buffer"][s["ma_count"] % window] for s in states]
-    sums = [s["ma_sum"] for s in states]
+    local = [_local(g) for g in grads]
+    bufs = [_local(s["ma_buffer"]) for s in states]
+    sums = [_local(s["ma_sum"]) for s in states]
+    dtype = sums[0].dtype
+    src = [g.to(dtype) for g in local] if dtype != local[0].dtype else local
+    slots = [b[s["ma_count"] % window] for b, s in zip(bufs, states)]
     # A running sum makes the step O(P) instead of O(window * P); it is recomputed exactly
     # each time the window wraps, so rounding error cannot build up beyond one window.
     torch._foreach_sub_(sums, slots)
     torch._foreach_add_(sums, src)
     torch._foreach_copy_(slots, src)
-    for s in states:
+    for b, total, s in zip(bufs, sums, states):
         s["ma_count"] += 1
         if s["ma_count"] % window == 0:
-            torch.sum(s["ma_buffer"], 0, out=s["ma_sum"])
+            torch.sum(b, 0, out=total)
     ready = [i for i, s in enumerate(states) if not (warmup and _ma_filled(s["ma_count"], window) < window)]
     if not ready:
         return
@@ -349,7 +394,7 @@ def _ma_foreach(
     for n, idx in by_n.items():
         scale = lamb / n if reduction == "mean" else lamb
         out = _add_scaled([src[i] for i in idx], [sums[i] for i in idx], scale)
-        torch._foreach_copy_([grads[i] for i in idx], out)
+        torch._foreach_copy_([local[i] for i in idx], out)
 
 
 # ---------------------------------------------------------------------------- wrapper
@@ -436,16 +481,6 @@ class Grokfast(GradientTransform):
         grads = [grad for _, pairs in groups for _, grad in pairs]
         if not grads:
             return True
-        sharded = [tuple(grad.shape) for group, pairs in groups if group["grokfast_filter"] == "ma"
-                   for _, grad in pairs if _is_dtensor(grad)]
-        if sharded:
-            # The MA window buffer (window, *shape) would be built at the global shape on
-            # every rank; refused before anything changes rather than silently unsharded.
-            raise NotImplementedError(
-                f"filter='ma' does not support sharded (DTensor, e.g. FSDP2) parameters "
-                f"({len(sharded)} sharded gradients, shapes {sharded[:3]}); use filter='ema', "
-                f"which shards with the parameters"
-            )
         finite = None
         if self.nonfinite == "error" or any(g["grokfast_filter"] == "ma" for g, _ in groups):
             if not bool(_all_finite(grads)):

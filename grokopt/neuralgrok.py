@@ -385,6 +385,31 @@ def _reduce_per_tensor(values: Tensor, groups: list[tuple[Any, ...]], op: Any) -
     return values
 
 
+def _sharded_table(
+    grads: list[Tensor], locals_: list[Tensor], groups: list[tuple[Any, ...]],
+    plan: list[tuple[str, Any]] | None, amp_dtype: torch.dtype, amp_device: torch.device,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The piecewise table over the *global* range of the gradients, as in the unsharded
+    run (differentiable in the amplifier while grad mode is on)."""
+    if plan is None:
+        return None
+    lo = torch.full((len(grads),), math.inf, dtype=torch.float64)
+    hi = torch.full((len(grads),), -math.inf, dtype=torch.float64)
+    for i, x in enumerate(locals_):
+        if x.numel():
+            a, b = torch.aminmax(x.to(amp_dtype))
+            lo[i], hi[i] = a.item(), b.item()
+    lo = _reduce_per_tensor(lo, groups, dist.ReduceOp.MIN)
+    hi = _reduce_per_tensor(hi, groups, dist.ReduceOp.MAX)
+    nonempty = [i for i, g in enumerate(grads) if g.numel()]
+    if not nonempty:
+        return None
+    low, high = lo[nonempty].min().item(), hi[nonempty].max().item()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        low = high = 0.0  # inf/NaN entries make the output NaN, as in the paper
+    return _piecewise_table(plan, low, high, amp_dtype, amp_device)
+
+
 def _amplify_sharded(
     grads: list[Tensor], amplifier: nn.Module, cs: list[float], eps: float,
     plan: list[tuple[str, Any]] | None, chunk_size: int | None,
@@ -404,23 +429,7 @@ def _amplify_sharded(
 
     locals_ = [(g.to_local() if _is_dtensor(g) else g).detach().reshape(-1) for g in grads]
     groups = [_shard_groups(g) for g in grads]
-    table = None
-    if plan is not None:
-        # The table must cover the *global* range, as in the unsharded run.
-        lo = torch.full((len(grads),), math.inf, dtype=torch.float64)
-        hi = torch.full((len(grads),), -math.inf, dtype=torch.float64)
-        for i, x in enumerate(locals_):
-            if x.numel():
-                a, b = torch.aminmax(x.to(amp_dtype))
-                lo[i], hi[i] = a.item(), b.item()
-        lo = _reduce_per_tensor(lo, groups, dist.ReduceOp.MIN)
-        hi = _reduce_per_tensor(hi, groups, dist.ReduceOp.MAX)
-        nonempty = [i for i, g in enumerate(grads) if g.numel()]
-        if nonempty:
-            low, high = lo[nonempty].min().item(), hi[nonempty].max().item()
-            if not (math.isfinite(low) and math.isfinite(high)):
-                low = high = 0.0  # inf/NaN entries make the output NaN, as in the paper
-            table = _piecewise_table(plan, low, high, amp_dtype, amp_device)
+    table = _sharded_table(grads, locals_, groups, plan, amp_dtype, amp_device)
 
     def gains(x: Tensor) -> Tensor:
         if x.numel() == 0:
@@ -457,6 +466,94 @@ def _amplify_sharded(
                                    shape=g.shape, stride=g.stride())
         out.append(y)
     return out
+
+
+def _amplify_vjp_sharded(
+    grads: list[Tensor], upstream: list[Tensor], amplifier: nn.Module, cs: list[float],
+    eps: float, plan: list[tuple[str, Any]] | None, chunk_size: int | None,
+) -> list[Tensor]:
+    """d/dphi of sum_i <upstream_i, G_phi(grads_i)> for sharded (DTensor) gradients: the
+    hypergradient of the meta-step under FSDP2, equal to the unsharded one up to rounding.
+
+    Autograd cannot differentiate through the cross-shard max and norm, so the gradient on
+    each entry's gain ``f`` is written out (``u = exp(f - m) g``, ``N = ||u||``,
+    ``y = c u / (N + eps)``, ``v`` the upstream):
+
+        dL/du = c/(N+eps) v - c (u.v) / ((N+eps)^2 N) u,    dL/df = dL/du * u,
+
+    plus the path through ``m = max f`` (it matters only through ``eps``): ``dL/dm =
+    -sum dL/df``, shared evenly among the entries that attain the max, as autograd's max
+    does. The global dot products, max and tie count are all-reduced over the mesh
+    dimensions each tensor is split along; autograd then carries ``dL/df`` from the local
+    entries to the amplifier's weights, and those partial hypergradients are summed over the
+    same groups. Plain tensors in the list are replicated: their part is not summed.
+    """
+    amp_params = list(amplifier.parameters())
+    if not grads:
+        return [torch.zeros_like(p) for p in amp_params]
+    amp_dtype, amp_device = _amplifier_dtype_device(amplifier, grads[0])
+    locals_ = [_local_of(g).detach().reshape(-1) for g in grads]
+    ups = [_local_of(v).detach().reshape(-1) for v in upstream]
+    groups = [_shard_groups(g) for g in grads]
+    n = len(grads)
+    with torch.enable_grad():
+        table = _sharded_table(grads, locals_, groups, plan, amp_dtype, amp_device)
+        fs = []
+        for x in locals_:
+            xa = x.to(device=amp_device, dtype=amp_dtype)
+            if table is not None:
+                fs.append(_lookup(xa, *table))
+            elif x.numel() == 0:
+                fs.append(xa)
+            else:
+                parts = xa.split(chunk_size) if chunk_size is not None else (xa,)
+                fs.append(torch.cat([amplifier(part[:, None]).reshape(-1) for part in parts]))
+    works = [torch.promote_types(torch.promote_types(g.dtype, torch.float32), amp_dtype) for g in grads]
+    with torch.no_grad():
+        fds = [f.detach().to(w) for f, w in zip(fs, works)]
+        maxima = torch.tensor([f.max().item() if f.numel() else -math.inf for f in fds], dtype=torch.float64)
+        maxima = _reduce_per_tensor(maxima, groups, dist.ReduceOp.MAX)
+        us = [torch.exp(f - maxima[i].to(w)) * x.to(device=amp_device, dtype=w)
+              for i, (f, x, w) in enumerate(zip(fds, locals_, works))]
+        vs = [v.to(device=amp_device, dtype=w) for v, w in zip(ups, works)]
+        sums = torch.tensor([[u.pow(2).sum().item(), (u * v).sum().item()] for u, v in zip(us, vs)],
+                            dtype=torch.float64).reshape(n, 2)
+        sums = _reduce_per_tensor(sums, groups, dist.ReduceOp.SUM)
+        gfs, ties = [], []
+        for i, (u, v, f) in enumerate(zip(us, vs, fds)):
+            norm, dot = sums[i, 0].sqrt().item(), sums[i, 1].item()
+            coef = cs[i] * dot / ((norm + eps) ** 2 * norm) if norm > 0 else 0.0
+            gfs.append((v * (cs[i] / (norm + eps)) - u * coef) * u)
+            ties.append(f == maxima[i].to(f.dtype))
+        extra = torch.tensor([[-gf.sum().item(), float(t.sum().item())] for gf, t in zip(gfs, ties)],
+                             dtype=torch.float64).reshape(n, 2)
+        extra = _reduce_per_tensor(extra, groups, dist.ReduceOp.SUM)
+        for i, (gf, t) in enumerate(zip(gfs, ties)):
+            if extra[i, 1] > 0:
+                gf.add_(t.to(gf.dtype) * (extra[i, 0].item() / extra[i, 1].item()))
+    # One backward per set of reduction groups (normally two: the sharded and the plain).
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for i, gs in enumerate(groups):
+        buckets.setdefault(gs, []).append(i)
+    total = [torch.zeros_like(p) for p in amp_params]
+    for gs, idx in buckets.items():
+        with torch.enable_grad():
+            objective = sum((fs[i].to(works[i]) * gfs[i]).sum() for i in idx if fs[i].requires_grad)
+        if not isinstance(objective, Tensor):
+            continue
+        parts = torch.autograd.grad(objective, amp_params, retain_graph=True, allow_unused=True)
+        for t, part in zip(total, parts):
+            if part is None:
+                continue
+            part = part.contiguous()
+            for group in gs:
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+            t.add_(part)
+    return total
+
+
+def _local_of(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
 
 
 # ---------------------------------------------------------------------------- optimizer
@@ -503,7 +600,11 @@ class AmplifiedOptimizer(GradientTransform):
     through :func:`torch.func.functional_call`, so the module's own parameters are untouched,
     and steps the meta-optimizer with the exact gradient of that outer loss w.r.t. the
     amplifier's weights. Under DDP the hypergradient (and a recomputed g_hat) is averaged
-    across ranks here, since ``autograd.grad`` bypasses DDP's own averaging.
+    across ranks here, since ``autograd.grad`` bypasses DDP's own averaging. With sharded
+    (FSDP2) parameters the meta-step instead writes the lookahead into the shards, runs the
+    module's own forward and backward there, restores the parameters and their ``.grad``
+    exactly, and forms the hypergradient as a vector-Jacobian product reduced across shards
+    (the same value); :meth:`meta_loss` alone is not available for them.
 
     ``g_hat`` (what the lookahead steps along):
 
@@ -690,6 +791,24 @@ class AmplifiedOptimizer(GradientTransform):
                 training loss whose gradient is g_hat. Required with ``g_hat="recompute"``;
                 with ``g_hat="last"`` it overrides the stored gradient.
         """
+        module, names, entries = self._meta_setup(model, outer_loss, inner_loss)
+        sharded = [tuple(p.shape) for p, _ in entries if _is_dtensor(p)]
+        if sharded:
+            # The lookahead here goes through functional_call with substituted parameters,
+            # which FSDP2's unshard hooks would override; meta_step() takes another route.
+            raise NotImplementedError(
+                f"meta_loss is not available for sharded (DTensor, e.g. FSDP2) parameters "
+                f"({len(sharded)} sharded parameters, shapes {sharded[:3]}): the outer loss "
+                f"cannot be returned differentiable in the amplifier there. meta_step() and "
+                f"maybe_meta_step() support them"
+            )
+        return self._meta_loss_plain(module, names, entries, outer_loss, inner_loss)
+
+    def _meta_setup(
+        self, model: nn.Module, outer_loss: Any, inner_loss: Any,
+    ) -> tuple[nn.Module, dict[int, str], list[tuple[Tensor, dict[str, Any]]]]:
+        """Checks shared by the meta-step paths; the module, its parameter names and the
+        (parameter, group) pairs the lookahead moves."""
         if self.steps == 0:
             raise RuntimeError(
                 "meta-step before any step(): there is no gradient to look ahead along; "
@@ -712,18 +831,6 @@ class AmplifiedOptimizer(GradientTransform):
         names = {id(p): n for n, p in module.named_parameters()}
         entries = [(p, group) for group in self.param_groups for p in group["params"]
                    if p.requires_grad]
-        sharded = [tuple(p.shape) for p, _ in entries if _is_dtensor(p)]
-        if sharded:
-            # The lookahead evaluates the module through functional_call with substituted
-            # parameters, which FSDP2's own unshard hooks would override, and the
-            # hypergradient would need cross-shard reductions in its backward: refused
-            # rather than silently wrong.
-            raise NotImplementedError(
-                f"meta-steps with sharded (DTensor, e.g. FSDP2) parameters are not "
-                f"supported ({len(sharded)} sharded parameters, shapes {sharded[:3]}); "
-                f"step() works with them, so train the amplifier under DDP or one process, "
-                f"or keep it fixed (never call meta_step)"
-            )
         missing = [tuple(p.shape) for p, _ in entries if id(p) not in names]
         if missing:
             raise ValueError(
@@ -731,7 +838,13 @@ class AmplifiedOptimizer(GradientTransform):
                 f"{missing[:3]}{'...' if len(missing) > 3 else ''}); pass the module whose "
                 f"parameters the optimizer updates"
             )
+        return module, names, entries
 
+    def _meta_loss_plain(
+        self, module: nn.Module, names: dict[int, str],
+        entries: list[tuple[Tensor, dict[str, Any]]], outer_loss: Callable[[Forward], Tensor],
+        inner_loss: Callable[[Forward], Tensor] | None,
+    ) -> Tensor:
         if inner_loss is not None:
             with torch.enable_grad():
                 loss_in = inner_loss(module)
@@ -784,17 +897,90 @@ class AmplifiedOptimizer(GradientTransform):
             >>> opt.meta_steps
             1
         """
-        loss = self.meta_loss(model, outer_loss, inner_loss)
+        module, names, entries = self._meta_setup(model, outer_loss, inner_loss)
         amp_params = [p for g in self.meta_optimizer.param_groups for p in g["params"]]
-        grads = torch.autograd.grad(loss, amp_params, allow_unused=True)
-        for p, g in zip(amp_params, grads):
-            p.grad = torch.zeros_like(p) if g is None else g
-        _all_reduce_mean(p.grad for p in amp_params)
+        if any(_is_dtensor(p) for p, _ in entries):
+            loss, grads = self._sharded_hypergradient(module, entries, outer_loss, inner_loss)
+            for p, g in zip(amp_params, grads):
+                p.grad = g
+        else:
+            loss = self._meta_loss_plain(module, names, entries, outer_loss, inner_loss)
+            found = torch.autograd.grad(loss, amp_params, allow_unused=True)
+            for p, g in zip(amp_params, found):
+                p.grad = torch.zeros_like(p) if g is None else g
+            _all_reduce_mean(p.grad for p in amp_params)
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
         self._counters["meta_steps"] += 1
         self._counters["last_meta_at"] = self.steps
         return loss.detach()
+
+    def _sharded_hypergradient(
+        self, module: nn.Module, entries: list[tuple[Tensor, dict[str, Any]]],
+        outer_loss: Callable[[Forward], Tensor], inner_loss: Callable[[Forward], Tensor] | None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The meta-step's outer loss and hypergradient with sharded (FSDP2) parameters.
+
+        FSDP2 runs its module only on its own parameters (its hooks all-gather the shards),
+        so the lookahead cannot be substituted as on one process. Instead, by the chain rule
+        through ``theta' = theta - lr * G_phi(g_hat)``, the hypergradient is the
+        vector-Jacobian product of G_phi with ``-lr * grad L_outer(theta')``: the lookahead
+        is written into the shards in place (no grad), one ordinary forward/backward of the
+        module gives ``grad L_outer(theta')`` (averaged over ranks by FSDP2, as the
+        reference's mean over the combined batch), the parameters are restored exactly, and
+        :func:`_amplify_vjp_sharded` does the product with cross-shard reductions.
+        g_hat is recomputed the same way (one ordinary backward). Every parameter's
+        ``.grad`` is put back as it was.
+        """
+        params = [p for p, _ in entries]
+        saved = [p.grad for p in params]
+        originals: list[tuple[Tensor, Tensor]] = []
+        try:
+            for p in params:
+                p.grad = None
+            if inner_loss is not None:
+                with torch.enable_grad():
+                    loss_in = inner_loss(module)
+                    _check_scalar("inner_loss", loss_in)
+                    loss_in.backward()
+                g_hats = [None if p.grad is None else p.grad.detach() for p in params]
+                # FSDP2 averaged the sharded gradients; parameters it does not manage
+                # are averaged here, as under DDP.
+                _all_reduce_mean(g for g in g_hats if g is not None and not _is_dtensor(g))
+                for p in params:
+                    p.grad = None
+            else:
+                g_hats = [self.state.get(p, {}).get("last_grad") for p in params]
+            chosen = [(p, group, g) for (p, group), g in zip(entries, g_hats) if g is not None]
+            cs = [group["neuralgrok_c"] for _, group, _ in chosen]
+            lrs = [group["lr"].detach() if isinstance(group["lr"], Tensor) else group["lr"]
+                   for _, group, _ in chosen]
+            g_list = [g for _, _, g in chosen]
+            with torch.no_grad():
+                moved = amplify_gradients(g_list, self.amplifier, c=cs, eps=self.eps,
+                                          path=self.path, chunk_size=self.chunk_size)
+                for (p, _, _), step, lr in zip(chosen, moved, lrs):
+                    local = _local_of(p)
+                    originals.append((local, local.clone()))
+                    local.copy_((local - lr * _local_of(step)).to(p.dtype))
+            with torch.enable_grad():
+                loss = outer_loss(module)
+                _check_scalar("outer_loss", loss)
+                loss.backward()
+            outer_grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach()
+                           for p, _, _ in chosen]
+            _all_reduce_mean(g for g in outer_grads if not _is_dtensor(g))
+        finally:
+            with torch.no_grad():
+                for local, original in originals:
+                    local.copy_(original)
+            for p, g in zip(params, saved):
+                p.grad = g
+        plan = _piecewise_plan(self.amplifier) if self.path != "exact" else None
+        upstream = [g * -lr for g, lr in zip(outer_grads, lrs)]
+        grads = _amplify_vjp_sharded(g_list, upstream, self.amplifier, cs, self.eps, plan,
+                                     self.chunk_size)
+        return loss, grads
 
     def maybe_meta_step(
         self,

@@ -81,6 +81,12 @@ def build(kind: str, model: nn.Module):
         amp = make_amplifier((6, 6), dtype=torch.float64)
         return AmplifiedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), amplifier=amp,
                                   meta_lr=1e-2, meta_every=2, max_grad_norm=0.5)
+    if kind == "neuralgrok-last-exact":
+        torch.manual_seed(1)
+        amp = make_amplifier((6, 6), dtype=torch.float64)
+        return AmplifiedOptimizer(torch.optim.SGD(model.parameters(), lr=5e-2), amplifier=amp,
+                                  meta_lr=1e-2, meta_every=2, g_hat="last", path="exact",
+                                  eps=1e-3)
     if kind == "grokalign":
         return torch.optim.AdamW(model.parameters(), lr=1e-2)
     raise AssertionError(kind)
@@ -98,10 +104,11 @@ def train(kind, model, forward, opt, batches, outer, meta_model=None):
             loss = loss + reg(x)
         loss.backward()
         opt.step()
-        if kind == "neuralgrok":
+        if kind.startswith("neuralgrok"):
             xo, yo = outer
-            _amplified(opt).maybe_meta_step(meta_model, lambda fwd: mse(fwd(xo), yo),
-                                inner_loss=lambda m: mse(m(x), y))
+            amplified = _amplified(opt)
+            inner = (lambda m: mse(m(x), y)) if amplified.g_hat == "recompute" else None
+            amplified.maybe_meta_step(meta_model, lambda fwd: mse(fwd(xo), yo), inner_loss=inner)
 
 
 KINDS = ["grokfast", "neuralgrok", "grokalign"]
@@ -148,52 +155,68 @@ def test_ddp_matches_one_process_on_the_combined_batch(tmp_path):
 # ---------------------------------------------------------------------------- FSDP2
 
 
-FSDP_KINDS = ("grokfast", "grokfast-skip", "grokfast-ma", "neuralgrok")
-FSDP_COMPARED = ("grokfast", "grokfast-skip", "neuralgrok")
+FSDP_KINDS = ("grokfast", "grokfast-skip", "grokfast-ma", "neuralgrok", "neuralgrok-last-exact")
+
+
+def _fsdp_net(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_net()
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _full_snapshot(model, opt):
+    out = {f"p{i}": p.full_tensor() for i, p in enumerate(model.parameters())}
+    if isinstance(opt, AmplifiedOptimizer):
+        out.update({f"amp.{k}": v.clone() for k, v in opt.amplifier.state_dict().items()})
+        out["meta_steps"] = torch.tensor(opt.meta_steps)
+    return out
 
 
 def fsdp_worker(rank, world, out):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
     for kind in FSDP_KINDS:
-        model = make_net()
-        for layer in (model[0], model[2], model[4]):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = _fsdp_net(mesh)
         opt = build(kind, model)
-        if kind == "grokfast-ma":
-            # The MA window buffer is not sharded yet: refused before anything changes.
+        outer = outer_batch(rank)
+        if kind.startswith("neuralgrok"):
+            # meta_loss cannot hand back a loss differentiable in the amplifier here (the
+            # lookahead goes through FSDP2's own forward); meta_step can, and is compared.
             x, y = rank_batches(rank)[0]
             mse(model(x), y).backward()
-            with pytest.raises(NotImplementedError, match="filter='ma'"):
-                opt.step()
-            assert len(opt.state) == 0
-            continue
-        for x, y in rank_batches(rank):
-            opt.zero_grad()
-            mse(model(x), y).backward()
             opt.step()
+            with pytest.raises(NotImplementedError, match="meta_step"):
+                opt.meta_loss(model, lambda fwd: mse(fwd(outer[0]), outer[1]), lambda m: mse(m(x), y))
+            model = _fsdp_net(mesh)
+            opt = build(kind, model)
+        train(kind, model, model, opt, rank_batches(rank), outer, model)
         assert all(type(p).__name__ == "DTensor" for p in model.parameters())
-        if kind == "neuralgrok":
-            # The amplifier's per-tensor max and norm were reduced across shards (compared
-            # below); the meta-step is refused rather than silently wrong.
-            xo, yo = outer_batch(rank)
-            with pytest.raises(NotImplementedError, match="sharded"):
-                opt.meta_step(model, lambda fwd: mse(fwd(xo), yo), lambda m: mse(m(x), y))
-        full = {f"p{i}": p.full_tensor() for i, p in enumerate(model.parameters())}
+        full = _full_snapshot(model, opt)
+        weight = model[2].weight
         if kind == "grokfast":
             # the EMA state is sharded like its parameter
-            ema = opt.state[model[2].weight]["ema"]
-            assert ema.placements == model[2].weight.placements
+            ema = opt.state[weight]["ema"]
+            assert ema.placements == weight.placements
             full["ema2"] = ema.full_tensor()
+        if kind == "grokfast-ma":
+            # the window holds this rank's shard only: (window, *local shard shape)
+            buf = opt.state[weight]["ma_buffer"]
+            assert buf.to_local().shape == (2, *weight.to_local().shape)
+            assert buf.shape == (2, *weight.shape)
+            full["ma2"] = buf.full_tensor()
+        if kind.startswith("neuralgrok"):
+            # meta_step put back the parameters' .grad as they were
+            assert all(p.grad is not None for p in model.parameters())
         torch.save(full, f"{out}.{kind}.{rank}")
 
     # A non-finite entry in one rank's shard only: both ranks must refuse the step (the
     # finiteness check is global), or they would fall out of step and deadlock.
-    model = make_net()
-    fully_shard(model, mesh=mesh)
+    model = _fsdp_net(mesh)
     opt = Grokfast(torch.optim.SGD(model.parameters(), lr=0.1))
     x, y = rank_batches(rank)[0]
     mse(model(x), y).backward()
@@ -206,21 +229,63 @@ def fsdp_worker(rank, world, out):
         assert torch.equal(p.full_tensor(), q)
     assert len(opt.state) == 0
 
+    # torch.distributed.checkpoint with 2 ranks: save the sharded states half-way, load them
+    # into fresh sharded objects and continue; equal, bit for bit, to never stopping.
+    for kind in DCP_FSDP_KINDS:
+        batches, outer = rank_batches(rank, 6), outer_batch(rank)
+        model_a = _fsdp_net(mesh)
+        opt_a = _build_dcp(kind, model_a)
+        train(_step_kind(kind), model_a, model_a, opt_a, batches, outer, model_a)
 
-@pytest.mark.slow
+        model_b = _fsdp_net(mesh)
+        opt_b = _build_dcp(kind, model_b)
+        train(_step_kind(kind), model_b, model_b, opt_b, batches[:3], outer, model_b)
+        ckpt = f"{out}.dcp.{kind}"
+        dcp.save({"model": model_b.state_dict(), "optim": get_optimizer_state_dict(model_b, opt_b)},
+                 checkpoint_id=ckpt)
+
+        torch.manual_seed(7)
+        model_c = _fsdp_net(mesh)
+        with torch.no_grad():
+            for p in model_c.parameters():
+                p.add_(1.0)  # everything must come from the checkpoint
+        opt_c = _build_dcp(kind, model_c)
+        if "neuralgrok" in kind:
+            with torch.no_grad():
+                for p in _amplified(opt_c).amplifier.parameters():
+                    p.add_(1.0)
+        target = {"model": model_c.state_dict(), "optim": get_optimizer_state_dict(model_c, opt_c)}
+        dcp.load(target, checkpoint_id=ckpt)
+        model_c.load_state_dict(target["model"])
+        set_optimizer_state_dict(model_c, opt_c, target["optim"])
+        train(_step_kind(kind), model_c, model_c, opt_c, batches[3:], outer, model_c)
+        for p, q in zip(model_a.parameters(), model_c.parameters()):
+            assert torch.equal(p.full_tensor(), q.full_tensor()), kind
+        if "neuralgrok" in kind:
+            a, c = _amplified(opt_a), _amplified(opt_c)
+            assert a.meta_steps == c.meta_steps == 3
+            for k, v in a.amplifier.state_dict().items():
+                assert torch.equal(v, c.amplifier.state_dict()[k]), (kind, k)
+
+
+DCP_FSDP_KINDS = ("grokfast", "grokfast-ma", "grokfast-over-neuralgrok")
+
+
 def test_fsdp2_matches_one_process_on_the_combined_batch(tmp_path):
-    launch(fsdp_worker, str(tmp_path / "fsdp"), world_size=WORLD)
-    for kind in FSDP_COMPARED:
+    launch(fsdp_worker, str(tmp_path / "fsdp"), world_size=WORLD, timeout=300.0)
+    for kind in FSDP_KINDS:
         ranks = [torch.load(tmp_path / f"fsdp.{kind}.{r}") for r in range(WORLD)]
         model = make_net()
         opt = build(kind, model)
-        for x, y in combined():
-            opt.zero_grad()
-            mse(model(x), y).backward()
-            opt.step()
-        ref = {f"p{i}": p.detach() for i, p in enumerate(model.parameters())}
+        train(kind, model, model, opt, combined(), outer_combined(), model)
+        ref = _snapshot(model, opt)
+        if kind.startswith("neuralgrok"):
+            assert int(ref["meta_steps"]) == STEPS // 2  # meta-steps did run
         if kind == "grokfast":
             ref["ema2"] = opt.state[model[2].weight]["ema"]
+        if kind == "grokfast-ma":
+            ref["ma2"] = opt.state[model[2].weight]["ma_buffer"]
+        assert ref.keys() == ranks[0].keys()
         for key, value in ref.items():
             for r in range(WORLD):
                 torch.testing.assert_close(ranks[r][key], value, **TOL, msg=f"{kind}: {key}")
@@ -240,6 +305,10 @@ def _build_dcp(kind, model):
     if kind == "grokfast-over-neuralgrok":
         return Grokfast(build("neuralgrok", model), alpha=0.9, lamb=1.0)
     return build(kind, model)
+
+
+def _step_kind(kind):
+    return "neuralgrok" if kind in ("neuralgrok", "grokfast-over-neuralgrok") else kind
 
 
 def _amplified(opt):

@@ -48,13 +48,17 @@ model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
 for layer in (model[0], model[2]):
     fully_shard(layer)
 fully_shard(model)                                    # parameters are now DTensor shards
-opt = grokopt.Grokfast(torch.optim.AdamW(model.parameters(), lr=1e-3))   # EMA state shards too
-# or: grokopt.AmplifiedOptimizer(torch.optim.AdamW(...), hidden=(32, 32)) without meta-steps
-x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+opt = grokopt.AmplifiedOptimizer(grokopt.Grokfast(torch.optim.AdamW(model.parameters(), lr=1e-3)),
+                                 hidden=(32, 32), meta_every=4)   # filter state shards too
+x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))          # this rank's batch
+x_out, y_out = torch.randn(8, 16), torch.randint(0, 4, (8,))    # this rank's held-out batch
+ce = nn.functional.cross_entropy
 for _ in range(steps):
     opt.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
+    ce(model(x), y).backward()                        # FSDP2 reduce-scatters .grad
     opt.step()
+    opt.maybe_meta_step(model, lambda fwd: ce(fwd(x_out), y_out),   # through FSDP2's own
+                        inner_loss=lambda m: ce(m(x), y))           # forward and backward
 '''
 
 AMP = '''
