@@ -3,8 +3,7 @@
 Each snippet is a string here and is executed verbatim (the README text is copied from these
 strings); the DDP and FSDP2 snippets run in 2 gloo processes through the shared launcher,
 where ``rank``, ``world_size`` and ``steps`` are given. The Lightning and Hugging Face
-Trainer snippets are not here: those packages are not installed (marked untested in the
-draft).
+Trainer snippets are run by ``test_integrations.py``.
 """
 
 from __future__ import annotations
