@@ -245,12 +245,15 @@ class GradientTransform(Optimizer):
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing the key {key!r}")
+        _refuse_flattened(state_dict)
         state_dict = _lift_mirror(state_dict)
         stack = list(state_dict.get(_STACK_KEY, []))
         if not stack or stack[0] != type(self).__name__:
             raise ValueError(
                 f"state_dict was not produced by {type(self).__name__} (its wrapper stack is "
-                f"{stack or 'a plain optimizer'}); load it into the optimizer that saved it"
+                f"{stack or 'a plain optimizer'}); load it into the optimizer that saved it "
+                f"(torch.distributed.checkpoint with flatten_optimizer_state_dict=True also "
+                f"loses the wrapper's keys: use the default nested layout)"
             )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -338,6 +341,33 @@ class GradientTransform(Optimizer):
             f"{k[len(self._prefix):]}={v!r}" for k, v in self._own_defaults().items()
         )
         return f"{type(self).__name__}({options},\n  {inner})"
+
+
+def _refuse_flattened(state_dict: Mapping[str, Any]) -> None:
+    """Refuse what DCP's flattened layout hands back, naming the cause.
+
+    With ``StateDictOptions(flatten_optimizer_state_dict=True)``, set_optimizer_state_dict
+    rebuilds each parameter's state from the key names of the *live* optimizer's
+    ``state[p]``; a wrapper's ``state[p]`` names only its own entries, unprefixed, so the
+    rebuilt state holds an empty dict under each of those names and nothing else (the
+    inner optimizer's entries are lost), and the top-level keys are dropped. Those empty
+    placeholders are the signature looked for here.
+    """
+    state = state_dict.get("state")
+    if not isinstance(state, Mapping):
+        return
+    for entries in state.values():
+        if isinstance(entries, Mapping) and any(
+            isinstance(v, Mapping) and not v for v in entries.values()
+        ):
+            raise ValueError(
+                "state_dict holds empty placeholders where per-parameter state should be: "
+                "it was rebuilt by torch.distributed.checkpoint with "
+                "flatten_optimizer_state_dict=True, which cannot carry a wrapper's state "
+                "(it rebuilds entries from the live optimizer's key names). Save and load "
+                "with the default nested layout, StateDictOptions("
+                "flatten_optimizer_state_dict=False); nothing was changed"
+            )
 
 
 def _lift_mirror(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
@@ -321,6 +322,7 @@ def _amplified(opt):
 def test_dcp_save_load_continues_identically(kind, tmp_path):
     """get_optimizer_state_dict -> dcp.save; fresh objects -> dcp.load ->
     set_optimizer_state_dict; continuing equals the uninterrupted run bit for bit."""
+    options = StateDictOptions(flatten_optimizer_state_dict=False)
     batches = combined(6)
     outer = outer_combined()
     runs_meta = kind in ("neuralgrok", "grokfast-over-neuralgrok")
@@ -333,7 +335,8 @@ def test_dcp_save_load_continues_identically(kind, tmp_path):
     model_b = make_net()
     opt_b = _build_dcp(kind, model_b)
     _train_single(step_kind, model_b, opt_b, batches[:3], outer)
-    dcp.save({"model": model_b.state_dict(), "optim": get_optimizer_state_dict(model_b, opt_b)},
+    dcp.save({"model": model_b.state_dict(),
+              "optim": get_optimizer_state_dict(model_b, opt_b, options=options)},
              checkpoint_id=str(tmp_path / "ckpt"))
 
     model_c = make_net(seed=5)  # different init: everything must come from the checkpoint
@@ -342,10 +345,11 @@ def test_dcp_save_load_continues_identically(kind, tmp_path):
         with torch.no_grad():
             for p in _amplified(opt_c).amplifier.parameters():
                 p.add_(1.0)
-    target = {"model": model_c.state_dict(), "optim": get_optimizer_state_dict(model_c, opt_c)}
+    target = {"model": model_c.state_dict(),
+              "optim": get_optimizer_state_dict(model_c, opt_c, options=options)}
     dcp.load(target, checkpoint_id=str(tmp_path / "ckpt"))
     model_c.load_state_dict(target["model"])
-    set_optimizer_state_dict(model_c, opt_c, target["optim"])
+    set_optimizer_state_dict(model_c, opt_c, target["optim"], options=options)
     _train_single(step_kind, model_c, opt_c, batches[3:], outer)
 
     for p, q in zip(model_a.parameters(), model_c.parameters()):
@@ -355,6 +359,41 @@ def test_dcp_save_load_continues_identically(kind, tmp_path):
         assert a.meta_steps == c.meta_steps == 3
         for (k, v), w in zip(a.amplifier.state_dict().items(), c.amplifier.state_dict().values()):
             assert torch.equal(v, w), k
+
+
+@pytest.mark.parametrize("kind", DCP_KINDS)
+def test_dcp_flattened_layout_is_refused_before_anything_changes(kind):
+    """flatten_optimizer_state_dict=True rebuilds each parameter's state from the live
+    optimizer's key names, which cannot carry a wrapper's state: set_optimizer_state_dict
+    must fail with an error that names the option, and leave the optimizer as it was."""
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    step_kind = _step_kind(kind)
+    model = make_net()
+    opt = _build_dcp(kind, model)
+    _train_single(step_kind, model, opt, combined(2), outer_combined())
+    saved = get_optimizer_state_dict(model, opt, options=options)
+    assert all(not isinstance(v, dict) for v in saved.values())  # really the flat layout
+
+    other_model = make_net(seed=5)
+    other = _build_dcp(kind, other_model)
+    _train_single(step_kind, other_model, other, combined(1), outer_combined())
+    before = other.state_dict()
+    with pytest.raises(ValueError, match="flatten_optimizer_state_dict"):
+        set_optimizer_state_dict(other_model, other, saved, options=options)
+    assert _same(other.state_dict(), before)
+
+
+def _same(a, b) -> bool:
+    """Deep equality of state_dicts (tensors compared exactly; the torch.save'd mirror of
+    the top-level keys is compared through those keys themselves)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = set(a) - {"grokopt_top_level"}
+        return keys == set(b) - {"grokopt_top_level"} and all(_same(a[k], b[k]) for k in keys)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
 
 
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
