@@ -220,7 +220,9 @@ _GROKFAST_MUL = RaceConfig(
 )
 
 
-def _grokalign_digits(name: str, loss: str, weight: float, published: dict[str, str]) -> RaceConfig:
+def _grokalign_digits(
+    name: str, loss: str, weight: float, published: dict[str, str], steps: int,
+) -> RaceConfig:
     return RaceConfig(
         name=name,
         task="digits",
@@ -232,19 +234,25 @@ def _grokalign_digits(name: str, loss: str, weight: float, published: dict[str, 
         optimizer="adamw",
         lr=1e-3,
         betas=(0.9, 0.999),
-        weight_decay=0.01,
+        # Two deviations from the paper's MNIST setup, both measured on digits: the
+        # memorising network already scores ~91% on the held-out digits (85% is reached
+        # in ~80 steps by every arm), so the bar is 95%; and at weight decay 0.01 no arm
+        # got past 92% in 2,000 steps, while at 0.1 the slow climb from 91% to 95% takes
+        # a few thousand. Recorded in benchmarks/results/race/README.md.
+        weight_decay=0.1,
         batch_size=256,
         shuffle=False,
         warmup_steps=0,
-        steps=40_000,
+        steps=steps,
         eval_every=4,
-        thresholds=(0.85,),
+        thresholds=(0.95,),
         methods=("baseline", "grokalign", "grokfast"),
         overrides={"grokalign.weight": weight, "grokfast.alpha": 0.8, "grokfast.lamb": 0.1},
         seeds=(0, 1, 2),
         published=published,
-        published_note="GrokAlign paper Table 1 (MNIST, 10 seeds): acceleration over the "
-                       "baseline in steps and wall time; ours is on 8x8 digits",
+        published_note="GrokAlign paper Table 1 (MNIST, 10 seeds, weight decay 0.01, 85%): "
+                       "acceleration over the baseline in steps and wall time; ours is on "
+                       "8x8 digits at weight decay 0.1 and 95%",
     )
 
 
@@ -269,11 +277,14 @@ _add_preset(Preset("grokalign-digits", "GrokAlign Table 1 (cross-entropy, lambda
                    "8x8 digits", (_grokalign_digits(
                        "grokalign-digits", "ce", 1e-3,
                        {"baseline": "1.00x", "grokalign": "7.56x steps, 6.41x time",
-                        "grokfast": "1.01x steps, 1.08x time"}),)))
+                        "grokfast": "1.01x steps, 1.08x time"}, steps=8_000),)))
 _add_preset(Preset("grokalign-digits-mse", "GrokAlign Table 1 (MSE, lambda 1e-4) on 8x8 "
                    "digits", (_grokalign_digits(
                        "grokalign-digits-mse", "mse", 1e-4,
-                       {"baseline": "1.00x", "grokalign": "1.69x steps, 1.46x time"}),)))
+                       {"baseline": "1.00x", "grokalign": "1.69x steps, 1.46x time"},
+                       # MSE memorises slowly here (train 100% at ~5,000 steps, held-out
+                       # 91% at 8,000 and rising): a longer budget.
+                       steps=16_000),)))
 
 
 def _tkey(t: float) -> str:
