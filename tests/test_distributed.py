@@ -210,10 +210,21 @@ def fsdp_worker(rank, world, out):
             assert buf.to_local().shape == (2, *weight.to_local().shape)
             assert buf.shape == (2, *weight.shape)
             full["ma2"] = buf.full_tensor()
-        if kind.startswith("neuralgrok"):
-            # meta_step put back the parameters' .grad as they were
-            assert all(p.grad is not None for p in model.parameters())
         torch.save(full, f"{out}.{kind}.{rank}")
+        if kind.startswith("neuralgrok"):
+            # A meta-step moves the amplifier only: the shards it wrote the lookahead into,
+            # and the .grad it displaced, are back exactly as they were.
+            params = [p.to_local().clone() for p in model.parameters()]
+            grads = [p.grad.to_local().clone() for p in model.parameters()]
+            amp = [q.clone() for q in opt.amplifier.parameters()]
+            x, y = rank_batches(rank)[0]
+            opt.meta_step(model, lambda fwd: mse(fwd(outer[0]), outer[1]),
+                          (lambda m: mse(m(x), y)) if opt.g_hat == "recompute" else None)
+            for p, before in zip(model.parameters(), params):
+                assert torch.equal(p.to_local(), before)
+            for p, before in zip(model.parameters(), grads):
+                assert torch.equal(p.grad.to_local(), before)
+            assert any(not torch.equal(q, b) for q, b in zip(opt.amplifier.parameters(), amp))
 
     # A non-finite entry in one rank's shard only: both ranks must refuse the step (the
     # finiteness check is global), or they would fall out of step and deadlock.
