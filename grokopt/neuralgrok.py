@@ -319,8 +319,9 @@ def amplify_gradients(
         if differentiable:
             raise NotImplementedError(
                 "amplify_gradients is not differentiable for sharded (DTensor, e.g. FSDP2) "
-                "gradients: meta-steps with sharded parameters are not supported; call it "
-                "under torch.no_grad() (as step() does)"
+                "gradients (its per-tensor max and norm span the ranks); call it under "
+                "torch.no_grad() (as step() does). AmplifiedOptimizer.meta_step computes the "
+                "hypergradient for sharded parameters in its own way"
             )
         return _amplify_sharded(grads, amplifier, cs, eps, plan if use_pwl else None,
                                 chunk_size, amp_dtype, amp_device)
