@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .wrapper import GradientTransform, _is_dtensor, _shard_groups
+from .wrapper import GradientTransform, _is_dtensor, _local, _shard_groups
 
 __all__ = ["Grokfast", "NonFiniteGradientError", "grokfast_"]
 
@@ -208,10 +208,6 @@ def _ema_init(g: Tensor, state: dict[str, Any], finite: Tensor | None) -> None:
         if finite is not None:
             _update_where(finite, mu, torch.zeros_like(mu))
         state["ema"] = mu
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if _is_dtensor(t) else t
 
 
 def _update_where(finite: Tensor, dst: Tensor, new: Tensor) -> None:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .wrapper import GradientTransform, _is_dtensor, _shard_groups
+from .wrapper import GradientTransform, _is_dtensor, _local, _shard_groups
 
 __all__ = ["AmplifiedOptimizer", "amplify_gradients", "make_amplifier"]
 
@@ -493,8 +493,8 @@ def _amplify_vjp_sharded(
     if not grads:
         return [torch.zeros_like(p) for p in amp_params]
     amp_dtype, amp_device = _amplifier_dtype_device(amplifier, grads[0])
-    locals_ = [_local_of(g).detach().reshape(-1) for g in grads]
-    ups = [_local_of(v).detach().reshape(-1) for v in upstream]
+    locals_ = [_local(g).detach().reshape(-1) for g in grads]
+    ups = [_local(v).detach().reshape(-1) for v in upstream]
     groups = [_shard_groups(g) for g in grads]
     n = len(grads)
     with torch.enable_grad():
@@ -551,10 +551,6 @@ def _amplify_vjp_sharded(
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
             t.add_(part)
     return total
-
-
-def _local_of(t: Tensor) -> Tensor:
-    return t.to_local() if _is_dtensor(t) else t
 
 
 # ---------------------------------------------------------------------------- optimizer
@@ -961,9 +957,9 @@ class AmplifiedOptimizer(GradientTransform):
                 moved = amplify_gradients(g_list, self.amplifier, c=cs, eps=self.eps,
                                           path=self.path, chunk_size=self.chunk_size)
                 for (p, _, _), step, lr in zip(chosen, moved, lrs):
-                    local = _local_of(p)
+                    local = _local(p)
                     originals.append((local, local.clone()))
-                    local.copy_((local - lr * _local_of(step)).to(p.dtype))
+                    local.copy_((local - lr * _local(step)).to(p.dtype))
             with torch.enable_grad():
                 loss = outer_loss(module)
                 _check_scalar("outer_loss", loss)

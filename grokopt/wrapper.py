@@ -411,6 +411,11 @@ def _is_dtensor(t: Any) -> bool:
     return isinstance(t, DTensor)
 
 
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view: in-place changes reach the DTensor); else ``t``."""
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
 def _shard_groups(g: Tensor) -> tuple[Any, ...]:
     """Process groups of the mesh dimensions along which a DTensor is split.
 
