@@ -28,6 +28,17 @@ SHAPES = {
     "large-tensors": [(1024, 1024)] * 4,
 }
 
+#: Layouts measured only on a GPU: 4 x 4096^2 (67M parameters, 268 MB in fp32) is large
+#: enough that kernel launches vanish and the filter's bandwidth can be read off.
+GPU_SHAPES = {
+    "huge-tensors": [(4096, 4096)] * 4,
+}
+
+
+def layouts(device: str) -> dict[str, list[tuple[int, ...]]]:
+    """The parameter layouts benchmarked on ``device``."""
+    return {**SHAPES, **(GPU_SHAPES if device != "cpu" else {})}
+
 
 def pin_threads() -> int:
     """Set torch's CPU threads to :data:`THREADS` and return it."""

@@ -7,10 +7,14 @@ Two models: (a) ~200 small tensors (where per-tensor Python overhead dominates) 
 - ``reference``: grokopt's per-tensor reference path;
 - ``loop``: the per-parameter Python loop users copy from the paper's scripts (written here
   from the formula: a dict of EMAs keyed by name, two tensor ops per parameter);
+- ``inplace-loop``: the loop a careful user writes by hand (``mu.lerp_(g, 1 - alpha);
+  g.add_(mu, alpha=lamb)``, no allocation);
 - ``copy-floor``: copying the same bytes once (the filter must at least read g and mu and
   write mu and g, so its floor is about two such copies).
 
 And the whole optimizer step: foreach AdamW bare vs wrapped in Grokfast.
+
+On a GPU a third layout, 4 x 4096^2, gives the filter's bandwidth (benchmarks/cuda.sh).
 
 Run: pytest benchmarks/test_grokfast_bench.py --benchmark-json=benchmarks/results/<name>.json
 """
@@ -20,10 +24,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _common import DEVICES, SHAPES
+from _common import DEVICES, layouts
 from _common import params_with_grads as _params
 from _common import sync as _sync
 from grokopt import Grokfast, grokfast_
+
+
+CASES = [(d, m) for d in DEVICES for m in layouts(d)]
+
+
+def _inplace_loop(grads, mus, alpha=0.98, lamb=2.0):
+    for g, mu in zip(grads, mus):
+        mu.lerp_(g, 1 - alpha)
+        g.add_(mu, alpha=lamb)
 
 
 def _paper_loop(named_grads, ema, alpha=0.98, lamb=2.0):
@@ -34,11 +47,10 @@ def _paper_loop(named_grads, ema, alpha=0.98, lamb=2.0):
         g.copy_(g + ema[name] * lamb)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("model", list(SHAPES))
-@pytest.mark.parametrize("impl", ["foreach", "reference", "loop", "copy-floor"])
+@pytest.mark.parametrize(("device", "model"), CASES)
+@pytest.mark.parametrize("impl", ["foreach", "reference", "loop", "inplace-loop", "copy-floor"])
 def test_filter(benchmark, device, model, impl):
-    params = _params(SHAPES[model], device)
+    params = _params(layouts(device)[model], device)
     grads = [p.grad for p in params]
     benchmark.group = f"filter/{model}/{device}"
     benchmark.extra_info.update(n_tensors=len(grads), n_params=sum(g.numel() for g in grads))
@@ -48,6 +60,12 @@ def test_filter(benchmark, device, model, impl):
 
         def run():
             _paper_loop(named, ema)
+            _sync(device)
+    elif impl == "inplace-loop":
+        mus = [g.clone() for g in grads]
+
+        def run():
+            _inplace_loop(grads, mus)
             _sync(device)
     elif impl == "copy-floor":
         dst = [torch.empty_like(g) for g in grads]
@@ -67,11 +85,10 @@ def test_filter(benchmark, device, model, impl):
     benchmark.pedantic(run, rounds=30, iterations=5, warmup_rounds=2)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("model", list(SHAPES))
+@pytest.mark.parametrize(("device", "model"), CASES)
 @pytest.mark.parametrize("impl", ["adamw", "grokfast-adamw"])
 def test_step(benchmark, device, model, impl):
-    params = _params(SHAPES[model], device)
+    params = _params(layouts(device)[model], device)
     opt = torch.optim.AdamW(params, lr=1e-6, foreach=True)
     if impl == "grokfast-adamw":
         opt = Grokfast(opt)
