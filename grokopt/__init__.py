@@ -5,10 +5,13 @@ GrokAlignLoss (Jacobian regularisation), plus the diagnostics and the grokking r
 """
 
 from .centroids import CentroidStats, centroid_alignment, centroids, jacobian_pc1_share
+from .egd import EGD, polar_factor
 from .grokalign import GrokAlignLoss
 from .grokfast import Grokfast, NonFiniteGradientError, grokfast_
 from .metrics import absolute_gradient_entropy
 from .neuralgrok import AmplifiedOptimizer, amplify_gradients, make_amplifier
+from .orthograd import OrthoGrad, orthogonalize_
+from .stablemax import StableMaxCrossEntropyLoss, log_stablemax, stablemax, stablemax_cross_entropy
 from .jacobian import (
     FrobeniusEstimate,
     is_piecewise_linear,
@@ -32,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AmplifiedOptimizer",
     "CentroidStats",
+    "EGD",
     "DecoderTransformer",
     "EmbeddingMLP",
     "FrobeniusEstimate",
@@ -40,8 +44,10 @@ __all__ = [
     "Grokfast",
     "NonFiniteGradientError",
     "OmnigrokMLP",
+    "OrthoGrad",
     "RaceConfig",
     "RaceResult",
+    "StableMaxCrossEntropyLoss",
     "absolute_gradient_entropy",
     "amplify_gradients",
     "centroid_alignment",
@@ -52,9 +58,14 @@ __all__ = [
     "jacobian_frobenius_norm",
     "jacobian_pc1_share",
     "load_digits_task",
+    "log_stablemax",
     "make_amplifier",
     "modular_dataset",
     "neuralgrok_split",
+    "orthogonalize_",
     "per_sample_jacobian",
+    "polar_factor",
     "run_race",
+    "stablemax",
+    "stablemax_cross_entropy",
 ]

@@ -139,3 +139,13 @@ WRAPPER_CASES += [
     WrapperCase("neuralgrok-over-grokfast", _neuralgrok_over_grokfast, _neuralgrok_meta),
     WrapperCase("grokfast-over-neuralgrok", _grokfast_then_neuralgrok, _neuralgrok_meta),
 ]
+
+
+# ---------------------------------------------------------------- the race's competitors
+
+WRAPPER_CASES += [
+    WrapperCase("orthograd", lambda opt, model: grokopt.OrthoGrad(opt)),
+    WrapperCase("orthograd-reference", lambda opt, model: grokopt.OrthoGrad(opt, foreach=False)),
+    WrapperCase("egd", lambda opt, model: grokopt.EGD(opt)),
+    WrapperCase("egd-newton-schulz", lambda opt, model: grokopt.EGD(opt, method="newton-schulz")),
+]

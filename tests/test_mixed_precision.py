@@ -44,10 +44,15 @@ def test_cpu_autocast_training_follows_the_fp32_run(case):
     each weight by ~3e-2, so the autocast run must agree with the fp32 run to a small
     fraction of that move: atol 5e-3 (and it must have moved away from the init)."""
     runs = {}
+    # OrthoGrad removes most of a gradient (its part along w), leaving entries near zero
+    # whose sign bf16 noise can flip (measured: 2.0e-5 in fp32, -8.6e-5 under autocast);
+    # Adam's first step is lr * sign(g), so one such entry moves 2 lr apart. SGD's step is
+    # proportional to g and keeps the comparison meaningful for it.
+    inner = "sgd" if case.name.startswith("orthograd") else "adam"
     for mode in ("fp32", "autocast"):
         model = make_model(0)
         init = [p.detach().clone() for p in model.parameters()]
-        opt = case.build(INNER_OPTIMIZERS["adam"](model.parameters()), model)
+        opt = case.build(INNER_OPTIMIZERS[inner](model.parameters()), model)
         for batch in make_batches(3):
             opt.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):

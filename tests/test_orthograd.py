@@ -1,0 +1,115 @@
+"""OrthoGrad (⊥Grad): closed forms, a float64 formula written here, and the peer's trajectory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from grokopt import OrthoGrad
+from grokopt.orthograd import orthogonalize_
+
+
+def _formula(w: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """The paper's formula in float64, term by term."""
+    w, g = w.double().flatten(), g.double().flatten()
+    perp = g - (w @ g) / (w @ w + eps) * w
+    return perp * g.norm() / (perp.norm() + eps)
+
+
+def test_closed_form():
+    w, g = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
+    orthogonalize_([w], [g])
+    torch.testing.assert_close(g, torch.tensor([0.0, 2.0**0.5]))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("eps", [1e-30, 1e-3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_matches_the_formula(foreach, eps, dtype):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 2, 4), (1,)]
+    ws = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    gs = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    want = [_formula(w, g, eps).view(g.shape) for w, g in zip(ws, gs)]
+    orthogonalize_(ws, gs, eps=eps, foreach=foreach)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for g, ref in zip(gs, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_output_is_orthogonal_to_w_and_keeps_the_norm(foreach):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 30, generator=gen, dtype=torch.float64)
+    g = torch.randn(40, 30, generator=gen, dtype=torch.float64) + 3 * w  # mostly along w
+    norm = g.norm()
+    orthogonalize_([w], [g], foreach=foreach)
+    assert abs(float((w * g).sum())) < 1e-10 * float(w.norm() * g.norm())
+    torch.testing.assert_close(g.norm(), norm, rtol=1e-12, atol=0)
+
+
+def test_zero_weight_and_zero_gradient_stay_finite():
+    w, g = torch.zeros(3), torch.tensor([1.0, 2.0, 2.0])
+    orthogonalize_([w], [g])  # nothing to remove: g unchanged
+    torch.testing.assert_close(g, torch.tensor([1.0, 2.0, 2.0]))
+    w, g = torch.ones(3), torch.zeros(3)
+    orthogonalize_([w], [g])
+    assert torch.equal(g, torch.zeros(3))
+
+
+def _train(opt_builder, steps=6):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = opt_builder(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+        y = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_wrapper_equals_hand_written_loop(foreach):
+    """OrthoGrad(SGD) == SGD stepping on gradients replaced by the formula by hand."""
+
+    class Manual(torch.optim.SGD):
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad.copy_(_formula(p, p.grad, 1e-30).view_as(p))
+            return super().step(closure)
+
+    ours = _train(lambda p: OrthoGrad(torch.optim.SGD(p, lr=0.1, momentum=0.9), foreach=foreach))
+    ref = _train(lambda p: Manual(p, lr=0.1, momentum=0.9))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_agrees_with_pytorch_optimizer_orthograd():
+    po = pytest.importorskip("pytorch_optimizer")
+    ours = _train(lambda p: OrthoGrad(torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0)))
+    peer = _train(lambda p: po.OrthoGrad(torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0)))
+    for a, b in zip(ours, peer):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(eps=-1.0), "eps must be a finite float >= 0, got -1.0"),
+    (dict(eps=float("nan")), "eps must be a finite float >= 0"),
+    (dict(foreach="yes"), "foreach must be None or a bool, got 'yes'"),
+])
+def test_bad_options_are_refused(kwargs, match):
+    model = nn.Linear(2, 2)
+    with pytest.raises((ValueError, TypeError), match=match):
+        OrthoGrad(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_mismatched_shapes_are_refused():
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape \(3,\), params\[0\] \(2,\)"):
+        orthogonalize_([torch.zeros(2)], [torch.zeros(3)])
