@@ -203,11 +203,11 @@ def reference_meta_loss(model, amp, g_hats, lr, c, outer_batch):
     return mse(written_out(model, ahead, xo), yo)
 
 
-def build(model, *, c=1.0, g_hat="recompute", path="exact", **kw):
+def build(model, *, c=1.0, g_hat="recompute", path="exact", dtype=F64, device="cpu", **kw):
     """SGD(lr 0.3) inside; an SGD meta-optimizer, so a meta-step moves the amplifier by
     exactly -META_LR * hypergradient; eps=0 as in the reference."""
     torch.manual_seed(100)
-    amp = make_amplifier((6, 6), dtype=F64)
+    amp = make_amplifier((6, 6), dtype=dtype, device=device)
     return AmplifiedOptimizer(torch.optim.SGD(model.parameters(), lr=0.3), amplifier=amp,
                               meta_optimizer=torch.optim.SGD(amp.parameters(), lr=META_LR),
                               c=c, g_hat=g_hat, path=path, eps=0.0, **kw)
@@ -289,6 +289,36 @@ def test_meta_loss_and_meta_step_equal_a_written_out_reference(net, mode, c, g_h
     assert stepped.item() == loss.item()
     assert_meta_sgd_step(amp, opt.amplifier, expected_grad)
     assert opt.meta_steps == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [F64, torch.float32])  # fp32: cuDNN's BatchNorm
+def test_meta_step_on_cuda_equals_the_reference_and_keeps_the_buffers(dtype):
+    """The reference test's BatchNorm cases on CUDA (c = 0.2). fp32 tolerance: both sides
+    round each of a few hundred terms by 6e-8, so 1e-4 of the scale leaves a wide margin,
+    while a lookahead without c is off by O(1)."""
+    tol = 1e-12 if dtype == F64 else 1e-4
+    for mode, g_hat in [("train", "recompute"), ("train", "last"), ("eval", "recompute"), ("eval", "last")]:
+        model = bn_model().to("cuda", dtype)
+        opt = build(model, c=0.2, g_hat=g_hat, dtype=dtype, device="cuda")
+        batches = [(x.to("cuda", dtype), y.to("cuda", dtype)) for x, y in make_batches(3, dtype=F64)]
+        raw = train_steps(model, opt, batches[:2])
+        model.train(mode == "train")
+        outer, inner = losses(batches[1], batches[2])
+        inner = inner if g_hat == "recompute" else None
+        g_hats = reference_g_hat(model, batches[1]) if g_hat == "recompute" else raw
+        amp = copy.deepcopy(opt.amplifier)
+        expected = reference_meta_loss(model, amp, g_hats, 0.3, 0.2, batches[2])
+        expected_grad = torch.autograd.grad(expected, list(amp.parameters()))
+        before = model_state(model)
+        loss = opt.meta_loss(model, outer, inner)
+        got = torch.autograd.grad(loss, list(opt.amplifier.parameters()))
+        opt.meta_step(model, outer, inner)
+        assert_model_unchanged(model, before)
+        assert loss.item() == pytest.approx(expected.item(), rel=tol)
+        scale = max(e.abs().max().item() for e in expected_grad)
+        for g, e in zip(got, expected_grad):
+            torch.testing.assert_close(g, e, rtol=0, atol=tol * scale)
 
 
 @pytest.mark.parametrize("scheduled_on", ["wrapper", "inner optimizer"])
