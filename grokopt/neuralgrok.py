@@ -1,13 +1,14 @@
 """NeuralGrok: a learned per-element gain on the gradient, trained by a one-step lookahead.
 
-SPEC section 2. For each gradient tensor ``g`` the amplifier (a small MLP on one scalar)
-gives ``f = MLP(g)`` elementwise; the transform is
+The method is described in docs/methods.md. For each gradient tensor ``g`` the amplifier
+(a small MLP on one scalar) gives ``f = MLP(g)`` elementwise; the transform is
 
     G_phi(g) = c * (w * g) / (||w * g|| + eps),    w = exp(f - max f)
 
 (``w`` is the softmax of ``f`` without its normaliser, which the renormalisation cancels).
 The amplifier is trained every ``meta_every`` steps on a held-out batch by the exact gradient
-of the outer loss at the lookahead parameters ``theta - lr * G_phi(g_hat)``.
+of the outer loss at the lookahead parameters ``theta - lr * G_phi(g_hat)`` (``lr`` the base
+learning rate by default).
 
 Cost. The paper runs the MLP on every one of the P gradient entries (P x sum(hidden) floats of
 activations, several plain steps of compute). A ReLU MLP of one scalar is a continuous
@@ -255,7 +256,7 @@ def amplify_gradients(
     path: str = "auto",
     chunk_size: int | None = _CHUNK,
 ) -> list[Tensor]:
-    """G_phi of SPEC section 2 for each tensor; new tensors, the inputs are not changed.
+    """G_phi (docs/methods.md) for each tensor; new tensors, the inputs are not changed.
 
     ``f = amplifier(g)`` elementwise, ``w = exp(f - max f)`` and ``c * w*g / (||w*g|| + eps)``,
     in the wider of fp32 and the amplifier's dtype, returned in each gradient's dtype. An
