@@ -1,13 +1,14 @@
 """NeuralGrok: a learned per-element gain on the gradient, trained by a one-step lookahead.
 
-SPEC section 2. For each gradient tensor ``g`` the amplifier (a small MLP on one scalar)
-gives ``f = MLP(g)`` elementwise; the transform is
+The method is described in docs/methods.md. For each gradient tensor ``g`` the amplifier
+(a small MLP on one scalar) gives ``f = MLP(g)`` elementwise; the transform is
 
     G_phi(g) = c * (w * g) / (||w * g|| + eps),    w = exp(f - max f)
 
 (``w`` is the softmax of ``f`` without its normaliser, which the renormalisation cancels).
 The amplifier is trained every ``meta_every`` steps on a held-out batch by the exact gradient
-of the outer loss at the lookahead parameters ``theta - lr * G_phi(g_hat)``.
+of the outer loss at the lookahead parameters ``theta - lr * G_phi(g_hat)`` (``lr`` the base
+learning rate by default).
 
 Cost. The paper runs the MLP on every one of the P gradient entries (P x sum(hidden) floats of
 activations, several plain steps of compute). A ReLU MLP of one scalar is a continuous
@@ -23,8 +24,9 @@ chunks (exact, memory O(chunk x hidden), compute O(P x hidden^2)).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +40,7 @@ __all__ = ["AmplifiedOptimizer", "amplify_gradients", "make_amplifier"]
 
 _PATHS = ("auto", "pwl", "exact")
 _G_HAT = ("recompute", "last")
+_LOOKAHEAD_LR = ("base", "scheduled")
 _CHUNK = 1 << 18
 
 Forward = Callable[..., Any]
@@ -253,7 +256,7 @@ def amplify_gradients(
     path: str = "auto",
     chunk_size: int | None = _CHUNK,
 ) -> list[Tensor]:
-    """G_phi of SPEC section 2 for each tensor; new tensors, the inputs are not changed.
+    """G_phi (docs/methods.md) for each tensor; new tensors, the inputs are not changed.
 
     ``f = amplifier(g)`` elementwise, ``w = exp(f - max f)`` and ``c * w*g / (||w*g|| + eps)``,
     in the wider of fp32 and the amplifier's dtype, returned in each gradient's dtype. An
@@ -587,17 +590,55 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+_BufferSnapshot = list[tuple[nn.Module, str, Tensor | None, Tensor | None]]
+
+
+def _snapshot_buffers(module: nn.Module) -> _BufferSnapshot:
+    """Every buffer of ``module``: its owner, name, object and a copy of its value.
+
+    A meta-step's forwards must not count as training: in train mode BatchNorm would move
+    its running statistics and ``num_batches_tracked`` on each of them.
+    """
+    return [(m, name, b, None if b is None else b.clone())
+            for m in module.modules() for name, b in m._buffers.items()]
+
+
+def _restore_buffers(saved: _BufferSnapshot) -> None:
+    """Put the buffers back as :func:`_snapshot_buffers` found them, object and bits. Only
+    those that changed are written, so a buffer that some graph saved for backward (BatchNorm's
+    running statistics in eval mode) keeps its version counter and that graph stays usable."""
+    with torch.no_grad():
+        for m, name, b, copy in saved:
+            if m._buffers.get(name) is not b:  # a module may rebind a buffer, not update it
+                m._buffers[name] = b
+            if b is not None and copy is not None and not torch.equal(b, copy):
+                b.copy_(copy)
+
+
+@contextlib.contextmanager
+def _buffers_restored(module: nn.Module) -> Iterator[None]:
+    saved = _snapshot_buffers(module)
+    try:
+        yield
+    finally:
+        _restore_buffers(saved)
+
+
 class AmplifiedOptimizer(GradientTransform):
     """NeuralGrok: step on amplified gradients G_phi(g); learn the amplifier by meta-steps.
 
     ``step()`` replaces every gradient by G_phi(g) (no autograd graph) and steps the inner
     optimizer. :meth:`meta_step` (or :meth:`maybe_meta_step`, every ``meta_every`` steps)
     trains the amplifier on a held-out batch: it evaluates the model at the lookahead
-    parameters ``theta - lr * G_phi(g_hat)`` (``lr`` of each parameter's group, plain SGD)
-    through :func:`torch.func.functional_call`, so the module's own parameters are untouched,
-    and steps the meta-optimizer with the exact gradient of that outer loss w.r.t. the
-    amplifier's weights. Under DDP the hypergradient (and a recomputed g_hat) is averaged
-    across ranks here, since ``autograd.grad`` bypasses DDP's own averaging. With sharded
+    parameters ``theta - lr * G_phi(g_hat)`` (plain SGD: no clip, no weight decay; ``lr``
+    as chosen by ``lookahead_lr``) through :func:`torch.func.functional_call`, so the
+    module's own parameters are untouched, and steps the meta-optimizer with the exact
+    gradient of that outer loss w.r.t. the amplifier's weights. The meta-step's forwards run
+    in the module's current mode (in train mode BatchNorm normalises with the batch's
+    statistics) but leave every buffer as it was, bit for bit: running statistics and
+    ``num_batches_tracked`` move only in training steps. Under DDP the hypergradient (and a
+    recomputed g_hat) is averaged across ranks here, since ``autograd.grad`` bypasses DDP's
+    own averaging. With sharded
     (FSDP2) parameters the meta-step instead writes the lookahead into the shards, runs the
     module's own forward and backward there, restores the parameters and their ``.grad``
     exactly, and forms the hypergradient as a vector-Jacobian product reduced across shards
@@ -625,11 +666,36 @@ class AmplifiedOptimizer(GradientTransform):
         meta_optimizer: an optimizer over exactly the amplifier's parameters.
         meta_every: :meth:`maybe_meta_step` runs a meta-step every this many steps (>= 1).
         g_hat: ``"recompute"`` or ``"last"`` (above).
+        lookahead_lr: the lookahead's step size. ``"base"`` (the reference's): each group's
+            ``initial_lr`` where an LR scheduler has set one, else its ``lr``, so a warmup
+            or decay leaves the meta-objective alone (a schedule that decays to 0 would
+            otherwise switch the meta-step off). ``"scheduled"``: the group's current ``lr``.
         eps: added to each tensor's norm (>= 0).
         path: ``"auto"``, ``"pwl"`` or ``"exact"`` (see :func:`amplify_gradients`).
         chunk_size: entries per chunk of the no-grad transform (None: all at once).
         max_grad_norm: if set, clip the amplified gradients to this global norm before the
             inner step (the reference pipeline uses 1.0). Not applied in the lookahead.
+
+    Defaults and the paper's pipeline. The paper trains with G_phi, then a clip to global
+    norm 1.0, then Adam(lr 1e-3, betas (0.9, 0.98), weight_decay 1e-3 as coupled L2), an
+    amplifier (128, 128), c = 1.0, a meta-step every 4 steps (its mod-97 tasks) with
+    Adam(lr 1e-4, betas (0.9, 0.98), weight_decay 1e-3), g_hat recomputed and the lookahead
+    at the base lr. The defaults here are the same, except:
+
+    - ``max_grad_norm=None``: no clip. The clip belongs to the paper's training pipeline,
+      not to the method, and on its own it changes how fast even a plain baseline groks;
+      a wrapper should not add it to someone else's optimizer unasked.
+    - ``eps=1e-12`` in each norm, where the paper has none: it matters only for a tensor
+      whose gradient is (nearly) all zero, which the paper turns into NaN.
+    - the inner optimizer is yours (the paper's is ``torch.optim.Adam`` with coupled
+      ``weight_decay``, not AdamW).
+
+    ``c`` is the paper's 1.0; the authors' later code uses 0.2 (values in [0.2, 1] behave
+    alike). With the clip on, ``c`` hardly reaches the training step (whenever
+    ``c * sqrt(number of tensors) >= 1`` the clip scales the total back to norm 1) but it
+    still sets the lookahead's length. ``meta_every=4`` and ``hidden=(128, 128)`` are the
+    paper's values for its mod-97 tasks (its mod-7 task uses 1 and ``(1152,)``). The
+    meta-optimizer's weight decay, 1e-3, is the paper's. See docs/methods.md.
 
     Example:
         >>> import torch
@@ -648,6 +714,13 @@ class AmplifiedOptimizer(GradientTransform):
         ...                             inner_loss=lambda fwd: mse(fwd(x), y))
         >>> opt.meta_steps, round(model.weight.grad.norm().item(), 4)
         (2, 1.0)
+
+        The paper's pipeline (up to ``eps``, above; call ``maybe_meta_step`` after each step
+        with the step's batch as ``inner_loss`` and the held-out split as ``outer_loss``):
+
+        >>> paper = AmplifiedOptimizer(
+        ...     torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=1e-3),
+        ...     hidden=(128, 128), c=1.0, meta_every=4, meta_lr=1e-4, max_grad_norm=1.0)
     """
 
     _prefix = "neuralgrok_"
@@ -663,6 +736,7 @@ class AmplifiedOptimizer(GradientTransform):
         meta_optimizer: Optimizer | None = None,
         meta_every: int = 4,
         g_hat: str = "recompute",
+        lookahead_lr: str = "base",
         eps: float = 1e-12,
         path: str = "auto",
         chunk_size: int | None = _CHUNK,
@@ -674,6 +748,8 @@ class AmplifiedOptimizer(GradientTransform):
             raise ValueError(f"meta_every must be an int >= 1, got {meta_every!r}")
         if g_hat not in _G_HAT:
             raise ValueError(f"g_hat must be one of {_G_HAT}, got {g_hat!r}")
+        if not isinstance(lookahead_lr, str) or lookahead_lr not in _LOOKAHEAD_LR:
+            raise ValueError(f"lookahead_lr must be one of {_LOOKAHEAD_LR}, got {lookahead_lr!r}")
         if path not in _PATHS:
             raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -717,6 +793,7 @@ class AmplifiedOptimizer(GradientTransform):
         self.meta_optimizer = meta_optimizer
         self.meta_every = meta_every
         self.g_hat = g_hat
+        self.lookahead_lr = lookahead_lr
         self.eps = eps
         self.path = path
         self.chunk_size = chunk_size
@@ -776,7 +853,9 @@ class AmplifiedOptimizer(GradientTransform):
     ) -> Tensor:
         """The outer loss at the one-step lookahead, differentiable in the amplifier only.
 
-        Nothing is changed: not the model, not the amplifier, not the optimizers.
+        Nothing is changed: not the model (its buffers included: in train mode BatchNorm
+        normalises with the batch's statistics but its running statistics stay put), not the
+        amplifier, not the optimizers.
 
         Args:
             model: the module whose parameters this optimizer updates (a DDP wrapper is
@@ -843,7 +922,7 @@ class AmplifiedOptimizer(GradientTransform):
         inner_loss: Callable[[Forward], Tensor] | None,
     ) -> Tensor:
         if inner_loss is not None:
-            with torch.enable_grad():
+            with torch.enable_grad(), _buffers_restored(module):
                 loss_in = inner_loss(module)
                 _check_scalar("inner_loss", loss_in)
                 found = torch.autograd.grad(
@@ -863,9 +942,11 @@ class AmplifiedOptimizer(GradientTransform):
             )
             params = {n: p.detach() for n, p in module.named_parameters()}
             for (p, group, _), step in zip(chosen, moved):
-                lr = group["lr"]
-                lr = lr.detach() if isinstance(lr, Tensor) else lr
+                lr = self._lookahead_step_size(group)
                 params[names[id(p)]] = (p.detach() - lr * step).to(p.dtype)
+            # The forwards update copies of the buffers, never the module's own: restoring
+            # those afterwards would bump the version of tensors this graph saved.
+            params.update((n, b.clone()) for n, b in module.named_buffers())
 
             def forward(*args: Any, **kwargs: Any) -> Any:
                 return torch.func.functional_call(module, params, args, kwargs)
@@ -873,6 +954,13 @@ class AmplifiedOptimizer(GradientTransform):
             loss = outer_loss(forward)
             _check_scalar("outer_loss", loss)
         return loss
+
+    def _lookahead_step_size(self, group: dict[str, Any]) -> float | Tensor:
+        if self.lookahead_lr == "base":
+            lr = group.get("initial_lr", group["lr"])  # set by torch's LR schedulers
+        else:
+            lr = group["lr"]
+        return lr.detach() if isinstance(lr, Tensor) else lr
 
     def meta_step(
         self,
@@ -927,10 +1015,11 @@ class AmplifiedOptimizer(GradientTransform):
         reference's mean over the combined batch), the parameters are restored exactly, and
         :func:`_amplify_vjp_sharded` does the product with cross-shard reductions.
         g_hat is recomputed the same way (one ordinary backward). Every parameter's
-        ``.grad`` is put back as it was.
+        ``.grad`` and every buffer are put back as they were.
         """
         params = [p for p, _ in entries]
         saved = [p.grad for p in params]
+        buffers = _snapshot_buffers(module)  # unsharded: each rank keeps its own copy
         originals: list[tuple[Tensor, Tensor]] = []
         try:
             for p in params:
@@ -950,8 +1039,7 @@ class AmplifiedOptimizer(GradientTransform):
                 g_hats = [self.state.get(p, {}).get("last_grad") for p in params]
             chosen = [(p, group, g) for (p, group), g in zip(entries, g_hats) if g is not None]
             cs = [group["neuralgrok_c"] for _, group, _ in chosen]
-            lrs = [group["lr"].detach() if isinstance(group["lr"], Tensor) else group["lr"]
-                   for _, group, _ in chosen]
+            lrs = [self._lookahead_step_size(group) for _, group, _ in chosen]
             g_list = [g for _, _, g in chosen]
             with torch.no_grad():
                 moved = amplify_gradients(g_list, self.amplifier, c=cs, eps=self.eps,
@@ -973,6 +1061,7 @@ class AmplifiedOptimizer(GradientTransform):
                     local.copy_(original)
             for p, g in zip(params, saved):
                 p.grad = g
+            _restore_buffers(buffers)
         plan = _piecewise_plan(self.amplifier) if self.path != "exact" else None
         upstream = [g * -lr for g, lr in zip(outer_grads, lrs)]
         grads = _amplify_vjp_sharded(g_list, upstream, self.amplifier, cs, self.eps, plan,
@@ -1076,7 +1165,7 @@ class AmplifiedOptimizer(GradientTransform):
         base = super().__repr__()
         head, _, rest = base.partition(",\n")
         return (f"{head}, meta_every={self.meta_every}, g_hat={self.g_hat!r}, "
-                f"path={self.path!r},\n{rest}")
+                f"lookahead_lr={self.lookahead_lr!r}, path={self.path!r},\n{rest}")
 
 
 def _check_scalar(name: str, loss: Any) -> None:

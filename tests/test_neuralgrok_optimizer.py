@@ -45,9 +45,10 @@ def losses(batch, outer):
 # ---------------------------------------------------------------- step
 
 
+@pytest.mark.parametrize("c", [0.2, 1.0])
 @pytest.mark.parametrize("path", ["pwl", "exact"])
-def test_step_is_inner_optimizer_on_amplified_gradients(path):
-    model, opt = setup(path=path, eps=0.0)  # the reference normalises w first: eps would differ
+def test_step_is_inner_optimizer_on_amplified_gradients(path, c):
+    model, opt = setup(path=path, eps=0.0, c=c)  # the reference normalises w first: eps would differ
     ref = copy.deepcopy(model)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3)
     amp = copy.deepcopy(opt.amplifier)
@@ -60,7 +61,7 @@ def test_step_is_inner_optimizer_on_amplified_gradients(path):
             for p in ref.parameters():  # SPEC 2 per tensor, written out
                 f = amp(p.grad.reshape(-1, 1)).reshape(p.shape)
                 u = torch.softmax(f.reshape(-1), 0).reshape(p.shape) * p.grad
-                p.grad.copy_(u / u.norm())
+                p.grad.copy_(c * u / u.norm())
         ref_opt.step()
     # Per step the amplified gradients agree to ~10 ulp of their O(1) entries (fp64, see
     # test_neuralgrok.py); 3 steps of lr 0.3 keep the parameters within 1e-12 of each other.
@@ -145,28 +146,206 @@ def test_hypergradient_matches_central_finite_differences(g_hat, path):
         torch.testing.assert_close(a, numeric, rtol=1e-6, atol=1e-9)
 
 
-def test_meta_loss_is_outer_loss_at_the_lookahead_and_touches_nothing():
-    model, opt = setup(g_hat="last", path="pwl")
-    batches = make_batches(2, dtype=F64)
-    one_step(model, opt, batches[0])
-    g_hat = [opt.state[p]["last_grad"].clone() for p in model.parameters()]
-    before = [p.detach().clone() for p in model.parameters()]
-    grads_before = [p.grad.clone() for p in model.parameters()]
-    amp_before = copy.deepcopy(opt.amplifier.state_dict())
-    outer, _ = losses(batches[0], batches[1])
-    loss = opt.meta_loss(model, outer)
-    with torch.no_grad():
-        moved = amplify_gradients(g_hat, opt.amplifier)
-        ahead = copy.deepcopy(model)
-        for p, step in zip(ahead.parameters(), moved):
-            p -= 0.3 * step
-        expected = outer(ahead)
+# ---------------------------------------------------------------- meta-step: a written-out reference
+
+
+META_LR = 1e-2
+
+
+def bn_model(seed=0):
+    torch.manual_seed(seed)
+    # BatchNorm after the Tanh: right after a Linear it would cancel that layer's bias, whose
+    # gradient would be rounding noise with an arbitrary normalised direction.
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.BatchNorm1d(8), nn.Linear(8, 3)).to(F64)
+
+
+NETS = {"mlp": model64, "batchnorm": bn_model}
+
+
+def written_out(model, params, x):
+    """The model's forward by hand from ``params`` (name -> tensor): Linear, Tanh, and
+    BatchNorm1d with the batch's statistics in train mode, the running ones in eval mode."""
+    h = x
+    for i, layer in enumerate(model):
+        if isinstance(layer, nn.Linear):
+            h = h @ params[f"{i}.weight"].T + params[f"{i}.bias"]
+        elif isinstance(layer, nn.Tanh):
+            h = torch.tanh(h)
+        elif isinstance(layer, nn.BatchNorm1d):
+            if layer.training:
+                mean, var = h.mean(0), h.var(0, unbiased=False)
+            else:
+                mean, var = layer.running_mean, layer.running_var
+            h = (h - mean) / torch.sqrt(var + layer.eps) * params[f"{i}.weight"] + params[f"{i}.bias"]
+        else:
+            raise AssertionError(type(layer))
+    return h
+
+
+def reference_g_hat(model, batch):
+    """The raw gradient of the batch's MSE at the model's current parameters."""
+    x, y = batch
+    params = dict(model.named_parameters())
+    loss = mse(written_out(model, params, x), y)
+    return [g.detach() for g in torch.autograd.grad(loss, list(params.values()))]
+
+
+def reference_meta_loss(model, amp, g_hats, lr, c, outer_batch):
+    """The lookahead as the paper writes it, theta' = theta - lr * c * u / ||u|| with
+    u = softmax(amp(g)) * g per tensor, then the outer MSE of the hand-written forward at
+    theta'; differentiable in ``amp``."""
+    ahead = {}
+    for (name, p), g in zip(model.named_parameters(), g_hats):
+        f = amp(g.reshape(-1, 1)).reshape(-1)
+        u = torch.softmax(f, 0) * g.reshape(-1)
+        ahead[name] = p.detach() - lr * (c * u / u.norm()).view(p.shape)
+    xo, yo = outer_batch
+    return mse(written_out(model, ahead, xo), yo)
+
+
+def build(model, *, c=1.0, g_hat="recompute", path="exact", dtype=F64, device="cpu", **kw):
+    """SGD(lr 0.3) inside; an SGD meta-optimizer, so a meta-step moves the amplifier by
+    exactly -META_LR * hypergradient; eps=0 as in the reference."""
+    torch.manual_seed(100)
+    amp = make_amplifier((6, 6), dtype=dtype, device=device)
+    return AmplifiedOptimizer(torch.optim.SGD(model.parameters(), lr=0.3), amplifier=amp,
+                              meta_optimizer=torch.optim.SGD(amp.parameters(), lr=META_LR),
+                              c=c, g_hat=g_hat, path=path, eps=0.0, **kw)
+
+
+def train_steps(model, opt, batches):
+    """Training steps; returns the raw gradient of the last one (what g_hat='last' keeps)."""
+    for batch in batches:
+        raw = reference_g_hat(model, batch)
+        one_step(model, opt, batch)
+    return raw
+
+
+def model_state(model):
+    return ([p.detach().clone() for p in model.parameters()],
+            [p.grad.clone() for p in model.parameters()],
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+def assert_model_unchanged(model, state):
+    params, grads, buffers = state
+    for p, before, grad in zip(model.parameters(), params, grads):
+        assert torch.equal(p, before) and torch.equal(p.grad, grad)
+    now = dict(model.named_buffers())
+    assert now.keys() == buffers.keys()
+    for name, before in buffers.items():
+        assert now[name].dtype == before.dtype and torch.equal(now[name], before), name
+
+
+def assert_hypergradients_close(got, expected):
+    # fp64. The two sides sum the same terms in another order (~1e-16 of the terms); the
+    # last bias's true hypergradient is 0 (f - max f cancels it), where both give only
+    # rounding noise: compare on the scale of the whole. A wrong lr or c is off by O(1).
+    scale = max(e.abs().max().item() for e in expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12 * scale)
+
+
+def assert_meta_sgd_step(before, after, expected_grad):
+    # The SGD meta-step's result, to a few ulps of the weights (O(0.1)) plus META_LR times
+    # the hypergradients' own tolerance; a wrong lr or c moves it by ~META_LR * 1e-4.
+    scale = max(e.abs().max().item() for e in expected_grad)
+    for a, q, e in zip(before.parameters(), after.parameters(), expected_grad):
+        torch.testing.assert_close(q.detach(), (a - META_LR * e).detach(), rtol=1e-13,
+                                   atol=META_LR * 1e-12 * scale)
+
+
+@pytest.mark.parametrize("path", ["exact", "pwl"])
+@pytest.mark.parametrize("g_hat", ["recompute", "last"])
+@pytest.mark.parametrize("c", [0.2, 1.0])
+@pytest.mark.parametrize("net, mode", [("mlp", "train"), ("batchnorm", "train"), ("batchnorm", "eval")])
+def test_meta_loss_and_meta_step_equal_a_written_out_reference(net, mode, c, g_hat, path):
+    """meta_loss's value and hypergradient, and meta_step's update, equal the lookahead
+    written out by hand (at c, the group's lr and g_hat), and neither call changes the model:
+    parameters, .grad and every buffer (BatchNorm's running statistics and
+    num_batches_tracked, which its train-mode forwards would move) stay bit-identical."""
+    model = NETS[net]()
+    opt = build(model, c=c, g_hat=g_hat, path=path)
+    batches = make_batches(3, dtype=F64)
+    raw = train_steps(model, opt, batches[:2])
+    model.train(mode == "train")
+    outer, inner = losses(batches[1], batches[2])
+    inner = inner if g_hat == "recompute" else None
+    g_hats = reference_g_hat(model, batches[1]) if g_hat == "recompute" else raw
+    amp = copy.deepcopy(opt.amplifier)
+    expected = reference_meta_loss(model, amp, g_hats, 0.3, c, batches[2])
+    expected_grad = torch.autograd.grad(expected, list(amp.parameters()))
+
+    before = model_state(model)
+    loss = opt.meta_loss(model, outer, inner)
+    assert_model_unchanged(model, before)
+    assert all(torch.equal(a, q) for a, q in zip(amp.parameters(), opt.amplifier.parameters()))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
-    for p, b, g in zip(model.parameters(), before, grads_before):
-        assert torch.equal(p, b) and torch.equal(p.grad, g)
-    for k, v in opt.amplifier.state_dict().items():
-        assert torch.equal(v, amp_before[k])
+    assert_hypergradients_close(torch.autograd.grad(loss, list(opt.amplifier.parameters())), expected_grad)
     assert opt.meta_steps == 0
+
+    stepped = opt.meta_step(model, outer, inner)
+    assert_model_unchanged(model, before)
+    assert stepped.item() == loss.item()
+    assert_meta_sgd_step(amp, opt.amplifier, expected_grad)
+    assert opt.meta_steps == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [F64, torch.float32])  # fp32: cuDNN's BatchNorm
+def test_meta_step_on_cuda_equals_the_reference_and_keeps_the_buffers(dtype):
+    """The reference test's BatchNorm cases on CUDA (c = 0.2). fp32 tolerance: both sides
+    round each of a few hundred terms by 6e-8, so 1e-4 of the scale leaves a wide margin,
+    while a lookahead without c is off by O(1)."""
+    tol = 1e-12 if dtype == F64 else 1e-4
+    for mode, g_hat in [("train", "recompute"), ("train", "last"), ("eval", "recompute"), ("eval", "last")]:
+        model = bn_model().to("cuda", dtype)
+        opt = build(model, c=0.2, g_hat=g_hat, dtype=dtype, device="cuda")
+        batches = [(x.to("cuda", dtype), y.to("cuda", dtype)) for x, y in make_batches(3, dtype=F64)]
+        raw = train_steps(model, opt, batches[:2])
+        model.train(mode == "train")
+        outer, inner = losses(batches[1], batches[2])
+        inner = inner if g_hat == "recompute" else None
+        g_hats = reference_g_hat(model, batches[1]) if g_hat == "recompute" else raw
+        amp = copy.deepcopy(opt.amplifier)
+        expected = reference_meta_loss(model, amp, g_hats, 0.3, 0.2, batches[2])
+        expected_grad = torch.autograd.grad(expected, list(amp.parameters()))
+        before = model_state(model)
+        loss = opt.meta_loss(model, outer, inner)
+        got = torch.autograd.grad(loss, list(opt.amplifier.parameters()))
+        opt.meta_step(model, outer, inner)
+        assert_model_unchanged(model, before)
+        assert loss.item() == pytest.approx(expected.item(), rel=tol)
+        scale = max(e.abs().max().item() for e in expected_grad)
+        for g, e in zip(got, expected_grad):
+            torch.testing.assert_close(g, e, rtol=0, atol=tol * scale)
+
+
+@pytest.mark.parametrize("scheduled_on", ["wrapper", "inner optimizer"])
+@pytest.mark.parametrize("lookahead_lr", ["base", "scheduled"])
+@pytest.mark.parametrize("c", [0.2, 1.0])
+def test_lookahead_lr_under_a_linear_warmup(c, lookahead_lr, scheduled_on):
+    """A LinearLR warmup moves the group's lr to base * (0.1 + 0.9 k / 10) after k steps.
+    The lookahead steps with the base lr (the scheduler's initial_lr) by default, with the
+    scheduled one on request; either way the hypergradient is the reference's at that lr."""
+    model = model64()
+    opt = build(model, c=c, lookahead_lr=lookahead_lr)
+    target = opt if scheduled_on == "wrapper" else opt.optimizer
+    schedule = torch.optim.lr_scheduler.LinearLR(target, start_factor=0.1, total_iters=10)
+    batches = make_batches(3, dtype=F64)
+    for batch in batches[:2]:
+        one_step(model, opt, batch)
+        schedule.step()
+    scheduled = 0.3 * (0.1 + 0.9 * 2 / 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(scheduled, rel=1e-12)
+    lr = 0.3 if lookahead_lr == "base" else scheduled
+    outer, inner = losses(batches[1], batches[2])
+    amp = copy.deepcopy(opt.amplifier)
+    expected = reference_meta_loss(model, amp, reference_g_hat(model, batches[1]), lr, c, batches[2])
+    expected_grad = torch.autograd.grad(expected, list(amp.parameters()))
+    loss = opt.meta_step(model, outer, inner)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert_meta_sgd_step(amp, opt.amplifier, expected_grad)
 
 
 def test_meta_steps_lower_the_outer_loss_on_a_toy_problem():
@@ -305,6 +484,8 @@ def test_bad_state_dict_is_rejected_and_changes_nothing():
     (dict(c=0.0), "c must be"), (dict(c=-1.0), "c must be"), (dict(c=float("nan")), "c must be"),
     (dict(c=True), "c must be"), (dict(meta_every=0), "meta_every"), (dict(meta_every=1.5), "meta_every"),
     (dict(meta_every=True), "meta_every"), (dict(g_hat="fresh"), "g_hat"), (dict(path="fast"), "path"),
+    (dict(lookahead_lr="initial"), r"lookahead_lr must be one of \('base', 'scheduled'\), got 'initial'"),
+    (dict(lookahead_lr=None), "lookahead_lr must be one of"),
     (dict(meta_lr=0.0), "meta_lr"), (dict(eps=-1.0), "eps"), (dict(chunk_size=0), "chunk_size"),
     (dict(hidden=(0,)), "hidden"), (dict(amplifier=nn.Linear(1, 2)), "amplifier"),
     (dict(amplifier=nn.Linear(2, 1)), "amplifier"), (dict(amplifier="mlp"), "amplifier"),
@@ -382,17 +563,20 @@ def test_invalid_group_c_is_rejected_at_step_before_any_change():
         assert torch.equal(p, b) and torch.equal(p.grad, g)
 
 
-def test_maybe_meta_step_runs_every_meta_every_steps_once():
-    model, opt = setup(g_hat="last", path="pwl", meta_every=3)
+@pytest.mark.parametrize("g_hat", ["recompute", "last"])
+@pytest.mark.parametrize("meta_every", [1, 3])
+def test_maybe_meta_step_runs_every_meta_every_steps_once(meta_every, g_hat):
+    model, opt = setup(g_hat=g_hat, path="pwl", meta_every=meta_every)
     batches = make_batches(7, dtype=F64)
-    outer = losses(batches[0], batches[1])[0]
     ran = []
     for batch in batches:
         one_step(model, opt, batch)
-        ran.append(opt.maybe_meta_step(model, outer) is not None)
-        assert opt.maybe_meta_step(model, outer) is None  # never twice for one step
-    assert ran == [False, False, True, False, False, True, False]
-    assert opt.meta_steps == 2
+        outer, inner = losses(batch, batches[0])
+        inner = inner if g_hat == "recompute" else None
+        ran.append(opt.maybe_meta_step(model, outer, inner) is not None)
+        assert opt.maybe_meta_step(model, outer, inner) is None  # never twice for one step
+    assert ran == [step % meta_every == 0 for step in range(1, 8)]
+    assert opt.meta_steps == 7 // meta_every
 
 
 def test_default_amplifier_is_the_papers_mlp_on_the_parameters_device_in_fp32():
@@ -405,4 +589,4 @@ def test_default_amplifier_is_the_papers_mlp_on_the_parameters_device_in_fp32():
     meta = opt.meta_optimizer
     assert isinstance(meta, torch.optim.Adam)
     assert (meta.defaults["lr"], meta.defaults["betas"], meta.defaults["weight_decay"]) == (1e-4, (0.9, 0.98), 1e-3)
-    assert "meta_every=4" in repr(opt)
+    assert "meta_every=4" in repr(opt) and "lookahead_lr='base'" in repr(opt)
