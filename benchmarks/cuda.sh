@@ -8,7 +8,7 @@
 #    this checkout through PYTHONPATH (nothing is installed). The peers benchmarked against
 #    (pytorch_optimizer, grokfast-pytorch) are installed from wheels in .whl/ into a scratch
 #    folder when they are missing (no index is contacted).
-# 3. Runs the CUDA tests (`-m cuda`), the whole test suite under this torch, and every
+# 3. Runs the CUDA tests (`-m cuda`: every test marked cuda), the whole test suite under this torch, and every
 #    benchmark on the GPU, each under a time limit (the whole script: about 8 minutes at most).
 # 4. Writes into RESULTS_DIR: grokfast-cuda.json, peers-cuda.json (pytest-benchmark, with the
 #    GPU's name in machine_info.grokopt), cuda-tests.log, suite-cuda.log and cuda-summary.txt.
@@ -40,7 +40,7 @@ PY
 status=0
 
 echo "== CUDA tests"
-timeout 180 "$py" -m pytest -p no:cacheprovider -m cuda -rs tests/test_cuda.py 2>&1 | tee "$results/cuda-tests.log"
+timeout 180 "$py" -m pytest -p no:cacheprovider -m cuda -rs tests 2>&1 | tee "$results/cuda-tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmarks on the GPU"

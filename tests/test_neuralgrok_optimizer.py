@@ -291,6 +291,7 @@ def test_meta_loss_and_meta_step_equal_a_written_out_reference(net, mode, c, g_h
     assert opt.meta_steps == 1
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [F64, torch.float32])  # fp32: cuDNN's BatchNorm
 def test_meta_step_on_cuda_equals_the_reference_and_keeps_the_buffers(dtype):
