@@ -324,10 +324,13 @@ def _check_set(parser: argparse.ArgumentParser, cfg: Any, overrides: dict[str, A
                     names.update(s.params[c])
                     names.update(f"{c}.{k}" for k in s.params[c])
             parser.error(f"argument --set: {key}={value!r} sets nothing in any arm of "
-                         f"{cfg.name!r} ({', '.join(cfg.methods)}); allowed: {', '.join(sorted(names))}")
+                         f"{cfg.name!r} ({', '.join(cfg.methods)}); allowed: "
+                         f"{', '.join(sorted(names))}")
         try:
             check_config(dataclasses.replace(cfg, methods=tuple(arms), overrides={key: value}))
         except (ValueError, TypeError) as exc:
+            if not str(exc).startswith(("methods: ", "overrides: ")):
+                raise  # not this key's fault (a model argument, say): reported by its flag
             reason = exc.__cause__ if isinstance(exc.__cause__, (ValueError, TypeError)) else exc
             text = " ".join(str(reason).split())
             parser.error(f"argument --set: {key}={value!r}: {text.removeprefix('overrides: ')}")

@@ -567,6 +567,16 @@ def test_set_errors_name_the_key_not_an_arm(tmp_path, capsys) -> None:
     assert "error: argument --set: lamb=-2: lamb must be >= 0, got -2" in err
 
 
+def test_a_bad_model_argument_is_not_blamed_on_set(tmp_path, capsys) -> None:
+    from grokopt.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["race", *_TINY_ARGS, "--set", "lamb=3", "--model-kw", "dimm=1",
+              "--out", str(tmp_path / "o")])
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert line.startswith("grokopt race: error: argument --model-kw: ") and "dimm" in line
+
+
 def test_bad_argument_from_the_console_has_no_traceback(tmp_path) -> None:
     import subprocess
     import sys
