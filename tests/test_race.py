@@ -664,6 +664,20 @@ def test_no_progress_prints_log_lines_while_it_runs(capsys) -> None:
                for chunk in seen_so_far)
 
 
+def test_race_into_a_pipe_logs_lines_instead_of_bars(tmp_path, capsys) -> None:
+    from grokopt.cli import main
+
+    # capsys is no terminal, like a pipe or a CI log: status lines, no --no-progress needed.
+    assert main(["race", *_TINY_ARGS, "--methods", "baseline", "--log-every", "0",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "results.json").read_text())
+    c = data["runs"][0]["curve"]
+    assert c["step"] == [0, 2, 4]
+    assert f"] baseline s0: step 2/4  train {c['train_acc'][1]:.3f}  val {c['val_acc'][1]:.3f}\n" \
+        in out
+
+
 def test_log_lines_are_periodic_and_mark_thresholds(capsys) -> None:
     cfg = RaceConfig(**{**TINY, "steps": 40, "eval_every": 4}, methods=("baseline",),
                      thresholds=(0.05, 0.99), stop_at_threshold=False)
