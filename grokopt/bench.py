@@ -432,7 +432,14 @@ def _measure_memory(make: Callable[[], _Trainer], n_steps: int, device: torch.de
     return peak, retained
 
 
+def _trial(trainer: _Trainer, n_steps: int) -> None:
+    for _ in range(n_steps):
+        trainer.step()
+
+
 def _quartiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    if not samples:
+        return math.nan, math.nan, math.nan
     if len(samples) == 1:
         return samples[0], samples[0], samples[0]
     q1, med, q3 = statistics.quantiles(samples, n=4, method="inclusive")
@@ -480,7 +487,8 @@ def _environment(device: torch.device) -> dict[str, Any]:
 @dataclass
 class MethodResult:
     """One method's numbers: per-repetition seconds per step, their median and quartiles,
-    peak and retained memory, and the ratios to the plain step.
+    peak and retained memory, and the ratios to the plain step; or, for a method that cannot
+    apply to the model, ``not_applicable`` (the reason) and no numbers.
 
     Example:
         >>> r = MethodResult("grokfast", ("grokfast",), [0.1, 0.2, 0.3, 0.4, 0.5])
@@ -495,6 +503,7 @@ class MethodResult:
     retained_bytes: int | None = None
     time_ratio: float = math.nan
     memory_ratio: float | None = None
+    not_applicable: str | None = None
     q1_s: float = field(init=False)
     median_s: float = field(init=False)
     q3_s: float = field(init=False)
@@ -503,6 +512,12 @@ class MethodResult:
     def __post_init__(self) -> None:
         self.q1_s, self.median_s, self.q3_s = _quartiles(self.seconds_per_step)
         self.iqr_s = self.q3_s - self.q1_s
+
+
+def _json_row(m: MethodResult) -> dict[str, Any]:
+    row = {**asdict(m), "components": list(m.components)}
+    # NaN is not JSON: a method without numbers (not applicable) has null ones.
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
 @dataclass
@@ -538,7 +553,7 @@ class BenchResult:
             "config": self.config,
             "environment": self.environment,
             "memory_method": self.memory_method,
-            "methods": [{**asdict(m), "components": list(m.components)} for m in self.methods],
+            "methods": [_json_row(m) for m in self.methods],
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -552,6 +567,9 @@ class BenchResult:
     def _rows(self) -> list[list[str]]:
         rows = []
         for m in self.methods:
+            if m.not_applicable is not None:
+                rows.append([m.method, "-", "-", "not applicable", "-", "-"])
+                continue
             mem = "-" if m.peak_bytes is None else f"{m.peak_bytes / 2**20:.1f}"
             mem_ratio = "-" if m.memory_ratio is None else f"{m.memory_ratio:.2f}x"
             rows.append([m.method, f"{1e3 * m.median_s:.2f}", f"{1e3 * m.iqr_s:.2f}",
@@ -583,13 +601,19 @@ class BenchResult:
         lines = [self.title()]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        lines += self._reasons()
         return "\n".join(lines)
+
+    def _reasons(self) -> list[str]:
+        return [f"{m.method}: not applicable: {m.not_applicable}" for m in self.methods
+                if m.not_applicable is not None]
 
     def rich_table(self) -> Any:
         """The results as a ``rich.table.Table`` (needs the ``[race]`` extra)."""
         from rich.table import Table
 
-        table = Table(title=self.title(), caption=f"peak memory: {self.memory_method}")
+        caption = "\n".join([f"peak memory: {self.memory_method}", *self._reasons()])
+        table = Table(title=self.title(), caption=caption, caption_justify="left")
         for i, h in enumerate(self._HEADER):
             table.add_column(h, justify="left" if i == 0 else "right")
         for r in self._rows():
@@ -628,7 +652,10 @@ def bench(
     ``neuralgrok`` (amplifier (128, 128), meta-step every 4 steps on a held-out batch of
     ``outer_batch_size``, the paper's recomputed g_hat; the meta-step is inside the timed
     steps), ``grokalign`` (weight 1e-3, one probe, estimator "auto", penalty from the task's
-    own forward). "plain" is always measured (the denominator).
+    own forward). "plain" is always measured (the denominator). Each method first trains
+    for one meta-step cycle; one that cannot apply to the model (GrokAlign on a model with
+    BatchNorm in training mode, or with integer inputs and no ``embed()``) is reported as not
+    applicable, with the reason, and the others are measured as usual.
 
     Args:
         model: a name in :data:`BUILTIN_MODELS`, ``"package.module:factory"``, or a factory
@@ -652,7 +679,12 @@ def bench(
         out: write the JSON here.
 
     Returns:
-        a :class:`BenchResult`.
+        a :class:`BenchResult`; a method that could not apply has ``not_applicable`` set (the
+        reason) and no numbers.
+
+    Raises:
+        ValueError: a bad argument (the message starts with its name), or a model whose
+            plain training step fails (``model: ...``).
 
     Example:
         >>> res = bench("grokopt.tasks.models:OmnigrokMLP", model_kwargs=dict(in_dim=8,
@@ -698,27 +730,39 @@ def bench(
 
         probe = make(("plain",))
         n_params = sum(p.numel() for p in probe.model.parameters())
-        if any("grokalign" in parts for _, parts in parsed):
-            inp = probe.prepare(batches[0][0])
-            if not inp.is_floating_point():
-                raise ValueError(
-                    f"methods: grokalign differentiates w.r.t. the model's input, but {name!r} "
-                    f"takes {inp.dtype} inputs and has no embed()/forward_embeddings(); give "
-                    f"a model with those, or float inputs")
+        float_input = probe.prepare(batches[0][0]).is_floating_point()
         del probe
 
+        # Each method is tried (for one meta-step cycle) before anything is timed: one that
+        # cannot apply to this model is reported as such, with the reason, and the others
+        # are still measured. The plain step failing means the model or batches are wrong.
+        n_trial = _META_EVERY
         peaks: dict[str, tuple[int, int]] = {}
-        if memory:
-            n = max(_META_EVERY, 1)  # one full cycle: the lazy state and one meta-step
-            for label, parts in parsed:
-                peaks[label] = _measure_memory(lambda: make(parts), n, dev)
+        not_applicable: dict[str, str] = {}
+        for label, parts in parsed:
+            if "grokalign" in parts and not float_input:
+                not_applicable[label] = (
+                    f"grokalign differentiates w.r.t. the model's input, but {name!r} takes "
+                    f"integer inputs and has no embed()/forward_embeddings()")
+                continue
+            try:
+                if memory:
+                    peaks[label] = _measure_memory(lambda: make(parts), n_trial, dev)
+                else:
+                    _trial(make(parts), n_trial)
+            except (ValueError, TypeError, RuntimeError, NotImplementedError) as exc:
+                reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+                if parts == ("plain",):
+                    raise ValueError(f"model: the plain training step of {name!r} failed "
+                                     f"({reason})") from exc
+                not_applicable[label] = reason
 
-        trainers = {label: make(parts) for label, parts in parsed}
+        trainers = {label: make(parts) for label, parts in parsed if label not in not_applicable}
         for trainer in trainers.values():
             for _ in range(warmup):
                 trainer.step()
         _sync(dev)
-        samples: dict[str, list[float]] = {label: [] for label in trainers}
+        samples: dict[str, list[float]] = {label: [] for label, _ in parsed}
         labels = list(trainers)
         for rep in range(repeats):
             # Rotate who goes first: no method always runs right after another's allocations.
@@ -735,10 +779,13 @@ def bench(
         torch.set_num_threads(old_threads)
 
     results = [MethodResult(label, parts, samples[label],
-                            *(peaks[label] if label in peaks else (None, None)))
+                            *(peaks[label] if label in peaks else (None, None)),
+                            not_applicable=not_applicable.get(label))
                for label, parts in parsed]
     plain = results[0]
     for r in results:
+        if r.not_applicable is not None:
+            continue
         r.time_ratio = r.median_s / plain.median_s
         if r.peak_bytes is not None and plain.peak_bytes:
             r.memory_ratio = r.peak_bytes / plain.peak_bytes
@@ -789,42 +836,65 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "plain step, on a built-in model or your own; prints a table and writes JSON.")
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="decoder",
-                   help=f"built-in ({', '.join(BUILTIN_MODELS)}) or package.module:factory")
+                   help=f"built-in ({', '.join(BUILTIN_MODELS)}) or package.module:factory, "
+                        f"importable from the current folder (default: decoder)")
     g.add_argument("--model-kw", dest="model_kw", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="factory keyword argument (repeatable)")
     g.add_argument("--input-shape", dest="input_shape", type=int, nargs="+", default=None,
                    metavar="N", help="your model: one sample's shape (random inputs, class targets)")
     g.add_argument("--make-batch", dest="make_batch", default=None, metavar="MODULE:FN",
-                   help="your model: fn(batch_size, generator) -> (inputs, targets)")
-    g.add_argument("--batch-size", dest="batch_size", type=int, default=None)
-    g.add_argument("--outer-batch-size", dest="outer_batch_size", type=int, default=None)
+                   help="your model, instead of --input-shape: fn(batch_size, generator) -> "
+                        "(inputs, targets)")
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=None,
+                   help="(default: the built-in model's, 64 for yours)")
+    g.add_argument("--outer-batch-size", dest="outer_batch_size", type=int, default=None,
+                   help="NeuralGrok's held-out batch (default: the built-in model's, 16 for "
+                        "yours)")
     g.add_argument("--list-models", dest="list_models", action="store_true",
                    help="list the built-in models and exit")
     r = parser.add_argument_group("measurement")
-    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     r.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
-                   help=f"from {', '.join(COMPONENTS)}; combine with '+'")
-    r.add_argument("--repeats", type=int, default=7, help="timed repetitions")
-    r.add_argument("--steps", type=int, default=8, help="steps per repetition")
-    r.add_argument("--warmup", type=int, default=4, help="untimed steps per method first")
+                   help=f"from {', '.join(COMPONENTS)}; combine with '+' (default: "
+                        f"{' '.join(DEFAULT_METHODS)})")
+    r.add_argument("--repeats", type=int, default=7, help="timed repetitions (default: 7)")
+    r.add_argument("--steps", type=int, default=8, help="steps per repetition (default: 8)")
+    r.add_argument("--warmup", type=int, default=4,
+                   help="untimed steps per method first (default: 4)")
     r.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the peak-memory pass")
     r.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is steadiest on a busy machine)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", default=None, help="JSON path (default bench-MODEL-DEVICE.json)")
+                   help="torch CPU threads, 1 is steadiest on a busy machine (default: torch's)")
+    r.add_argument("--seed", type=int, default=0,
+                   help="of the initial weights and the batches (default: 0)")
+    r.add_argument("--out", default=None, help="JSON path (default: bench-MODEL-DEVICE.json)")
     return parser
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+_FLAGS = {
+    "model": "--model", "model_kwargs": "--model-kw", "input_shape": "--input-shape",
+    "make_batch": "--make-batch", "input_shape/make_batch": "--input-shape/--make-batch",
+    "batch_size": "--batch-size", "outer_batch_size": "--outer-batch-size",
+    "device": "--device", "methods": "--methods", "repeats": "--repeats", "steps": "--steps",
+    "warmup": "--warmup", "threads": "--threads", "seed": "--seed",
+}
+
+
+def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     """Run :func:`bench` from parsed :func:`add_bench_arguments` options; print the table.
 
-    Returns the exit status: 0, or 2 on a rejected argument (the message names it).
+    ``package.module:factory`` paths are imported from the current folder too, as with
+    ``python -m``. Returns the exit status: 0, or 2 on a rejected argument, reported as one
+    ``error:`` line naming it (through ``parser.error`` when ``parser`` is given).
     """
     if args.list_models:
         for name, spec in BUILTIN_MODELS.items():
             print(f"{name}: {spec.description}")
         return 0
+    # A console script's sys.path starts at its own folder, not the caller's: put the
+    # current folder first, as `python -m` does, so `--model mymod:make` finds ./mymod.py.
+    if not {"", ".", os.getcwd()} & set(sys.path):
+        sys.path.insert(0, os.getcwd())
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.model)
     out = args.out or f"bench-{safe}-{str(args.device).replace(':', '')}.json"
     try:
@@ -836,7 +906,13 @@ def run_from_args(args: argparse.Namespace) -> int:
             warmup=args.warmup, memory=args.memory, threads=args.threads, seed=args.seed,
             out=out)
     except (ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())
+        field, sep, rest = message.partition(": ")
+        if sep and field in _FLAGS:
+            message = f"argument {_FLAGS[field]}: {rest}"
+        if parser is not None:
+            parser.error(message)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     try:
         from rich.console import Console

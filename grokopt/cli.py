@@ -1,27 +1,118 @@
-"""The ``grokopt`` command line (``grokopt race ...`` or ``python -m grokopt race ...``)."""
+"""The ``grokopt`` command line (``grokopt race ...`` or ``python -m grokopt race ...``).
+
+Every rejected argument ends the command the argparse way: the usage, one
+``grokopt race: error: argument --FLAG: ...`` line naming the value and what is allowed,
+exit status 2, no traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["main", "build_parser"]
+
+
+# --------------------------------------------------------------------------------------------
+# Argument types: each refuses a bad value at parse time, naming what is allowed
+# --------------------------------------------------------------------------------------------
 
 
 def _key_value(text: str) -> tuple[str, Any]:
     from .race_methods import _parse_value
 
-    if "=" not in text:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
     return key.strip(), _parse_value(value)
 
 
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, *, low_open: bool, high_open: bool,
+              allowed: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = (math.isfinite(value) and (value > low if low_open else value >= low)
+              and (value < high if high_open else value <= high))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+_INF = math.inf
+_POSITIVE = _float_in(0, _INF, low_open=True, high_open=True, allowed="a positive float")
+_NON_NEGATIVE = _float_in(0, _INF, low_open=False, high_open=True, allowed="a float >= 0")
+
+
+def _task(text: str) -> str:
+    from .tasks.modular import MODULAR_TASKS, canonical_task
+
+    if text.strip() == "digits":
+        return "digits"
+    try:
+        canonical_task(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown task {text!r}; allowed: {', '.join(MODULAR_TASKS)}, digits") from None
+    return text
+
+
+def _preset(text: str) -> str:
+    from .race import PRESETS
+
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(
+            f"unknown preset {text!r}; allowed: {', '.join(PRESETS)}")
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# The race parser
+# --------------------------------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return " ".join(_show(v) for v in value)
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_show(v)}" for k, v in value.items()) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _add_race_parser(sub: Any) -> None:
+    from .race import RaceConfig
+
+    quick = RaceConfig()
+
+    def preset(field: str | None = None, shown: str | None = None) -> str:
+        # Flags left unset keep the preset's value; name the default preset's value once.
+        text = shown if shown is not None else _show(getattr(quick, field))
+        return f"(default: the preset's; quick: {text})"
+
     p = sub.add_parser(
         "race",
         help="train several grokking methods side by side and compare",
@@ -36,58 +127,98 @@ def _add_race_parser(sub: Any) -> None:
             "'grokfast+grokalign', 'baseline:wd=0.005'. See --list-methods for names and "
             "hyperparameters."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = argparse.SUPPRESS  # unset flags keep the preset's value
-    p.add_argument("--preset", default="quick", help="named race (see --list-presets)")
+    p.add_argument("--preset", type=_preset, default="quick",
+                   help="named race, see --list-presets (default: quick)")
     p.add_argument("--list-presets", action="store_true", help="list presets and exit")
     p.add_argument("--list-methods", action="store_true", help="list methods and exit")
     g = p.add_argument_group("task and model")
-    g.add_argument("--task", default=d, help="a+b, a-b, a*b, a*a-b, a*c+b*d-e or digits")
-    g.add_argument("--p", type=int, default=d, help="modulus")
-    g.add_argument("--split", choices=("grokfast", "neuralgrok"), default=d)
-    g.add_argument("--train-fraction", type=float, default=d)
-    g.add_argument("--digits-train-size", type=int, default=d)
-    g.add_argument("--model", choices=("auto", "transformer", "mlp", "omnigrok-mlp"), default=d)
+    g.add_argument("--task", type=_task, default=d,
+                   help="a+b, a-b, a*b, a*a-b, a*c+b*d-e or digits " + preset("task"))
+    g.add_argument("--p", type=_int_at_least(2), default=d,
+                   help="modulus " + preset("p"))
+    g.add_argument("--split", choices=("grokfast", "neuralgrok"), default=d,
+                   help="grokfast: --train-fraction for training; neuralgrok: 50%% test, 49%% "
+                        "inner, 1%% outer " + preset("split"))
+    g.add_argument("--train-fraction", type=_float_in(0, 1, low_open=True, high_open=True,
+                                                      allowed="a float in (0, 1)"),
+                   default=d, help="of the data, for the grokfast split "
+                   + preset("train_fraction"))
+    g.add_argument("--digits-train-size", type=_int_at_least(1), default=d,
+                   help="training digits " + preset("digits_train_size"))
+    g.add_argument("--model", choices=("auto", "transformer", "mlp", "omnigrok-mlp"), default=d,
+                   help="auto: the embedding MLP for modular tasks, the Omnigrok MLP for "
+                        "digits " + preset("model"))
     g.add_argument("--model-kw", type=_key_value, action="append", default=d,
-                   metavar="KEY=VALUE", help="model constructor argument, e.g. layers=1")
-    g.add_argument("--loss", choices=("ce", "mse"), default=d)
+                   metavar="KEY=VALUE", help="model constructor argument, e.g. layers=1 "
+                   + preset("model_kwargs"))
+    g.add_argument("--loss", choices=("ce", "mse"), default=d, help=preset("loss"))
     t = p.add_argument_group("training")
-    t.add_argument("--methods", nargs="+", default=d, metavar="SPEC")
+    t.add_argument("--methods", nargs="+", default=d, metavar="SPEC",
+                   help="the arms, see below " + preset("methods"))
     t.add_argument("--set", dest="overrides", type=_key_value, action="append", default=d,
                    metavar="KEY=VALUE",
-                   help="hyperparameter for every arm: grokfast.lamb=5, lr=1e-3, wd=0.01")
-    t.add_argument("--optimizer", choices=("adamw", "adam"), default=d)
-    t.add_argument("--lr", type=float, default=d)
-    t.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=d,
-                   help="weight decay of every arm (an arm's own wd=... wins)")
-    t.add_argument("--betas", type=float, nargs=2, default=d)
-    t.add_argument("--batch-size", type=int, default=d)
-    t.add_argument("--no-shuffle", dest="shuffle", action="store_false", default=d)
-    t.add_argument("--warmup-steps", type=int, default=d)
-    t.add_argument("--clip-grad-norm", type=float, default=d)
-    t.add_argument("--steps", type=int, default=d, help="budget of optimizer steps per run")
-    t.add_argument("--eval-every", type=int, default=d)
-    t.add_argument("--threshold", dest="thresholds", type=float, nargs="+", default=d)
+                   help="hyperparameter for every arm that has it: grokfast.lamb=5, lamb=5, "
+                        "lr=1e-3, wd=0.01 " + preset("overrides"))
+    t.add_argument("--optimizer", choices=("adamw", "adam"), default=d,
+                   help=preset("optimizer"))
+    t.add_argument("--lr", type=_POSITIVE, default=d, help=preset("lr"))
+    t.add_argument("--wd", "--weight-decay", dest="weight_decay", type=_NON_NEGATIVE, default=d,
+                   help="weight decay of every arm (an arm's own wd=... wins) "
+                   + preset("weight_decay"))
+    t.add_argument("--betas", type=_float_in(0, 1, low_open=False, high_open=True,
+                                             allowed="a float in [0, 1)"),
+                   nargs=2, default=d, help=preset("betas"))
+    t.add_argument("--batch-size", type=_int_at_least(1), default=d, help=preset("batch_size"))
+    t.add_argument("--no-shuffle", dest="shuffle", action="store_false", default=d,
+                   help="the same batch order every epoch " + preset(shown="shuffled"))
+    t.add_argument("--warmup-steps", type=_int_at_least(0), default=d,
+                   help="linear learning-rate warmup " + preset("warmup_steps"))
+    t.add_argument("--clip-grad-norm", type=_POSITIVE, default=d,
+                   help=preset("clip_grad_norm"))
+    t.add_argument("--steps", type=_int_at_least(1), default=d,
+                   help="budget of optimizer steps per run " + preset("steps"))
+    t.add_argument("--eval-every", type=_int_at_least(1), default=d,
+                   help="steps between evaluations " + preset("eval_every"))
+    t.add_argument("--threshold", dest="thresholds", nargs="+", default=d,
+                   type=_float_in(0, 1, low_open=True, high_open=False,
+                                  allowed="a float in (0, 1]"),
+                   help="validation accuracies to time " + preset("thresholds"))
     t.add_argument("--full-budget", dest="stop_at_threshold", action="store_false", default=d,
-                   help="keep training after the highest threshold is reached")
+                   help="keep training after the highest threshold is reached "
+                   + preset(shown="stop there"))
     t.add_argument("--match-baselines", action="store_true",
                    help="add a baseline arm at every weight decay an arm uses")
     t.add_argument("--diagnostics", action="store_true", default=d,
-                   help="also log centroid alignment and AGE curves at every evaluation")
-    t.add_argument("--seeds", type=int, default=d, help="number of seeds")
-    t.add_argument("--first-seed", type=int, default=0)
+                   help="also log centroid alignment and AGE curves at every evaluation "
+                   + preset(shown="off"))
+    t.add_argument("--seeds", type=_int_at_least(1), default=d,
+                   help="number of seeds " + preset(shown=str(len(quick.seeds))))
+    t.add_argument("--first-seed", type=_int_at_least(0), default=0,
+                   help="seeds are FIRST_SEED, FIRST_SEED+1, ... (default: 0)")
     r = p.add_argument_group("running")
-    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d)
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d,
+                   help=preset("device"))
     r.add_argument("--out", type=Path, default=None,
-                   help="output folder (default race-out/<race name>-<config hash>)")
-    r.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1: for these small models thread "
+                   help="output folder (default: race-out/<race name>-<config hash>)")
+    r.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="torch CPU threads (default: 1; for these small models thread "
                         "hand-offs cost more than they save, badly so on a busy machine)")
-    r.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
-    r.add_argument("--no-progress", action="store_true", help="no live progress bars")
-    r.add_argument("--checkpoint-every", type=float, default=30.0, help="seconds")
-    p.set_defaults(func=_race_command)
+    r.add_argument("--fresh", action="store_true",
+                   help="start over, ignoring a checkpoint or finished results in the output "
+                        "folder")
+    r.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep checkpoint.pt when the race finishes (it is deleted otherwise)")
+    r.add_argument("--no-progress", action="store_true",
+                   help="plain log lines instead of live progress bars (what a pipe or a log "
+                        "file gets anyway)")
+    r.add_argument("--log-every", type=_NON_NEGATIVE, default=30.0, metavar="SECONDS",
+                   help="without bars: seconds between status lines, 0 for one at every "
+                        "evaluation (default: 30)")
+    r.add_argument("--checkpoint-every", type=_POSITIVE, default=30.0, metavar="SECONDS",
+                   help="seconds between checkpoints (default: 30)")
+    p.set_defaults(func=lambda args: _race_command(args, p))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,21 +239,46 @@ def _add_bench_parser(sub: Any) -> None:
         return
     p = sub.add_parser("bench", help="time and peak memory per training step of each method")
     add_bench_arguments(p)
-    p.set_defaults(func=run_from_args)
+    p.set_defaults(func=lambda args: run_from_args(args, parser=p))
 
+
+# --------------------------------------------------------------------------------------------
+# From arguments to checked race configurations
+# --------------------------------------------------------------------------------------------
 
 _FIELDS = ("task", "p", "split", "train_fraction", "digits_train_size", "model", "loss",
            "methods", "optimizer", "lr", "weight_decay", "betas", "batch_size", "shuffle",
            "warmup_steps", "clip_grad_norm", "steps", "eval_every", "thresholds",
            "stop_at_threshold", "device", "diagnostics")
 
+# The flag that sets each field named at the start of a library error message.
+_FLAGS = {
+    "task": "--task", "p": "--p", "split": "--split", "train_fraction": "--train-fraction",
+    "train_size": "--digits-train-size", "digits_train_size": "--digits-train-size",
+    "model": "--model", "model_kwargs": "--model-kw", "loss": "--loss",
+    "optimizer": "--optimizer", "lr": "--lr", "weight_decay": "--wd", "betas": "--betas",
+    "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
+    "clip_grad_norm": "--clip-grad-norm", "steps": "--steps", "eval_every": "--eval-every",
+    "thresholds": "--threshold", "seeds": "--seeds", "device": "--device",
+    "overrides": "--set", "methods": "--methods",
+}
+
+
+def _refuse(parser: argparse.ArgumentParser, exc: BaseException, args: argparse.Namespace,
+            cfg: Any = None) -> NoReturn:
+    """``parser.error`` with the flag of the field a library error names."""
+    message = " ".join(str(exc).split())
+    field, sep, rest = message.partition(": ")
+    flag = _FLAGS.get(field) if sep else None
+    if field == "methods" and not hasattr(args, "methods"):
+        flag = "--preset"  # the arms came from the preset (with --set and --wd applied)
+        rest = f"{cfg.name if cfg is not None else args.preset}: {rest}"
+    parser.error(f"argument {flag}: {rest}" if flag else message)
+
 
 def _configs_from_args(args: argparse.Namespace) -> list[Any]:
     from .race import PRESETS
 
-    if args.preset not in PRESETS:
-        raise ValueError(f"--preset: unknown preset {args.preset!r}; allowed: "
-                         + ", ".join(PRESETS))
     changes: dict[str, Any] = {k: getattr(args, k) for k in _FIELDS if hasattr(args, k)}
     for key in ("methods", "thresholds", "betas"):
         if key in changes:
@@ -151,6 +307,68 @@ def _configs_from_args(args: argparse.Namespace) -> list[Any]:
             cfg = with_matched_baselines(cfg)
         configs.append(cfg)
     return configs
+
+
+def _check_set(parser: argparse.ArgumentParser, cfg: Any, overrides: dict[str, Any]) -> None:
+    """Each ``--set KEY=VALUE`` must set something in an arm, and each value must be one the
+    method accepts; checked one key at a time so that the error names that key."""
+    from .race import check_config
+
+    specs = cfg.specs()
+    for key, value in overrides.items():
+        arms = list(dict.fromkeys(
+            "+".join(s.components) for s in specs if key in s.applied_overrides))
+        if not arms:
+            names = {"lr", "wd", "weight_decay"}
+            for s in specs:
+                for c in s.components:
+                    names.update(s.params[c])
+                    names.update(f"{c}.{k}" for k in s.params[c])
+            parser.error(f"argument --set: {key}={value!r} sets nothing in any arm of "
+                         f"{cfg.name!r} ({', '.join(cfg.methods)}); allowed: "
+                         f"{', '.join(sorted(names))}")
+        try:
+            check_config(dataclasses.replace(cfg, methods=tuple(arms), overrides={key: value}))
+        except (ValueError, TypeError) as exc:
+            if not str(exc).startswith(("methods: ", "overrides: ")):
+                raise  # not this key's fault (a model argument, say): reported by its flag
+            reason = exc.__cause__ if isinstance(exc.__cause__, (ValueError, TypeError)) else exc
+            text = " ".join(str(reason).split())
+            parser.error(f"argument --set: {key}={value!r}: {text.removeprefix('overrides: ')}")
+
+
+def _checked_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Any]:
+    """The races to run, every arm built once: a bad argument stops here, before training."""
+    from .race import check_config, check_out_dir
+
+    try:
+        configs = _configs_from_args(args)
+    except (ValueError, TypeError) as exc:
+        _refuse(parser, exc, args)
+    for cfg in configs:
+        try:
+            if hasattr(args, "overrides"):
+                _check_set(parser, cfg, dict(args.overrides))
+            check_config(cfg)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            _refuse(parser, exc, args, cfg)
+        if not args.fresh:
+            try:
+                check_out_dir(cfg, _out_dir(args, cfg, len(configs)))
+            except RuntimeError as exc:
+                parser.error(f"argument --out: {' '.join(str(exc).split())}")
+    return configs
+
+
+def _out_dir(args: argparse.Namespace, cfg: Any, n_configs: int) -> Path:
+    if args.out is None:
+        return Path("race-out") / f"{cfg.name}-{cfg.fingerprint()[:8]}"
+    return args.out / cfg.name if n_configs > 1 else args.out
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
 
 
 def _list_methods(console: Any) -> None:
@@ -183,7 +401,7 @@ def _list_presets(console: Any) -> None:
     console.print(table)
 
 
-def _race_command(args: argparse.Namespace) -> int:
+def _race_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         from rich.console import Console
     except ImportError:
@@ -202,15 +420,10 @@ def _race_command(args: argparse.Namespace) -> int:
         _list_presets(console)
         return 0
     try:
-        configs = _configs_from_args(args)
-        for cfg in configs:
-            cfg.specs()  # reject unknown or unavailable methods before any training
-    except (ValueError, TypeError, RuntimeError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 2
-    if args.threads is not None and args.threads < 1:
-        console.print(f"[red]error:[/red] --threads: expected an int >= 1, got {args.threads}")
-        return 2
+        configs = _checked_configs(parser, args)
+    except ImportError as exc:  # scikit-learn for the digits task
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     default_threads = torch.get_num_threads()
     try:
         return _run_configs(console, args, configs)
@@ -228,17 +441,12 @@ def _run_configs(console: Any, args: argparse.Namespace, configs: list[Any]) -> 
         # Measured on a busy 2-core CPU: one thread ran the quick race 3x and the p=97
         # transformer 6x faster than two (OpenMP hand-offs dominate these small models).
         torch.set_num_threads(1 if args.threads is None else args.threads)
-        if args.out is None:
-            out = Path("race-out") / f"{cfg.name}-{cfg.fingerprint()[:8]}"
-        else:
-            out = args.out / cfg.name if len(configs) > 1 else args.out
-        try:
-            result = run_race(cfg, out_dir=out, resume=not args.fresh,
-                              progress=not args.no_progress,
-                              checkpoint_every=args.checkpoint_every)
-        except RuntimeError as exc:  # e.g. a checkpoint of another race in --out
-            console.print(f"[red]error:[/red] {exc}", highlight=False)
-            return 2
+        # Live bars need a terminal; in a pipe or a log they would show only at the end.
+        bars = console.is_terminal and not args.no_progress
+        result = run_race(cfg, out_dir=_out_dir(args, cfg, len(configs)), resume=not args.fresh,
+                          progress=bars, log_every=None if bars else args.log_every,
+                          keep_checkpoint=args.keep_checkpoint,
+                          checkpoint_every=args.checkpoint_every)
         console.print(results_table(result))
         env = result.environment
         console.print(f"device {env['device']} · torch {env['torch']} · {env['platform']}",

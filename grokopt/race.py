@@ -18,6 +18,7 @@ or from the command line: ``grokopt race --help``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -66,6 +67,8 @@ __all__ = [
     "RaceResult",
     "RunSpec",
     "TrainParts",
+    "check_config",
+    "check_out_dir",
     "parse_run_spec",
     "plot_race",
     "register_method",
@@ -138,13 +141,21 @@ def _build_model(cfg: RaceConfig, data: _Data) -> nn.Module:
     if cfg.task == "digits":
         if kind != "omnigrok-mlp":
             raise ValueError(f"model: the digits task takes 'omnigrok-mlp' or 'auto', got {kind!r}")
-        return OmnigrokMLP(data.input_dim, num_classes=data.num_classes, **kw)
-    assert data.vocab_size is not None and data.seq_len is not None
-    if kind == "transformer":
-        return DecoderTransformer(data.vocab_size, data.num_classes, **kw)
-    if kind == "mlp":
-        return EmbeddingMLP(data.vocab_size, data.seq_len, data.num_classes, **kw)
-    raise ValueError(f"model: modular tasks take 'transformer', 'mlp' or 'auto', got {kind!r}")
+        build: Callable[..., nn.Module] = lambda: OmnigrokMLP(  # noqa: E731
+            data.input_dim, num_classes=data.num_classes, **kw)
+    elif kind == "transformer":
+        assert data.vocab_size is not None
+        build = lambda: DecoderTransformer(data.vocab_size, data.num_classes, **kw)  # noqa: E731
+    elif kind == "mlp":
+        assert data.vocab_size is not None and data.seq_len is not None
+        build = lambda: EmbeddingMLP(  # noqa: E731
+            data.vocab_size, data.seq_len, data.num_classes, **kw)
+    else:
+        raise ValueError(f"model: modular tasks take 'transformer', 'mlp' or 'auto', got {kind!r}")
+    try:
+        return build()
+    except (TypeError, ValueError) as exc:  # an unknown or ill-typed constructor argument
+        raise ValueError(f"model_kwargs: the {kind} model refused {kw!r}: {exc}") from exc
 
 
 def _loss_fn(kind: str, num_classes: int) -> Callable[[Tensor, Tensor], Tensor]:
@@ -212,7 +223,10 @@ class _Run:
         )
         self.parts = TrainParts(optimizer=self.base)
         for comp in spec.components:
-            METHODS[comp].apply(ctx, self.parts, spec.params[comp])
+            try:
+                METHODS[comp].apply(ctx, self.parts, spec.params[comp])
+            except (TypeError, ValueError) as exc:  # a hyperparameter the method refuses
+                raise ValueError(f"methods: arm {spec.label!r}: {exc}") from exc
         self.step = 0
         self.train_seconds = 0.0
         self.done = False
@@ -226,6 +240,7 @@ class _Run:
         self.rng_cuda = None
         self._perm: Tensor | None = None
         self._perm_epoch = -1
+        self.resumed_from: int | None = None
 
     # Batch order is a pure function of (seed, step): resuming needs no sampler state.
     def _batch(self, step: int) -> tuple[Tensor, Tensor]:
@@ -378,6 +393,7 @@ class _Run:
             "grokked": self.reached[_tkey(self.cfg.thresholds[0])] is not None,
             "final_train_acc": final_tr,
             "final_val_acc": final_va,
+            "resumed_from_step": self.resumed_from,
             "curve": c,
         }
 
@@ -473,13 +489,22 @@ def _summarise(cfg: RaceConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
     return summary
 
 
-class _Progress:
-    """Live rich progress bars, one per run; silent when disabled."""
+class _Reporter:
+    """What a race shows while it runs: live rich bars, plain log lines, or nothing.
 
-    def __init__(self, enabled: bool, runs: list[_Run], title: str) -> None:
-        self.enabled = enabled
+    Log lines (``log_every`` seconds apart, every evaluation at 0) suit pipes and CI logs:
+    a status line per unfinished run each period, plus a line when a run reaches a
+    threshold and when it finishes.
+    """
+
+    def __init__(self, bars: bool, log_every: float | None, runs: list[_Run], title: str) -> None:
+        self.log_every = None if bars else log_every
+        self.title = title
         self.progress = None
-        if not enabled:
+        self.runs = runs
+        self.t0 = self.last_block = time.monotonic()
+        self.told: dict[int, set[str]] = {id(r): set() for r in runs}
+        if not bars:
             return
         try:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -499,22 +524,67 @@ class _Progress:
             self.ids[id(run)] = self.progress.add_task(
                 f"{run.spec.label} s{run.seed}", total=run.cfg.steps, completed=run.step,
                 train="-", val="-", status="")
-            self.update(run)
-        self.title = title
+            self._bar(run)
 
-    def __enter__(self) -> _Progress:
+    @property
+    def enabled(self) -> bool:
+        return self.progress is not None or self.log_every is not None
+
+    def __enter__(self) -> _Reporter:
         if self.progress is not None:
-            self.progress.console.print(f"[bold]{self.title}")
+            self.progress.console.print(f"[bold]{self.title}", highlight=False)
             self.progress.start()
+        elif self.log_every is not None:
+            print(self.title, flush=True)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.progress is not None:
             self.progress.stop()
 
+    def note(self, text: str) -> None:
+        """One plain line, above the bars when they are live."""
+        if self.progress is not None:
+            self.progress.console.print(text, highlight=False, markup=False)
+        elif self.log_every is not None:
+            print(text, flush=True)
+
+    def _status(self, run: _Run) -> str:
+        c = run.curve
+        acc = (f"train {c['train_acc'][-1]:.3f}  val {c['val_acc'][-1]:.3f}" if c["step"]
+               else "not evaluated yet")
+        return f"{run.spec.label} s{run.seed}: step {run.step}/{run.cfg.steps}  {acc}"
+
+    def _log(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:7.1f}s] {text}", flush=True)
+
     def update(self, run: _Run) -> None:
-        if self.progress is None:
+        if self.progress is not None:
+            self._bar(run)
+        if self.log_every is None:
             return
+        told = self.told[id(run)]
+        for key, hit in run.reached.items():
+            if hit is not None and key not in told:
+                told.add(key)
+                self._log(f"{run.spec.label} s{run.seed}: {float(key):.0%} val reached at step "
+                          f"{hit['step']} ({hit['seconds']:.1f} s training)")
+        if run.done and "done" not in told:
+            told.add("done")
+            hit = run.reached[_tkey(run.cfg.thresholds[0])]
+            self._log(self._status(run) + ("  grokked" if hit else "  budget spent")
+                      + ", finished")
+            return
+        if self.log_every == 0:
+            self._log(self._status(run))
+        elif time.monotonic() - self.last_block >= self.log_every:
+            self.last_block = time.monotonic()
+            for r in self.runs:
+                if not r.done:
+                    self._log(self._status(r))
+
+    def _bar(self, run: _Run) -> None:
+        assert self.progress is not None
         c = run.curve
         tr = f"{c['train_acc'][-1]:.3f}" if c["step"] else "-"
         va = f"{c['val_acc'][-1]:.3f}" if c["step"] else "-"
@@ -527,12 +597,84 @@ class _Progress:
                              train=tr, val=va, status=status)
 
 
+def _cuda_ids(device: torch.device) -> list[int]:
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def check_config(config: RaceConfig) -> None:
+    """Build every arm of ``config`` once (data, model, optimizer, method parts; first seed)
+    without training, so a bad setting fails in seconds instead of mid-race.
+
+    Raises what building a run raises, its message starting with the field at fault:
+    ``methods: arm 'grokfast:lamb=-3': ...`` for a hyperparameter a method refuses,
+    ``overrides: ...`` for an override key no method has, ``model_kwargs: ...``,
+    ``device: ...``, ``p: ...``. The caller's random state is left as it was.
+
+    Example:
+        >>> check_config(RaceConfig(task="a+b", p=7, methods=("grokfast:lamb=-3",)))
+        Traceback (most recent call last):
+        ...
+        ValueError: methods: arm 'grokfast:lamb=-3': lamb must be >= 0, got -3
+    """
+    device = resolve_device(config.device)
+    specs = config.specs()
+    with torch.random.fork_rng(devices=_cuda_ids(device)):
+        data = _load_data(config, config.seeds[0], device)
+        for spec in specs:
+            _Run(config, spec, config.seeds[0], data, device)
+
+
+def check_out_dir(config: RaceConfig, out_dir: str | os.PathLike[str]) -> None:
+    """Raise the ``RuntimeError`` that :func:`run_race` raises on resuming in ``out_dir``
+    when the checkpoint or the finished results there belong to another race (another
+    configuration). Nothing is trained or written.
+
+    Example:
+        >>> check_out_dir(RaceConfig(), "no-such-folder")  # nothing there: fine
+    """
+    out = Path(out_dir)
+    ckpt, results = out / _CHECKPOINT, out / "results.json"
+    if ckpt.exists():
+        found = torch.load(ckpt, map_location="cpu", weights_only=True).get("fingerprint")
+        what = ckpt
+    elif results.exists():
+        try:
+            found = json.loads(results.read_text()).get("fingerprint")
+        except (ValueError, AttributeError):
+            found = None
+        what = results
+    else:
+        return
+    if found != config.fingerprint():
+        raise RuntimeError(
+            f"{what} holds a different race (another configuration); pass "
+            "resume=False (--fresh) to start over or choose another output folder")
+
+
+def _finished_result(cfg: RaceConfig, out: Path) -> RaceResult | None:
+    """The stored result of this very race in ``out``, when it ran to the end there."""
+    path = out / "results.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(stored, dict) or stored.get("format_version") != _FORMAT_VERSION
+            or stored.get("fingerprint") != cfg.fingerprint() or stored.get("interrupted")
+            is not False):
+        return None
+    return RaceResult(cfg, stored["runs"], stored["summary"], stored["environment"])
+
+
 def run_race(
     config: RaceConfig | None = None,
     *,
     out_dir: str | os.PathLike[str] | None = None,
     resume: bool = True,
     progress: bool = False,
+    log_every: float | None = None,
+    keep_checkpoint: bool = False,
     checkpoint_every: float = 30.0,
     callback: Callable[[dict[str, Any]], None] | None = None,
     handle_sigint: bool = True,
@@ -540,11 +682,17 @@ def run_race(
     """Run a race and return its results; with ``out_dir``, checkpoint and write outputs.
 
     Runs advance round-robin, ``eval_every`` steps at a time, so all bars move together.
-    With ``out_dir`` set, the race checkpoints there (every ``checkpoint_every`` seconds, on
-    Ctrl-C and at the end) and, when ``resume`` is true, continues from a checkpoint of the
-    same configuration: the continued race gives the same curves as an uninterrupted one.
+    With ``out_dir`` set, the race checkpoints to ``out_dir/checkpoint.pt`` every
+    ``checkpoint_every`` seconds and on Ctrl-C, and when ``resume`` is true continues from a
+    checkpoint of the same configuration (saying so, per run: "resumed from step N"); the
+    continued race gives the same curves as an uninterrupted one. A race that finishes
+    deletes its checkpoint (``keep_checkpoint=True`` keeps it); rerun with ``resume`` on,
+    a finished race returns the results it stored in ``out_dir/results.json`` instead of
+    training again.
     A first Ctrl-C (SIGINT) stops at the next step boundary, saves and returns a result with
     ``interrupted=True``; outputs (JSON, CSV, PNG) are then written for the partial race.
+    ``progress`` shows live bars; without them, ``log_every`` seconds (0: every evaluation)
+    prints plain status lines instead, and ``None`` prints nothing.
     ``callback(info)`` is called after every evaluation with the run's label, seed, step and
     accuracies. Seconds are training time only (forward, backward, step; evaluations are not
     counted), accumulated across resumptions.
@@ -557,30 +705,44 @@ def run_race(
         [4]
     """
     cfg = config if config is not None else RaceConfig()
+    if log_every is not None and not (isinstance(log_every, (int, float))
+                                      and not isinstance(log_every, bool)
+                                      and math.isfinite(log_every) and log_every >= 0):
+        raise ValueError(f"log_every: expected None or seconds >= 0, got {log_every!r}")
+    if not (isinstance(checkpoint_every, (int, float)) and not isinstance(checkpoint_every, bool)
+            and checkpoint_every > 0):
+        raise ValueError(f"checkpoint_every: expected seconds > 0, got {checkpoint_every!r}")
     device = resolve_device(cfg.device)
     specs = cfg.specs()
     out = Path(out_dir) if out_dir is not None else None
     ckpt = out / _CHECKPOINT if out is not None else None
 
+    if out is not None and resume:
+        check_out_dir(cfg, out)
+    if out is not None and ckpt is not None and resume and not ckpt.exists():
+        done = _finished_result(cfg, out)
+        if done is not None:
+            _Reporter(progress, log_every, [], "").note(
+                f"grokopt race '{cfg.name}': already finished in {out}, showing its stored "
+                "results (--fresh, or resume=False, runs it again)")
+            done.files = write_outputs(done, out)
+            return done
+
     stop = threading.Event()
     runs: list[_Run] = []
     datasets = {seed: _load_data(cfg, seed, device) for seed in cfg.seeds}
-    cuda_ids = []
-    if device.type == "cuda":
-        cuda_ids = [device.index if device.index is not None else torch.cuda.current_device()]
     # Runs set the global RNG per chunk (see _Run.train_until); the caller's state survives.
-    with torch.random.fork_rng(devices=cuda_ids):
+    with torch.random.fork_rng(devices=_cuda_ids(device)):
         for seed in cfg.seeds:
             for spec in specs:
                 runs.append(_Run(cfg, spec, seed, datasets[seed], device))
+        resumed = False
         if ckpt is not None and resume and ckpt.exists():
             state = torch.load(ckpt, map_location=device, weights_only=True)
-            if state.get("fingerprint") != cfg.fingerprint():
-                raise RuntimeError(
-                    f"{ckpt} holds a different race (another configuration); pass "
-                    "resume=False (--fresh) to start over or choose another output folder")
             for run, rs in zip(runs, state["runs"]):
                 run.load_state_dict(rs)
+                run.resumed_from = run.step
+            resumed = True
 
         def save() -> None:
             if ckpt is None:
@@ -603,7 +765,11 @@ def run_race(
             f" mod {cfg.p}" if cfg.task != "digits" else "") + f" on {device}"
         last_save = time.monotonic()
         try:
-            with _Progress(progress, runs, title) as bars:
+            with _Reporter(progress, log_every, runs, title) as report:
+                if resumed:
+                    for run in runs:
+                        report.note(f"{run.spec.label} s{run.seed}: resumed from step "
+                                    f"{run.step}" + (" (finished)" if run.done else ""))
                 while not stop.is_set():
                     active = [r for r in runs if not r.done]
                     if not active:
@@ -611,7 +777,7 @@ def run_race(
                     for run in active:
                         if run.step == 0 and not run.curve["step"]:
                             run.evaluate()  # the starting point of every curve
-                            bars.update(run)
+                            report.update(run)
                             if run.done:
                                 continue
                         target = min(cfg.steps, (run.step // cfg.eval_every + 1) * cfg.eval_every)
@@ -619,18 +785,23 @@ def run_race(
                         if stop.is_set():
                             break
                         run.evaluate()
-                        bars.update(run)
+                        report.update(run)
                         if callback is not None:
                             callback({"label": run.spec.label, "seed": run.seed,
                                       "step": run.step, "train_acc": run.curve["train_acc"][-1],
                                       "val_acc": run.curve["val_acc"][-1], "done": run.done})
-                    if time.monotonic() - last_save > checkpoint_every:
+                    if not stop.is_set() and time.monotonic() - last_save > checkpoint_every:
                         save()
                         last_save = time.monotonic()
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+        # Only at a step boundary: an exception (a second Ctrl-C included) may have struck
+        # mid-update, so it leaves the last periodic checkpoint as it was.
+        if stop.is_set() or keep_checkpoint:
             save()
+        elif ckpt is not None:
+            ckpt.unlink(missing_ok=True)
 
     records = [r.record() for r in runs]
     result = RaceResult(cfg, records, _summarise(cfg, records), _environment(device),

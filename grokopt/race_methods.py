@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ __all__ = [
     "MethodContext",
     "RunSpec",
     "TrainParts",
+    "hyperparameter_names",
     "parse_run_spec",
     "register_method",
 ]
@@ -240,7 +242,8 @@ class RunSpec:
     """One arm of a race, parsed from ``"grokfast+grokalign:lamb=5,wd=0.01"``.
 
     ``params`` holds each component's resolved hyperparameters; ``training`` the per-arm
-    training overrides (``lr``, ``weight_decay``).
+    training overrides (``lr``, ``weight_decay``); ``applied_overrides`` the keys of the
+    race-wide overrides that set something in this arm.
 
     Example:
         >>> spec = parse_run_spec("grokfast:lamb=5,wd=0.01")
@@ -252,6 +255,7 @@ class RunSpec:
     components: tuple[str, ...]
     params: dict[str, dict[str, Any]]
     training: dict[str, Any]
+    applied_overrides: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def uses_outer(self) -> bool:
@@ -266,7 +270,7 @@ def _parse_value(text: str) -> Any:
         return None
     try:
         return ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text.strip()
 
 
@@ -277,10 +281,35 @@ def _split_assignments(text: str) -> list[tuple[str, Any]]:
         if not item.strip():
             continue
         if "=" not in item:
-            raise ValueError(f"run spec: expected key=value, got {item!r}")
+            raise ValueError(f"methods: {text!r}: expected key=value, got {item.strip()!r}")
         key, value = item.split("=", 1)
         out.append((key.strip(), _parse_value(value)))
     return out
+
+
+def _check_training_value(key: str, value: Any) -> None:
+    # The base optimizer would refuse these only when the run is built, with torch's own
+    # words; checking here names the key and keeps a bad arm from reaching training.
+    real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key == "lr" and not (real and math.isfinite(value) and value > 0):
+        raise ValueError(f"lr: expected a positive float, got {value!r}")
+    if key == "weight_decay" and not (real and math.isfinite(value) and value >= 0):
+        raise ValueError(f"weight_decay: expected a float >= 0, got {value!r}")
+
+
+def hyperparameter_names() -> list[str]:
+    """Every key an arm or ``--set`` accepts: training keys, each registered method's
+    hyperparameters bare and as ``method.name``.
+
+    Example:
+        >>> {"lr", "wd", "lamb", "grokfast.lamb"} <= set(hyperparameter_names())
+        True
+    """
+    names = set(_TRAINING_KEYS)
+    for m in METHODS.values():
+        names.update(m.defaults)
+        names.update(f"{m.name}.{k}" for k in m.defaults)
+    return sorted(names)
 
 
 def parse_run_spec(text: str, global_overrides: Mapping[str, Any] | None = None) -> RunSpec:
@@ -288,7 +317,15 @@ def parse_run_spec(text: str, global_overrides: Mapping[str, Any] | None = None)
 
     Keys are a component's hyperparameter (``lamb``; ``grokfast.lamb`` when two components
     share a name) or a training key (``lr``, ``weight_decay``/``wd``). ``global_overrides``
-    (from ``--set``) apply first; the arm's own keys win.
+    (from ``--set``) apply first; the arm's own keys win. An override key that no registered
+    method has is refused (``ValueError`` starting ``overrides:``); one that belongs to a
+    method outside this arm is skipped, and :attr:`RunSpec.applied_overrides` says which
+    applied. Errors in the arm's own text start with ``methods:``.
+
+    Example:
+        >>> spec = parse_run_spec("grokfast:alpha=0.9", {"lamb": 3, "grokalign.weight": 1.0})
+        >>> spec.params["grokfast"], spec.applied_overrides
+        ({'alpha': 0.9, 'lamb': 3}, ('lamb',))
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"methods: expected a non-empty method spec, got {text!r}")
@@ -296,48 +333,63 @@ def parse_run_spec(text: str, global_overrides: Mapping[str, Any] | None = None)
     names = tuple(n.strip() for n in head.split("+"))
     for n in names:
         if n not in METHODS:
-            raise ValueError(f"methods: unknown method {n!r}; allowed: {', '.join(sorted(METHODS))}")
+            raise ValueError(f"methods: unknown method {n!r} in {text.strip()!r}; allowed: "
+                             f"{', '.join(sorted(METHODS))}")
         reason = METHODS[n].unavailable()
         if reason:
-            raise RuntimeError(f"method {n!r} is registered but unavailable: {reason}")
+            raise RuntimeError(f"methods: method {n!r} is registered but unavailable: {reason}")
     if len(set(names)) != len(names):
         raise ValueError(f"methods: component repeated in {text!r}")
     components = tuple(sorted(names, key=lambda n: (METHODS[n].order, names.index(n))))
     params = {c: dict(METHODS[c].defaults) for c in components}
     training: dict[str, Any] = {}
+    applied: list[str] = []
 
-    def assign(key: str, value: Any, strict: bool) -> None:
+    def assign(key: str, value: Any, strict: bool) -> bool:
+        where = f"methods: {text.strip()!r}: " if strict else "overrides: "
         if key in _TRAINING_KEYS:
+            try:
+                _check_training_value(_TRAINING_KEYS[key], value)
+            except ValueError as exc:
+                raise ValueError(where + str(exc)) from None
             training[_TRAINING_KEYS[key]] = value
-            return
+            return True
         comp, dot, name = key.rpartition(".")
         if dot:
             if comp not in METHODS:
-                raise ValueError(f"{key}: unknown method {comp!r}")
+                raise ValueError(f"{where}{key}: unknown method {comp!r}; allowed: "
+                                 f"{', '.join(sorted(METHODS))}")
+            if name not in METHODS[comp].defaults:
+                raise ValueError(
+                    f"{where}{key}: {comp} has no hyperparameter {name!r}; "
+                    f"allowed: {', '.join(METHODS[comp].defaults) or '(none)'}"
+                )
             if comp not in params:
                 if strict:
-                    raise ValueError(f"{key}: method {comp!r} is not part of {text!r}")
-                return
-            if name not in params[comp]:
-                raise ValueError(
-                    f"{key}: {comp} has no hyperparameter {name!r}; "
-                    f"allowed: {', '.join(params[comp]) or '(none)'}"
-                )
+                    raise ValueError(f"{where}{key}: method {comp!r} is not part of this arm")
+                return False
             params[comp][name] = value
-            return
+            return True
         owners = [c for c in components if key in params[c]]
         if len(owners) > 1:
-            raise ValueError(f"{key}: ambiguous in {text!r}; write one of "
+            raise ValueError(f"{where}{key}: ambiguous; write one of "
                              + ", ".join(f"{c}.{key}" for c in owners))
         if not owners:
             if strict:
                 allowed = sorted({*_TRAINING_KEYS, *(k for c in components for k in params[c])})
-                raise ValueError(f"{key}: not a hyperparameter of {text!r}; allowed: {', '.join(allowed)}")
-            return
+                raise ValueError(f"{where}{key}: not a hyperparameter of this arm; "
+                                 f"allowed: {', '.join(allowed)}")
+            if not any(key in m.defaults for m in METHODS.values()):
+                raise ValueError(f"{where}{key}: no method has this hyperparameter; allowed: "
+                                 f"{', '.join(hyperparameter_names())}")
+            return False
         params[owners[0]][key] = value
+        return True
 
     for key, value in (global_overrides or {}).items():
-        assign(key, value, strict=False)
+        if assign(key, value, strict=False):
+            applied.append(key)
     for key, value in _split_assignments(tail):
         assign(key, value, strict=True)
-    return RunSpec(label=text.strip(), components=components, params=params, training=training)
+    return RunSpec(label=text.strip(), components=components, params=params, training=training,
+                   applied_overrides=tuple(applied))

@@ -140,15 +140,83 @@ def test_cuda_without_cuda_is_rejected():
         bench(**TINY, device="cuda")
 
 
-def test_grokalign_needs_a_float_input_or_embeddings():
-    def tokens(batch_size, gen):
-        return torch.randint(0, 5, (batch_size, 3), generator=gen), torch.randint(0, 5, (batch_size,), generator=gen)
+def _tokens(batch_size, gen):
+    return (torch.randint(0, 5, (batch_size, 3), generator=gen),
+            torch.randint(0, 5, (batch_size,), generator=gen))
 
-    def factory():
-        return nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(12, 5))
 
-    with pytest.raises(ValueError, match="^methods: grokalign"):
-        bench(factory, make_batch=tokens, methods=("grokalign",), repeats=1, steps=1, memory=False)
+def _token_model():
+    return nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(12, 5))
+
+
+def _batchnorm_model():
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("factory,kw,why", [
+    (_token_model, dict(make_batch=_tokens), "takes integer inputs"),
+    (_batchnorm_model, dict(input_shape=(6,)), "BatchNorm1d"),
+])
+@pytest.mark.parametrize("memory", [False, True])
+def test_a_method_that_cannot_apply_is_a_row_with_its_reason(factory, kw, why, memory, tmp_path):
+    out = tmp_path / "b.json"
+    res = bench(factory, **kw, methods=("grokalign", "grokfast", "grokfast+grokalign"),
+                repeats=2, steps=4, warmup=1, memory=memory, out=out)
+    assert [m.method for m in res.methods] == ["plain", "grokalign", "grokfast",
+                                               "grokfast+grokalign"]
+    for label in ("grokalign", "grokfast+grokalign"):
+        row = res[label]
+        assert why in row.not_applicable and row.seconds_per_step == []
+        assert row.peak_bytes is None and row.memory_ratio is None
+    # The rest is measured as if the inapplicable method had not been asked for.
+    for label in ("plain", "grokfast"):
+        row = res[label]
+        assert row.not_applicable is None and len(row.seconds_per_step) == 2
+        assert row.time_ratio == pytest.approx(row.median_s / res["plain"].median_s)
+        assert (row.peak_bytes is not None) == memory
+    data = json.loads(out.read_text())  # strict JSON: no NaN for the missing numbers
+    rows = {m["method"]: m for m in data["methods"]}
+    assert rows["grokalign"]["median_s"] is None and rows["grokalign"]["time_ratio"] is None
+    assert why in rows["grokalign"]["not_applicable"]
+    json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    text = res.format_table()
+    [row_line] = [line for line in text.splitlines() if line.startswith("grokalign ")]
+    assert "not applicable" in row_line and "grokalign: not applicable: " in text
+
+
+def test_a_model_whose_plain_step_fails_is_refused_naming_the_model():
+    def broken():
+        return nn.Linear(5, 3)  # input_shape says 6 features
+
+    with pytest.raises(ValueError, match=r"^model: the plain training step of .* failed"):
+        bench(broken, make_batch=tiny_batch, repeats=1, steps=1, memory=False,
+              methods=("grokfast",))
+
+
+def test_command_line_imports_a_model_from_the_current_folder(tmp_path, monkeypatch, capsys):
+    # What the `grokopt` console script sees: its own folder first on sys.path, not the
+    # caller's. The model's module sits in the folder the command is run from.
+    import sys
+
+    from grokopt.cli import main
+
+    (tmp_path / "grokopt_test_cwd_model.py").write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "grokopt_test_cwd_model", raising=False)
+    try:
+        rc = main(["bench", "--model", "grokopt_test_cwd_model:make", "--input-shape", "6",
+                   "--methods", "grokfast", "--repeats", "1", "--steps", "1", "--warmup", "0",
+                   "--no-memory", "--out", "b.json"])
+    finally:
+        sys.modules.pop("grokopt_test_cwd_model", None)
+    assert rc == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["config"]["parameters"] == 6 * 8 + 8 + 8 * 3 + 3
+    assert [m["method"] for m in data["methods"]] == ["plain", "grokfast"]
 
 
 def test_builtin_models_build():
@@ -172,7 +240,27 @@ def test_command_line_round_trip(tmp_path, capsys):
 def test_command_line_error_names_the_argument(capsys):
     parser = add_bench_arguments(argparse.ArgumentParser())
     assert run_from_args(parser.parse_args(["--methods", "bogus", "--no-memory"])) == 2
-    assert "methods" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(
+        "error: argument --methods: unknown method 'bogus' in 'bogus'; allowed: plain, ")
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--methods", "bogus"], "--methods"),
+    (["--repeats", "0"], "--repeats"),
+    (["--model", "no_such_module_xyz:make"], "--model"),
+    (["--model", "grokopt.tasks.models:OmnigrokMLP"], "--input-shape/--make-batch"),
+    (["--device", "tpu"], "--device"),
+])
+def test_grokopt_bench_bad_argument_is_one_error_line(argv, flag, capsys):
+    from grokopt.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--no-memory", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [x for x in err.splitlines() if "error:" in x]
+    assert line.startswith(f"grokopt bench: error: argument {flag}: ")
 
 
 def test_list_models(capsys):

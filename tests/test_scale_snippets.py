@@ -2,8 +2,10 @@
 
 Each snippet is a string here and is executed verbatim (the README text is copied from these
 strings); the DDP and FSDP2 snippets run in 2 gloo processes through the shared launcher,
-where ``rank``, ``world_size`` and ``steps`` are given. The Lightning and Hugging Face
-Trainer snippets are run by ``test_integrations.py``.
+where ``rank``, ``world_size`` and ``steps`` are given; the checkpoint snippet is given
+``checkpoint_dir`` and ``train``. After a snippet has run, its objects are checked against a
+plain reference. The Lightning and Hugging Face Trainer snippets are run by
+``test_integrations.py``.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def build():
     return model, opt
 
 model, opt = build()
-# ... train ...
+train(model, opt)                                 # your training loop
 model_sd, optim_sd = get_state_dict(model, opt)   # wrapper state, amplifier, counters included
 dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir)
 
@@ -127,8 +129,74 @@ set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=sta
 '''
 
 
+def _plain_amp_reference():
+    """The AMP snippet's loop without GradScaler and autocast's scaling: what its comments
+    promise (the filter sees unscaled gradients) means exactly these parameters, since
+    scaling by a power of two and back is exact."""
+    import torch
+    from torch import nn
+
+    import grokopt
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = grokopt.Grokfast(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    reg = grokopt.GrokAlignLoss(model, weight=1e-3)
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y) + reg(x)
+        loss.backward()
+        opt.step()
+    return model
+
+
 def test_amp_snippet():
-    exec(AMP, {})
+    import copy
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(AMP, ns)
+    model, opt, scaler = ns["model"], ns["opt"], ns["scaler"]
+    assert scaler.get_scale() > 1  # the loss really was scaled
+    reference = _plain_amp_reference()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+    # "an inf/NaN step is skipped and leaves every grokopt state untouched"
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    scale = scaler.get_scale()
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(ns["x"]), ns["y"]) * float("inf")
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == scale / 2  # GradScaler saw the inf and skipped
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    _assert_same_state(opt.state_dict(), state)
+
+
+def _assert_same_state(a, b, where="state_dict"):
+    import torch
+
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
 
 
 @pytest.mark.slow  # inductor compiles for ~15 s on CPU
@@ -139,9 +207,45 @@ def test_compile_snippet():
 def test_dcp_snippet(tmp_path):
     import warnings
 
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 16, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+    x_out, y_out = torch.randn(8, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    ce = nn.functional.cross_entropy
+    trained = []
+
+    def train(model, opt, steps=5):  # meta_every=2: two meta-steps, and one step past them
+        trained.append((model, opt))
+        for _ in range(steps):
+            opt.zero_grad()
+            ce(model(x), y).backward()
+            opt.step()
+            opt.maybe_meta_step(model, lambda fwd: ce(fwd(x_out), y_out),
+                                inner_loss=lambda m: ce(m(x), y))
+
+    ns = {"checkpoint_dir": str(tmp_path / "ckpt"), "train": train}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "no process group: single process"
-        exec(DCP, {"checkpoint_dir": str(tmp_path / "ckpt")})
+        exec(DCP, ns)
+    [(saved_model, saved_opt)] = trained
+    model, opt = ns["model"], ns["opt"]
+    assert model is not saved_model and opt is not saved_opt  # fresh objects, loaded
+    # What was restored is what was saved: weights, inner and wrapper state, amplifier,
+    # meta-optimizer and counters (the counters sit in the state_dict's top level).
+    _assert_same_state(model.state_dict(), saved_model.state_dict())
+    _assert_same_state(opt.state_dict(), saved_opt.state_dict())
+    assert opt.state_dict()["neuralgrok_counters"] == saved_opt.state_dict()["neuralgrok_counters"]
+    for p, q in zip(opt.amplifier.parameters(), saved_opt.amplifier.parameters()):
+        assert torch.equal(p, q)
+    # Continuing from the checkpoint equals the uninterrupted run.
+    train(saved_model, saved_opt, steps=4)
+    train(model, opt, steps=4)
+    for p, q in zip(model.parameters(), saved_model.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(opt.amplifier.parameters(), saved_opt.amplifier.parameters()):
+        assert torch.equal(p, q)
 
 
 def run_snippet(rank, world_size, source):
