@@ -265,6 +265,9 @@ class _Run:
         if self.cfg.warmup_steps:
             factor = min(1.0, (self.step + 1) / self.cfg.warmup_steps)
             for group in self.base.param_groups:
+                # As an LR scheduler does: initial_lr is the base lr that NeuralGrok's
+                # lookahead uses (lookahead_lr="base"), not the warmed-up one.
+                group.setdefault("initial_lr", self.lr)
                 group["lr"] = self.lr * factor
         inp = self.model.embed(x) if self.tokens else x
         if self.parts.forward is not None:

@@ -693,3 +693,16 @@ def test_log_lines_are_periodic_and_mark_thresholds(capsys) -> None:
                            f"{result.runs[0]['final_val_acc']:.3f}  grokked, finished")
     assert len(out) == 3
     assert run_race(cfg) and capsys.readouterr().out == ""  # the library default is silent
+
+
+def test_warmup_keeps_the_base_lr_for_neuralgroks_lookahead(tmp_path: Path) -> None:
+    """The race's warmup scales lr like a scheduler, so it records the base lr as
+    initial_lr: NeuralGrok's default lookahead (lookahead_lr="base") must use 1e-3, not the
+    warmed-up 1e-3 * (step + 1) / warmup_steps."""
+    cfg = RaceConfig(**{**TINY, "steps": 3, "warmup_steps": 10, "lr": 1e-3},
+                     methods=("neuralgrok:hidden=(8,),meta_every=1",))
+    run_race(cfg, out_dir=tmp_path, keep_checkpoint=True)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    groups = state["runs"][0]["optimizer"]["param_groups"]
+    assert all(g["initial_lr"] == 1e-3 for g in groups)
+    assert all(g["lr"] == pytest.approx(1e-3 * 3 / 10) for g in groups)
