@@ -501,21 +501,24 @@ def test_skip_mode_nan_first_gradient_then_the_same_closed_form(foreach):
 
 
 @pytest.mark.parametrize("foreach", [True, False])
-@pytest.mark.parametrize("bad_at", [0, 2])
-def test_functional_false_flag_is_as_if_the_call_never_happened(foreach, bad_at):
-    # bad_at=0: no state yet (decided on the host); bad_at=2: decided on the device.
-    clean = [1.0, 3.0, 0.0, -2.0]
+@pytest.mark.parametrize("after_step", [0, 1])
+@pytest.mark.parametrize("bad_at", [0, 1, 3])
+def test_functional_false_flag_is_as_if_the_call_never_happened(foreach, after_step, bad_at):
+    # With after_step=1 the first gradient (5) passes unchanged. A False flag before the
+    # EMA exists (or while it waits) is read on the host; after that, on the device.
+    head = [5.0] * after_step
+    clean = head + [1.0, 3.0, 0.0, -2.0]
     seq = clean[:bad_at] + [float("nan")] + clean[bad_at:]
-    flags = [k != bad_at for k in range(len(seq))]
     state, outs = [{}], []
-    for g, ok in zip(seq, flags):
+    for k, g in enumerate(seq):
         t = [torch.tensor([g], dtype=torch.float64)]
-        grokfast_(t, state, alpha=0.5, lamb=2.0, foreach=foreach, finite=torch.tensor(ok))
-        if ok:
+        grokfast_(t, state, alpha=0.5, lamb=2.0, after_step=after_step, foreach=foreach,
+                  finite=torch.tensor(k != bad_at))
+        if k != bad_at:
             outs.append(t[0].item())
     # mu: 1, 2, 1, 0.5 * 1 + 0.5 * (-2) = -0.5; out g + 2 mu
-    assert outs == [3.0, 7.0, 2.0, -3.0]
-    assert state[0]["ema"].item() == -0.5
+    assert outs == head + [3.0, 7.0, 2.0, -3.0]
+    assert set(state[0]) == {"ema"} and state[0]["ema"].item() == -0.5
 
 
 def _run(inner, batches, nonfinite, poison=(), filt="ema", **kw):
@@ -540,13 +543,14 @@ def _assert_same_run(a, b):
         assert torch.equal(a[1][key], b[1][key]), key
 
 
+@pytest.mark.parametrize("normalize_lr", [False, True])
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("filt", ["ema", "ma"])
 @pytest.mark.parametrize("inner", list(SKIP_INNERS))
-def test_skip_equals_error_bit_for_bit_on_finite_gradients(inner, filt, foreach):
+def test_skip_equals_error_bit_for_bit_on_finite_gradients(inner, filt, foreach, normalize_lr):
     batches = make_batches(6)
-    _assert_same_run(_run(inner, batches, "skip", filt=filt, foreach=foreach),
-                     _run(inner, batches, "error", filt=filt, foreach=foreach))
+    kw = dict(filt=filt, foreach=foreach, normalize_lr=normalize_lr)
+    _assert_same_run(_run(inner, batches, "skip", **kw), _run(inner, batches, "error", **kw))
 
 
 @pytest.mark.parametrize("foreach", [True, False])
@@ -571,6 +575,26 @@ def test_skipped_step_with_the_ma_filter_is_as_if_never_called(inner):
         kept = batches[:bad_at] + batches[bad_at + 1:]
         _assert_same_run(_run(inner, batches, "skip", poison={bad_at}, filt="ma"),
                          _run(inner, kept, "error", filt="ma"))
+
+
+def test_skip_creates_no_inner_state_on_the_device():
+    # Momentum switched on mid-run: the fused SGD would create its buffer on this step, and
+    # found_inf cannot undo that, so the step is decided on the host.
+    def run(batches, nonfinite, poison=()):
+        model = make_model(0)
+        opt = Grokfast(torch.optim.SGD(model.parameters(), lr=0.05, fused=True), nonfinite=nonfinite)
+        for i, (x, y) in enumerate(batches):
+            if i == 2:
+                opt.param_groups[0]["momentum"] = 0.9
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            if i in poison:
+                _poison(model)
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], state_tensors(opt)
+
+    batches = make_batches(5)
+    _assert_same_run(run(batches, "skip", poison={2}), run(batches[:2] + batches[3:], "error"))
 
 
 @pytest.mark.parametrize("inner, host_decisions", [
