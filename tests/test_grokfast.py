@@ -629,6 +629,9 @@ def test_nonfinite_error_names_the_offending_parameter():
     with pytest.raises(NonFiniteGradientError, match=r"parameter 2 \(shape \(3, 8\)\)") as info:
         opt.step()
     assert (info.value.index, info.value.shape) == (2, (3, 8))
+    import grokopt.grokfast
+
+    assert grokopt.grokfast.NonFiniteGradientError is NonFiniteGradientError  # old import path
     model[2].bias.grad[0] = float("nan")  # the first offender is named
     with pytest.raises(NonFiniteGradientError, match="parameter 2 "):
         opt.step()
