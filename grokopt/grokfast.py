@@ -4,8 +4,10 @@ EMA filter (per tensor): ``mu <- alpha*mu + (1-alpha)*g`` (``mu = g`` on first s
 ``g <- g + lamb*mu``. MA filter: keep the last ``window`` raw gradients and add ``lamb`` times
 their mean (or sum); with ``warmup`` nothing changes until the window is full.
 
-The filter runs inside ``step()`` so that, under GradScaler, it sees unscaled gradients, is
-skipped together with the step on inf/NaN, and is saved with the optimizer's state.
+With ``after_step=N`` a tensor's filter starts at its (N+1)-th gradient (the first N pass
+unchanged). The filter runs inside ``step()`` so that, under GradScaler, it sees unscaled
+gradients, is skipped together with the step on inf/NaN, and is saved with the optimizer's
+state.
 """
 
 from __future__ import annotations
@@ -16,21 +18,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .wrapper import GradientTransform, _is_dtensor, _local, _shard_groups
+from ._nonfinite import NonFiniteGradientError, all_finite, check_mode, screen_step
+from .wrapper import GradientTransform, _is_dtensor, _local
 
 __all__ = ["Grokfast", "NonFiniteGradientError", "grokfast_"]
 
 _FILTERS = ("ema", "ma")
 _REDUCTIONS = ("mean", "sum")
-_NONFINITE = ("error", "skip")
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """A gradient holds inf or NaN; the step was refused before any state changed."""
+# The state entry whose presence means "this tensor's filter has started".
+_STARTED = {"ema": "ema", "ma": "ma_buffer"}
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,7 +38,8 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_options(
-    *, alpha: Any, lamb: Any, filter: Any, window: Any, reduction: Any, warmup: Any
+    *, alpha: Any, lamb: Any, filter: Any, window: Any, reduction: Any, warmup: Any,
+    after_step: Any = 0, normalize_lr: Any = False,
 ) -> None:
     if filter not in _FILTERS:
         raise ValueError(f"filter must be one of {_FILTERS}, got {filter!r}")
@@ -62,49 +62,16 @@ def _check_options(
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     if not isinstance(warmup, bool):
         raise TypeError(f"warmup must be a bool, got {type(warmup).__name__}: {warmup!r}")
-
-
-def _all_finite(grads: Sequence[Tensor], *, exact: bool = True) -> Tensor:
-    """One 0-d bool tensor (on the first grad's device): every entry of every grad is finite.
-
-    The screen is the 2-norm of each tensor (one fast multi-tensor kernel, about as cheap as
-    reading the bytes once): an inf or NaN entry always makes it non-finite, so a finite
-    norm proves the tensor finite. Only a huge but finite tensor (2-norm beyond the float32
-    range, about 1.8e19) can fail the screen wrongly: with ``exact`` (the callers that
-    decide on the host anyway) such a verdict is confirmed per tensor with min/max, so the
-    answer is exact; without it (``nonfinite="skip"``, no host sync) the step is skipped.
-    The inf-norm would be exact outright but its CPU kernel costs several times more.
-
-    Empty tensors are left out (FSDP2 gives a rank an empty shard of a parameter with fewer
-    rows than ranks). For DTensor gradients the check runs on the local shards and is then
-    all-reduced over the mesh dimensions they are split along, so every rank takes the same
-    decision (ranks that disagreed would fall out of step and deadlock in the next
-    collective). That reduction, like ``exact``, costs a host sync.
-    """
-    device = grads[0].device
-    local = [g.to_local() if _is_dtensor(g) else g for g in grads]
-    nonempty = [g for g in local if g.numel()]
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
-    for g in nonempty:
-        by_dtype[g.dtype].append(g)
-    for dtype, tensors in by_dtype.items():
-        # fp16's range ends at 65504: accumulate low precision in fp32 so that ordinary
-        # gradients do not overflow the screen.
-        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
-        norms = torch._foreach_norm(tensors, ord=2, dtype=acc)
-        finite = finite & torch.stack([n.to(device) for n in norms]).isfinite().all()
-    if exact and nonempty and not bool(finite):
-        finite = torch.stack(
-            [torch.stack(torch.aminmax(g)).isfinite().all().to(device) for g in nonempty]
-        ).all()
-    groups = {group for g in grads for group in _shard_groups(g)}
-    if groups:
-        flag = finite.to(torch.int32)
-        for group in groups:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-        finite = flag.bool()
-    return finite
+    if isinstance(after_step, bool) or not isinstance(after_step, int):
+        raise TypeError(
+            f"after_step must be an int >= 0, got {type(after_step).__name__}: {after_step!r}"
+        )
+    if after_step < 0:
+        raise ValueError(f"after_step must be an int >= 0, got {after_step!r}")
+    if not isinstance(normalize_lr, bool):
+        raise TypeError(
+            f"normalize_lr must be a bool, got {type(normalize_lr).__name__}: {normalize_lr!r}"
+        )
 
 
 def _bucket(
@@ -128,6 +95,7 @@ def grokfast_(
     window: int = 100,
     reduction: str = "mean",
     warmup: bool = True,
+    after_step: int = 0,
     foreach: bool | None = None,
     finite: Tensor | None = None,
 ) -> None:
@@ -139,16 +107,23 @@ def grokfast_(
         grads: gradient tensors, changed in place.
         states: one dict per gradient (start with empty dicts and pass the same dicts back
             every step); the EMA keeps ``"ema"``, the MA ``"ma_buffer"``, ``"ma_sum"`` and
-            ``"ma_count"``. State of bf16/fp16 gradients is kept in fp32.
+            ``"ma_count"``; a filter waiting for ``after_step`` counts in ``"step"``. State
+            of bf16/fp16 gradients is kept in fp32.
         filter: ``"ema"`` or ``"ma"``.
         alpha: EMA momentum in [0, 1).
         lamb: amplification factor >= 0.
         window: MA window length >= 1.
         reduction: MA reduction, ``"mean"`` or ``"sum"``.
         warmup: MA only: leave gradients unchanged until the window is full.
+        after_step: leave a tensor's first ``after_step`` gradients unchanged; its filter
+            starts (from a fresh state) at the next one. Default 0.
         foreach: use the multi-tensor kernels (default) or the plain per-tensor reference.
-        finite: optional 0-d bool tensor; where it is False the EMA state is left as it was,
-            decided on the device (no host sync). Only the EMA filter supports it.
+        finite: optional 0-d bool tensor saying whether this call's gradients are all
+            finite. Where it is False no state changes, exactly as if the call had not been
+            made; the gradients are then left with unspecified (non-finite) values, so skip
+            the optimizer step too. It is applied on the device (no host sync) when every
+            state already holds a started EMA; otherwise (a first call, a filter waiting
+            for ``after_step``, the MA filter) it is read on the host (one sync).
 
     Example:
         >>> import torch
@@ -159,7 +134,7 @@ def grokfast_(
         tensor([3., 3., 3.])
     """
     _check_options(alpha=alpha, lamb=lamb, filter=filter, window=window,
-                   reduction=reduction, warmup=warmup)
+                   reduction=reduction, warmup=warmup, after_step=after_step)
     # Checked here so that a bad argument fails with its name, not deep inside a kernel
     # after some states were already updated.
     if foreach is not None and not isinstance(foreach, bool):
@@ -185,8 +160,16 @@ def grokfast_(
         raise ValueError(f"grads and states must have equal lengths, got {len(grads)} and {len(states)}")
     if not grads:
         return
-    if finite is not None and filter != "ema":
-        raise ValueError("finite= (skipping on the device) is supported with filter='ema' only")
+    started = _STARTED[filter]
+    if finite is not None and (filter != "ema" or any(started not in s for s in states)):
+        # Creating a state (or counting towards after_step) cannot be undone on the device.
+        if not bool(finite):
+            return
+        finite = None
+    if after_step or any("step" in s for s in states):
+        grads, states = _past_after_step(grads, states, started, after_step)
+        if not grads:
+            return
     foreach = True if foreach is None else foreach
     if filter == "ema":
         kernel = _ema_foreach if foreach else _ema_reference
@@ -198,16 +181,34 @@ def grokfast_(
             kernel_ma(gs, ss, window, lamb, reduction, warmup)
 
 
+def _past_after_step(
+    grads: list[Tensor], states: list[dict[str, Any]], started: str, after_step: int
+) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """The (grad, state) pairs whose filter runs this call; the others count one more step.
+
+    A filter that has started keeps running (raising ``after_step`` later does not stop
+    it); one that has not counts its gradients in ``state["step"]``, dropped at the start.
+    """
+    keep_g, keep_s = [], []
+    for g, s in zip(grads, states):
+        if started not in s:
+            count = s.get("step", 0) + 1
+            if count <= after_step:
+                s["step"] = count
+                continue
+            s.pop("step", None)
+        keep_g.append(g)
+        keep_s.append(s)
+    return keep_g, keep_s
+
+
 # ---------------------------------------------------------------------------- EMA
 
 
-def _ema_init(g: Tensor, state: dict[str, Any], finite: Tensor | None) -> None:
+def _ema_init(g: Tensor, state: dict[str, Any]) -> None:
     # mu starts as a copy of g (never an alias of p.grad), so the first lerp returns g.
     if "ema" not in state:
-        mu = g.detach().to(_state_dtype(g.dtype), copy=True)
-        if finite is not None:
-            _update_where(finite, mu, torch.zeros_like(mu))
-        state["ema"] = mu
+        state["ema"] = g.detach().to(_state_dtype(g.dtype), copy=True)
 
 
 def _update_where(finite: Tensor, dst: Tensor, new: Tensor) -> None:
@@ -223,7 +224,7 @@ def _ema_reference(
     grads: list[Tensor], states: list[dict[str, Any]], alpha: Any, lamb: Any, finite: Tensor | None
 ) -> None:
     for g, state in zip(grads, states):
-        _ema_init(g, state, finite)
+        _ema_init(g, state)
         mu = state["ema"]
         g32 = g.to(mu.dtype)
         new = mu.lerp(g32, 1 - alpha)
@@ -238,7 +239,7 @@ def _ema_foreach(
     grads: list[Tensor], states: list[dict[str, Any]], alpha: Any, lamb: Any, finite: Tensor | None
 ) -> None:
     for g, state in zip(grads, states):
-        _ema_init(g, state, finite)
+        _ema_init(g, state)
     mus = [s["ema"] for s in states]
     low_precision = mus[0].dtype != grads[0].dtype
     src = [g.to(mus[0].dtype) for g in grads] if low_precision else grads
@@ -401,26 +402,48 @@ class Grokfast(GradientTransform):
 
     Hyperparameters live in each param group under ``grokfast_``-prefixed keys
     (``grokfast_alpha``, ``grokfast_lamb``, ``grokfast_filter``, ``grokfast_window``,
-    ``grokfast_reduction``, ``grokfast_warmup``), so they can be set per group and changed
-    during training; the prefix keeps them apart from the inner optimizer's own keys
-    (RMSprop has an ``alpha`` of its own).
+    ``grokfast_reduction``, ``grokfast_warmup``, ``grokfast_after_step``,
+    ``grokfast_normalize_lr``), so they can be set per group and changed during training;
+    the prefix keeps them apart from the inner optimizer's own keys (RMSprop has an
+    ``alpha`` of its own).
 
     Args:
-        optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
+        optimizer: the optimizer to wrap (any first-order ``torch.optim.Optimizer``;
+            optimizers whose step needs a re-evaluated closure, such as LBFGS, and
+            SparseAdam are refused).
         alpha: EMA momentum in [0, 1) (default 0.98).
         lamb: amplification >= 0 (default 2.0; ``lamb=0`` is exactly the bare optimizer).
         filter: ``"ema"`` (default) or ``"ma"`` (moving average over ``window`` steps).
         window: MA window length (default 100).
         reduction: MA reduction, ``"mean"`` (default) or ``"sum"``.
         warmup: MA only: no amplification until the window is full (default True).
+        after_step: leave each parameter's first ``after_step`` gradients unfiltered; its
+            filter starts, from a fresh state, at the next one (default 0). Counted per
+            parameter, over the steps in which it had a gradient; once started, a filter
+            keeps running if ``after_step`` is raised later.
+        normalize_lr: step the inner optimizer with ``lr / (1 + lamb)`` (the group's own
+            ``lr`` is restored after the step, so schedulers keep working on it), at every
+            step, also before ``after_step``. Off by default: Adam-family optimizers are
+            invariant to the gradient's scale, so the filter's gain of up to ``1 + lamb``
+            does not change their step size; for SGD it does. A float ``lr`` with a tensor
+            ``lamb`` costs a host sync; give both as tensors to avoid it.
         foreach: multi-tensor kernels (default) or the per-tensor reference loop.
-        nonfinite: ``"error"`` (default): a gradient with inf/NaN raises
-            :class:`NonFiniteGradientError` before anything changes (one host sync per step);
-            ``"skip"``: no host sync; the EMA state is left untouched on the device for a
-            non-finite step, and the inner optimizer is told to skip if it can do so on the
-            device (fused optimizers); otherwise it receives the non-finite gradient as it
-            would without the filter (combine with GradScaler, which skips the whole step).
-            ``"skip"`` with the MA filter decides on the host (one sync).
+        nonfinite: what a step with an inf/NaN gradient does.
+            ``"error"`` (default): raise :class:`NonFiniteGradientError`, naming the first
+            offending parameter, before anything changes (one host sync per step).
+            ``"skip"``: skip the whole step: parameters, the filter state and the inner
+            optimizer's state (Adam's step counts included) are exactly as if ``step()``
+            had not been called. Where the inner optimizer is a fused torch optimizer
+            (``fused=True``: it takes a ``found_inf`` flag) whose state and the EMA of
+            every parameter with a gradient already exist, the decision stays on the
+            device (no host sync; a finite gradient whose 2-norm overflows float32, above
+            about 1.8e19, is then skipped too). Every other case decides on the host (one
+            sync per step): the first step, a filter waiting for ``after_step``, the MA
+            filter, and every non-fused or nested inner optimizer.
+
+    A checkpoint of the bare optimizer upgrades to Grokfast: load it into the inner
+    optimizer before wrapping, or into ``grokfast.optimizer`` after; groups that lack the
+    ``grokfast_*`` keys get this wrapper's defaults, and the filter starts fresh.
 
     Example:
         >>> import torch
@@ -447,11 +470,12 @@ class Grokfast(GradientTransform):
         window: int = 100,
         reduction: str = "mean",
         warmup: bool = True,
+        after_step: int = 0,
+        normalize_lr: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "error",
     ) -> None:
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        check_mode(nonfinite)
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
         # 0-d tensor hyperparameters are range-checked here, once (at every step that would
@@ -460,12 +484,14 @@ class Grokfast(GradientTransform):
             if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
                 _check_options(**{**dict(alpha=0.5, lamb=1.0, filter="ema", window=1,
                                          reduction="mean", warmup=True), name: value.item()})
+        if isinstance(optimizer, Optimizer):
+            _check_lr(optimizer.param_groups, normalize_lr)
         self.foreach = foreach
         self.nonfinite = nonfinite
         super().__init__(
             optimizer,
-            dict(alpha=alpha, lamb=lamb, filter=filter, window=window,
-                 reduction=reduction, warmup=warmup),
+            dict(alpha=alpha, lamb=lamb, filter=filter, window=window, reduction=reduction,
+                 warmup=warmup, after_step=after_step, normalize_lr=normalize_lr),
         )
 
     def _validate_group(self, options: dict[str, Any]) -> None:
@@ -473,21 +499,49 @@ class Grokfast(GradientTransform):
         _check_options(**{k[len(self._prefix):]: v for k, v in merged.items()})
 
     def _transform_gradients(self) -> bool:
+        _check_lr(self.param_groups)
         groups = [(g, list(self._grads(g))) for g in self.param_groups]
         grads = [grad for _, pairs in groups for _, grad in pairs]
         if not grads:
             return True
-        finite = None
-        if self.nonfinite == "error" or any(g["grokfast_filter"] == "ma" for g, _ in groups):
-            if not bool(_all_finite(grads)):
-                if self.nonfinite == "error":
-                    raise NonFiniteGradientError(
-                        "a gradient holds inf or NaN; the step was refused and no state "
-                        "changed (use nonfinite='skip' to skip such steps instead)"
-                    )
+        if self._skips_on_device(groups):
+            finite = all_finite(grads, exact=False)
+            self._filter(groups, finite)
+            # The fused kernels read found_inf on the device and then leave parameters and
+            # state (step counts included) as they were.
+            self.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
+            self.optimizer.grad_scale = None  # type: ignore[attr-defined]
+            try:
+                self._inner_step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale  # type: ignore[attr-defined]
+            return False
+        if not screen_step(self, self.nonfinite):
+            return False
+        self._filter(groups, None)
+        return True
+
+    def _skips_on_device(self, groups: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]]) -> bool:
+        """Whether a "skip" step can leave every state unchanged without a host sync.
+
+        Only a fused torch optimizer takes found_inf, and it cannot undo creating its state
+        (nor can the filter undo creating its EMA), so each must already exist.
+        """
+        inner = self.optimizer
+        if (self.nonfinite != "skip" or isinstance(inner, GradientTransform)
+                or not getattr(inner, "_step_supports_amp_scaling", False)):
+            return False
+        for group, pairs in groups:
+            if pairs and group["grokfast_filter"] != "ema":
                 return False
-        else:
-            finite = _all_finite(grads, exact=False)
+            for p, _ in pairs:
+                if "ema" not in self.state.get(p, {}) or not inner.state.get(p):
+                    return False
+        return True
+
+    def _filter(
+        self, groups: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]], finite: Tensor | None
+    ) -> None:
         for group, pairs in groups:
             if not pairs:
                 continue
@@ -500,19 +554,25 @@ class Grokfast(GradientTransform):
                 window=group["grokfast_window"],
                 reduction=group["grokfast_reduction"],
                 warmup=group["grokfast_warmup"],
+                after_step=group["grokfast_after_step"],
                 foreach=self.foreach,
                 finite=finite,
             )
-        if finite is not None and getattr(self.optimizer, "_step_supports_amp_scaling", False):
-            # Fused optimizers accept a found_inf tensor and skip on the device.
-            self.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
-            self.optimizer.grad_scale = None  # type: ignore[attr-defined]
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf, self.optimizer.grad_scale  # type: ignore[attr-defined]
-            return False
-        return True
+
+    def _inner_step(self) -> None:
+        saved = []
+        for group in self.param_groups:
+            if group["grokfast_normalize_lr"]:
+                lr, lamb = group["lr"], group["grokfast_lamb"]
+                if isinstance(lamb, Tensor) and not isinstance(lr, Tensor):
+                    lamb = lamb.item()  # a tensor lr would change the inner optimizer's path
+                saved.append((group, lr))
+                group["lr"] = lr / (1 + lamb)
+        try:
+            self.optimizer.step()
+        finally:
+            for group, lr in saved:
+                group["lr"] = lr  # the same object: a scheduler's in-place updates still land
 
     def _validate_param_state(self, param: Tensor, state: dict[str, Any]) -> None:
         for key in ("ema", "ma_sum"):
@@ -529,3 +589,20 @@ class Grokfast(GradientTransform):
                 )
             if "ma_sum" not in state or "ma_count" not in state:
                 raise ValueError("state_dict's grokfast MA state lacks ma_sum or ma_count")
+        if "step" in state:
+            step = state["step"]
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(
+                    f"state_dict's grokfast step (gradients counted towards after_step) must "
+                    f"be an int >= 0, got {state['step']!r}"
+                )
+
+
+def _check_lr(groups: Sequence[Mapping[str, Any]], default: bool = False) -> None:
+    """normalize_lr needs an ``lr`` in each group it applies to."""
+    for i, group in enumerate(groups):
+        if group.get("grokfast_normalize_lr", default) is True and "lr" not in group:
+            raise ValueError(
+                f"normalize_lr=True needs an 'lr' in every param group it applies to; "
+                f"param group {i} has none (keys: {sorted(k for k in group if k != 'params')})"
+            )

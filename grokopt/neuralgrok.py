@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._nonfinite import check_mode, screen_step
 from .wrapper import GradientTransform, _is_dtensor, _local, _shard_groups
 
 __all__ = ["AmplifiedOptimizer", "amplify_gradients", "make_amplifier"]
@@ -675,6 +676,11 @@ class AmplifiedOptimizer(GradientTransform):
         chunk_size: entries per chunk of the no-grad transform (None: all at once).
         max_grad_norm: if set, clip the amplified gradients to this global norm before the
             inner step (the reference pipeline uses 1.0). Not applied in the lookahead.
+        nonfinite: what a step with an inf/NaN gradient does (decided on the host, one
+            sync): ``"error"`` (default) raises :class:`~grokopt.NonFiniteGradientError`,
+            naming the parameter, before anything changes; ``"skip"`` skips the whole step
+            (parameters, the inner optimizer's state, ``g_hat="last"``'s stored gradient and
+            the step counter stay as if ``step()`` had not been called).
 
     Defaults and the paper's pipeline. The paper trains with G_phi, then a clip to global
     norm 1.0, then Adam(lr 1e-3, betas (0.9, 0.98), weight_decay 1e-3 as coupled L2), an
@@ -741,9 +747,11 @@ class AmplifiedOptimizer(GradientTransform):
         path: str = "auto",
         chunk_size: int | None = _CHUNK,
         max_grad_norm: float | None = None,
+        nonfinite: str = "error",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             super().__init__(optimizer, {})  # the base class's TypeError names the argument
+        check_mode(nonfinite)
         if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
             raise ValueError(f"meta_every must be an int >= 1, got {meta_every!r}")
         if g_hat not in _G_HAT:
@@ -798,6 +806,7 @@ class AmplifiedOptimizer(GradientTransform):
         self.path = path
         self.chunk_size = chunk_size
         self.max_grad_norm = max_grad_norm
+        self.nonfinite = nonfinite
         self._counters = {"steps": 0, "meta_steps": 0, "last_meta_at": 0}
 
     @property
@@ -823,6 +832,8 @@ class AmplifiedOptimizer(GradientTransform):
     # ------------------------------------------------------------------ step
 
     def _transform_gradients(self) -> bool:
+        if not screen_step(self, self.nonfinite):
+            return False
         pairs = [(p, g, group["neuralgrok_c"]) for group in self.param_groups
                  for p, g in self._grads(group)]
         if self.g_hat == "last":

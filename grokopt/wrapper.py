@@ -12,6 +12,7 @@ the same group dicts and every level strips its own keys from a state_dict on th
 
 from __future__ import annotations
 
+import inspect
 import io
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
@@ -109,6 +110,7 @@ class GradientTransform(Optimizer):
                     f"same wrapper twice would mix their state (they share one namespace)"
                 )
             inner = inner.optimizer
+        _refuse_undrivable(inner, type(self).__name__)
         self.optimizer = optimizer
         options = {self._prefix + k: v for k, v in hyperparameters.items()}
         # Validate every existing group before touching any of them, so a rejected
@@ -171,14 +173,15 @@ class GradientTransform(Optimizer):
 
         Args:
             closure: optional callable that re-evaluates the model and returns the loss; it
-                is evaluated once, here, before the transform (optimizers that call their
-                closure several times per step, such as LBFGS, see the transform only on
-                the first evaluation, so they are not supported).
+                is evaluated once, here, before the transform (optimizers whose step needs
+                a closure that they call several times, such as LBFGS, would see the
+                transform only on the first evaluation: they are refused at construction).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._fill_defaults()
         for group in self.param_groups:
             self._validate_group(_own_keys(group, self._prefix))
             for p in group["params"]:
@@ -188,12 +191,28 @@ class GradientTransform(Optimizer):
                         f"dense gradients (e.g. nn.Embedding(sparse=False))"
                     )
         if self._transform_gradients():
-            self.optimizer.step()
+            self._inner_step()
         return loss
 
     def _transform_gradients(self) -> bool:
         """Transform ``p.grad`` in place for every parameter; return False to skip the step."""
         raise NotImplementedError
+
+    def _inner_step(self) -> None:
+        """Step the inner optimizer (subclasses may adjust its groups around the call)."""
+        self.optimizer.step()
+
+    def _fill_defaults(self) -> None:
+        """Give every group this wrapper's defaults for the keys it lacks.
+
+        ``wrapper.optimizer.load_state_dict(sd)`` with a plain optimizer's state_dict (adding
+        a wrapper to a run that has a checkpoint) replaces the groups with ones that carry
+        none of this wrapper's keys; so does a state_dict saved before a key was added.
+        """
+        defaults = self._own_defaults()
+        for group in self.param_groups:
+            for k, v in defaults.items():
+                group.setdefault(k, v)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -221,7 +240,10 @@ class GradientTransform(Optimizer):
                 {self._prefix + k: v for k, v in entries.items()}
             )
         out = {k: v for k, v in inner.items() if k not in ("state", "param_groups")}
-        out.update(state=state, param_groups=inner["param_groups"])
+        # Groups that lack this wrapper's keys (see _fill_defaults) are saved with the
+        # values that their next step would use.
+        defaults = self._own_defaults()
+        out.update(state=state, param_groups=[{**defaults, **g} for g in inner["param_groups"]])
         out[_STACK_KEY] = [type(self).__name__, *inner.get(_STACK_KEY, [])]
         out.update(self._extra_state_dict())
         top = {k: v for k, v in out.items() if k not in ("state", "param_groups")}
@@ -249,11 +271,17 @@ class GradientTransform(Optimizer):
         state_dict = _lift_mirror(state_dict)
         stack = list(state_dict.get(_STACK_KEY, []))
         if not stack or stack[0] != type(self).__name__:
+            plain = (
+                f"; to add {type(self).__name__} to a run saved with the bare optimizer, load "
+                f"this state_dict into the inner optimizer instead, before or after wrapping "
+                f"(wrapper.optimizer.load_state_dict(sd)): this wrapper then starts fresh "
+                f"with its defaults"
+            ) if not stack else ""
             raise ValueError(
                 f"state_dict was not produced by {type(self).__name__} (its wrapper stack is "
                 f"{stack or 'a plain optimizer'}); load it into the optimizer that saved it "
                 f"(torch.distributed.checkpoint with flatten_optimizer_state_dict=True also "
-                f"loses the wrapper's keys: use the default nested layout)"
+                f"loses the wrapper's keys: use the default nested layout){plain}"
             )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -341,6 +369,27 @@ class GradientTransform(Optimizer):
             f"{k[len(self._prefix):]}={v!r}" for k, v in self._own_defaults().items()
         )
         return f"{type(self).__name__}({options},\n  {inner})"
+
+
+def _refuse_undrivable(optimizer: Optimizer, wrapper: str) -> None:
+    """Refuse, at construction, an inner optimizer that a wrapper's step() cannot drive."""
+    try:
+        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):  # a step() without a readable signature: let it be
+        closure = None
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"optimizer {type(optimizer).__name__} cannot be wrapped by {wrapper}: its step() "
+            f"requires a closure, which it re-evaluates within one step (as LBFGS does), "
+            f"and every gradient after the first evaluation would reach it untransformed; "
+            f"wrap a first-order optimizer (SGD, Adam, AdamW, ...)"
+        )
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise ValueError(
+            f"optimizer SparseAdam cannot be wrapped by {wrapper}: it steps only on sparse "
+            f"gradients and the wrappers' transforms need dense ones; use Adam or AdamW "
+            f"with dense gradients"
+        )
 
 
 def _refuse_flattened(state_dict: Mapping[str, Any]) -> None:

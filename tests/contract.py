@@ -51,6 +51,13 @@ WRAPPER_CASES: list[WrapperCase] = [
         "grokfast-reference",
         lambda opt, model: grokopt.Grokfast(opt, lamb=2.0, foreach=False),
     ),
+    # skip mode (device path with a fused inner optimizer, host path otherwise), a filter
+    # that starts at the third step and the lr normalisation, through the whole battery
+    WrapperCase(
+        "grokfast-skip-late",
+        lambda opt, model: grokopt.Grokfast(opt, alpha=0.9, lamb=2.0, nonfinite="skip",
+                                            after_step=2, normalize_lr=True),
+    ),
 ]
 
 

@@ -17,9 +17,9 @@ from grokopt import Grokfast, NonFiniteGradientError, grokfast_
 FLOATS = st.floats(-10, 10, allow_nan=False, allow_infinity=False, width=32)
 
 
-def run_filter(seq, **kw):
+def run_filter(seq, state=None, **kw):
     """Feed a sequence of gradient tensors through grokfast_ and return the outputs."""
-    state = [{}]
+    state = [{}] if state is None else state
     outs = []
     for g in seq:
         g = [g.clone()]
@@ -57,26 +57,48 @@ def plain_ma(seq, window, lamb, reduction, warmup):
     return outs
 
 
+def _finite(flag):
+    return None if flag is None else torch.tensor(flag)
+
+
+# finite=True: the first call decides on the host, every later one on the device.
+@pytest.mark.parametrize("finite", [None, True])
 @pytest.mark.parametrize("foreach", [True, False])
-def test_ema_matches_plain_formula(foreach):
+def test_ema_matches_plain_formula(foreach, finite):
     gen = torch.Generator().manual_seed(0)
     seq = [torch.randn(4, 3, generator=gen) for _ in range(30)]
-    ours = run_filter(seq, alpha=0.9, lamb=2.0, foreach=foreach)
+    ours = run_filter(seq, alpha=0.9, lamb=2.0, foreach=foreach, finite=_finite(finite))
     for a, b in zip(ours, plain_ema(seq, 0.9, 2.0)):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("finite", [None, True])
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("warmup", [True, False])
-def test_ma_matches_plain_formula(foreach, reduction, warmup):
+def test_ma_matches_plain_formula(foreach, reduction, warmup, finite):
     gen = torch.Generator().manual_seed(1)
     # 23 steps with window 5 wraps the ring buffer several times (running-sum resets too).
     seq = [torch.randn(7, generator=gen) for _ in range(23)]
     ours = run_filter(seq, filter="ma", window=5, lamb=3.0, reduction=reduction,
-                      warmup=warmup, foreach=foreach)
+                      warmup=warmup, foreach=foreach, finite=_finite(finite))
     for a, b in zip(ours, plain_ma(seq, 5, 3.0, reduction, warmup)):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("filt", ["ema", "ma"])
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("after_step", [1, 4])
+def test_after_step_leaves_the_first_gradients_and_then_starts_fresh(filt, foreach, after_step):
+    gen = torch.Generator().manual_seed(2)
+    seq = [torch.randn(5, generator=gen, dtype=torch.float64) for _ in range(15)]
+    ours = run_filter(seq, filter=filt, alpha=0.8, lamb=1.5, window=3, warmup=False,
+                      after_step=after_step, foreach=foreach)
+    rest = seq[after_step:]
+    expected = seq[:after_step] + (plain_ema(rest, 0.8, 1.5) if filt == "ema"
+                                   else plain_ma(rest, 3, 1.5, "mean", False))
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- closed forms (SPEC 1)
@@ -193,6 +215,147 @@ def test_low_precision_state_is_fp32_and_never_aliases_grad():
         assert opt.state[p]["ema"].data_ptr() != p.grad.data_ptr()
 
 
+# ---------------------------------------------------------------- after_step, normalize_lr
+
+
+def _partly_frozen_batches(n):
+    """Batches, and for each whether the last layer gets a gradient (every third does not)."""
+    return [(b, i % 3 != 1) for i, b in enumerate(make_batches(n, dtype=torch.float64))]
+
+
+def _train_partly(model, opt, batches):
+    for (x, y), full in batches:
+        opt.zero_grad()
+        out = model(x) if full else model[1](model[0](x))[:, :3]
+        nn.functional.mse_loss(out, y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("normalize_lr", [False, True])
+@pytest.mark.parametrize("after_step", [0, 3])
+def test_after_step_matches_grokfast_pytorch(after_step, normalize_lr):
+    # grokfast-pytorch counts steps per parameter (those with a gradient) and starts the
+    # EMA from the gradient of its first filtered step; its normalize_lr divides lr by
+    # 1 + lamb. Some steps give the last layer no gradient, so the per-parameter counts
+    # differ. It computes Adam's denominator as sqrt(v / bc2) where torch computes
+    # sqrt(v) / sqrt(bc2): float64 last-place differences, nothing more.
+    ref_pkg = pytest.importorskip("grokfast_pytorch")
+    batches = _partly_frozen_batches(12)
+    ref_model = make_model(0, torch.float64)
+    ref = ref_pkg.GrokFastAdamW(ref_model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-30,
+                                grokfast_alpha=0.9, grokfast_lamb=2.0,
+                                grokfast_after_step=after_step, normalize_lr=normalize_lr)
+    _train_partly(ref_model, ref, batches)
+    model = make_model(0, torch.float64)
+    opt = Grokfast(torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-30),
+                   alpha=0.9, lamb=2.0, after_step=after_step, normalize_lr=normalize_lr)
+    _train_partly(model, opt, batches)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+    assert opt.param_groups[0]["lr"] == 1e-2  # the group keeps its own lr
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("lamb", [0.5, 2.0])
+@pytest.mark.parametrize("normalize_lr", [False, True])
+def test_normalize_lr_matches_pytorch_optimizer_bit_for_bit(normalize_lr, lamb, weight_decay, foreach):
+    # pytorch_optimizer's GrokFastAdamW divides lr by 1 + lamb (weight decay included) and
+    # clamps Adam's denominator at eps where torch adds eps; with eps=1e-30 neither changes
+    # a float64 value here, and the remaining operations are torch AdamW's, in its order.
+    ref_pkg = pytest.importorskip("pytorch_optimizer")
+    batches = make_batches(10, dtype=torch.float64)
+    ref_model = make_model(0, torch.float64)
+    ref = ref_pkg.GrokFastAdamW(ref_model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-30,
+                                grokfast_alpha=0.9, grokfast_lamb=lamb, weight_decay=weight_decay,
+                                normalize_lr=normalize_lr, foreach=foreach)
+    train(ref_model, ref, batches)
+    model = make_model(0, torch.float64)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-30,
+                              weight_decay=weight_decay)
+    opt = Grokfast(inner, alpha=0.9, lamb=lamb, normalize_lr=normalize_lr)
+    train(model, opt, batches)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("as_tensor", ["none", "lr", "lamb", "both"])
+def test_normalize_lr_makes_sgd_on_a_constant_gradient_step_like_bare_sgd(as_tensor):
+    # A constant gradient g is filtered to (1 + lamb) g; with lr / (1 + lamb) the step is
+    # lr * g again (lr 0.25, lamb 3: every number here is exact in binary).
+    lr = torch.tensor(0.25) if as_tensor in ("lr", "both") else 0.25
+    lamb = torch.tensor(3.0) if as_tensor in ("lamb", "both") else 3.0
+    p = nn.Parameter(torch.zeros(3))
+    opt = Grokfast(torch.optim.SGD([p], lr=lr), lamb=lamb, normalize_lr=True)
+    for k in range(1, 4):
+        p.grad = torch.tensor([1.0, -2.0, 0.5])
+        opt.step()
+        assert torch.equal(p.detach(), -k * 0.25 * torch.tensor([1.0, -2.0, 0.5]))
+    assert opt.param_groups[0]["lr"] is lr  # restored: the same object a scheduler updates
+
+
+def test_normalize_lr_follows_a_scheduler_and_a_per_group_lamb():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    inner = torch.optim.SGD([{"params": [a]}, {"params": [b], "grokfast_lamb": 1.0}], lr=0.5)
+    opt = Grokfast(inner, lamb=3.0, normalize_lr=True)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for k in range(3):
+        before_a, before_b = a.detach().clone(), b.detach().clone()
+        a.grad, b.grad = torch.ones(2), torch.ones(2)
+        opt.step()
+        sched.step()
+        lr = 0.5 * 0.5**k  # powers of two: exact
+        assert torch.equal(before_a - a, torch.full((2,), lr))
+        assert torch.equal(before_b - b, torch.full((2,), lr))
+
+
+@pytest.mark.parametrize("filt", ["ema", "ma"])
+def test_after_step_counts_live_in_the_state_and_survive_a_reload(filt):
+    batches = make_batches(8)
+    make = lambda m: Grokfast(torch.optim.Adam(m.parameters(), lr=1e-2), filter=filt, window=2,
+                              warmup=False, after_step=5)
+    model_a = make_model(0)
+    opt_a = make(model_a)
+    train(model_a, opt_a, batches)
+    model_b = make_model(0)
+    opt_b = make(model_b)
+    train(model_b, opt_b, batches[:3])
+    sd = opt_b.state_dict()
+    assert {sd["state"][i]["grokfast_step"] for i in sd["state"]} == {3}
+    model_c = make_model(4)
+    model_c.load_state_dict(model_b.state_dict())
+    opt_c = make(model_c)
+    opt_c.load_state_dict(sd)
+    train(model_c, opt_c, batches[3:])
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(p, q)
+    started = "ema" if filt == "ema" else "ma_buffer"
+    assert all(set(opt_c.state[p]) >= {started} and "step" not in opt_c.state[p]
+               for p in model_c.parameters())
+
+
+def test_state_dict_without_the_newer_group_keys_loads_with_the_defaults():
+    # A checkpoint written before after_step / normalize_lr existed.
+    batches = make_batches(6)
+    model_a = make_model(0)
+    opt_a = Grokfast(torch.optim.Adam(model_a.parameters(), lr=1e-2), alpha=0.9)
+    train(model_a, opt_a, batches)
+    model_b = make_model(0)
+    opt_b = Grokfast(torch.optim.Adam(model_b.parameters(), lr=1e-2), alpha=0.9)
+    train(model_b, opt_b, batches[:3])
+    sd = opt_b.state_dict()
+    for group in sd["param_groups"]:
+        del group["grokfast_after_step"], group["grokfast_normalize_lr"]
+    model_c = make_model(0)
+    model_c.load_state_dict(model_b.state_dict())
+    opt_c = Grokfast(torch.optim.Adam(model_c.parameters(), lr=1e-2), alpha=0.9)
+    opt_c.load_state_dict(sd)
+    assert "grokfast_after_step" in opt_c.state_dict()["param_groups"][0]
+    train(model_c, opt_c, batches[3:])
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(p, q)
+
+
 # ---------------------------------------------------------------- identity at lamb = 0
 
 
@@ -281,19 +444,200 @@ def test_skip_mode_keeps_state_on_device_with_fused_inner():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_skip_mode_ema_state_untouched_for_plain_inner():
+def test_skip_mode_skips_the_whole_step_for_a_plain_inner():
     model = make_model(0)
-    opt = Grokfast(torch.optim.SGD(model.parameters(), lr=0.0), nonfinite="skip")
+    opt = Grokfast(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nonfinite="skip")
     train(model, opt, make_batches(2))
-    ema = {k: v for k, v in state_tensors(opt).items() if "grokfast" in k}
+    params, state = [p.detach().clone() for p in model.parameters()], state_tensors(opt)
     x, y = make_batches(1, seed=9)[0]
     opt.zero_grad()
     nn.functional.mse_loss(model(x), y).backward()
     _poison(model)
     opt.step()
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
     after = state_tensors(opt)
-    for key in ema:
-        assert torch.equal(after[key], ema[key]), key
+    assert after.keys() == state.keys()
+    for key in state:
+        assert torch.equal(after[key], state[key]), key
+
+
+# ---------------------------------------------------------------- skip mode: values
+
+# Inner optimizers for the skip tests: the contract's, plus the fused ones that take
+# found_inf (the device-side skip) with state of their own.
+SKIP_INNERS = {
+    **INNER_OPTIMIZERS,
+    "sgd-fused": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, fused=True),
+    "adagrad-fused": lambda p: torch.optim.Adagrad(p, lr=0.05, fused=True),
+}
+
+
+def _sgd_lr1_updates(grads, nonfinite, foreach):
+    """The updates SGD(lr=1) makes to a scalar parameter whose gradients are ``grads``."""
+    p = nn.Parameter(torch.zeros((), dtype=torch.float64))
+    opt = Grokfast(torch.optim.SGD([p], lr=1.0), alpha=0.5, lamb=2.0, foreach=foreach,
+                   nonfinite=nonfinite)
+    updates = []
+    for g in grads:
+        before = p.item()
+        p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        updates.append(before - p.item())
+    return updates
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("nonfinite", ["error", "skip"])
+def test_sgd_lr1_closed_form_in_both_modes(nonfinite, foreach):
+    # mu = 1, then 0.5 * 1 + 0.5 * 3 = 2, then 0.5 * 2 + 0.5 * 0 = 1; update g + 2 mu.
+    assert _sgd_lr1_updates([1.0, 3.0, 0.0], nonfinite, foreach) == [3.0, 7.0, 2.0]
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_skip_mode_nan_first_gradient_then_the_same_closed_form(foreach):
+    nan = float("nan")
+    assert _sgd_lr1_updates([nan, 1.0, nan, 3.0, 0.0], "skip", foreach) == [0.0, 3.0, 0.0, 7.0, 2.0]
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("after_step", [0, 1])
+@pytest.mark.parametrize("bad_at", [0, 1, 3])
+def test_functional_false_flag_is_as_if_the_call_never_happened(foreach, after_step, bad_at):
+    # With after_step=1 the first gradient (5) passes unchanged. A False flag before the
+    # EMA exists (or while it waits) is read on the host; after that, on the device.
+    head = [5.0] * after_step
+    clean = head + [1.0, 3.0, 0.0, -2.0]
+    seq = clean[:bad_at] + [float("nan")] + clean[bad_at:]
+    state, outs = [{}], []
+    for k, g in enumerate(seq):
+        t = [torch.tensor([g], dtype=torch.float64)]
+        grokfast_(t, state, alpha=0.5, lamb=2.0, after_step=after_step, foreach=foreach,
+                  finite=torch.tensor(k != bad_at))
+        if k != bad_at:
+            outs.append(t[0].item())
+    # mu: 1, 2, 1, 0.5 * 1 + 0.5 * (-2) = -0.5; out g + 2 mu
+    assert outs == head + [3.0, 7.0, 2.0, -3.0]
+    assert set(state[0]) == {"ema"} and state[0]["ema"].item() == -0.5
+
+
+def _run(inner, batches, nonfinite, poison=(), filt="ema", **kw):
+    model = make_model(0)
+    opt = Grokfast(SKIP_INNERS[inner](model.parameters()), alpha=0.9, lamb=2.0, filter=filt,
+                   window=3, nonfinite=nonfinite, **kw)
+    for i, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if i in poison:
+            model[2].weight.grad[1, 0] = float("nan")
+            model[0].bias.grad[3] = float("inf")
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], state_tensors(opt)
+
+
+def _assert_same_run(a, b):
+    for p, q in zip(a[0], b[0]):
+        assert torch.equal(p, q)
+    assert a[1].keys() == b[1].keys()
+    for key in a[1]:
+        assert torch.equal(a[1][key], b[1][key]), key
+
+
+@pytest.mark.parametrize("normalize_lr", [False, True])
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("filt", ["ema", "ma"])
+@pytest.mark.parametrize("inner", list(SKIP_INNERS))
+def test_skip_equals_error_bit_for_bit_on_finite_gradients(inner, filt, foreach, normalize_lr):
+    batches = make_batches(6)
+    kw = dict(filt=filt, foreach=foreach, normalize_lr=normalize_lr)
+    _assert_same_run(_run(inner, batches, "skip", **kw), _run(inner, batches, "error", **kw))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("after_step", [0, 2])
+@pytest.mark.parametrize("bad_at", [0, 1, 4])
+@pytest.mark.parametrize("inner", list(SKIP_INNERS))
+def test_skipped_step_is_as_if_step_was_never_called(inner, bad_at, after_step, foreach):
+    # bad_at 0: before any state exists; 1: while the filter waits for after_step=2;
+    # 4: filter and inner state exist (a fused inner then skips on the device).
+    batches = make_batches(7)
+    kept = batches[:bad_at] + batches[bad_at + 1:]
+    _assert_same_run(
+        _run(inner, batches, "skip", poison={bad_at}, after_step=after_step, foreach=foreach),
+        _run(inner, kept, "error", after_step=after_step, foreach=foreach),
+    )
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam", "adamw-fused"])
+def test_skipped_step_with_the_ma_filter_is_as_if_never_called(inner):
+    batches = make_batches(7)
+    for bad_at in (0, 4):
+        kept = batches[:bad_at] + batches[bad_at + 1:]
+        _assert_same_run(_run(inner, batches, "skip", poison={bad_at}, filt="ma"),
+                         _run(inner, kept, "error", filt="ma"))
+
+
+def test_skip_creates_no_inner_state_on_the_device():
+    # Momentum switched on mid-run: the fused SGD would create its buffer on this step, and
+    # found_inf cannot undo that, so the step is decided on the host.
+    def run(batches, nonfinite, poison=()):
+        model = make_model(0)
+        opt = Grokfast(torch.optim.SGD(model.parameters(), lr=0.05, fused=True), nonfinite=nonfinite)
+        for i, (x, y) in enumerate(batches):
+            if i == 2:
+                opt.param_groups[0]["momentum"] = 0.9
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            if i in poison:
+                _poison(model)
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], state_tensors(opt)
+
+    batches = make_batches(5)
+    _assert_same_run(run(batches, "skip", poison={2}), run(batches[:2] + batches[3:], "error"))
+
+
+@pytest.mark.parametrize("inner, host_decisions", [
+    ("adamw-fused", [True, False, False, False]),   # found_inf once the state exists
+    ("sgd-fused", [True, False, False, False]),
+    ("adam", [True, True, True, True]),             # no found_inf: decided on the host
+])
+def test_which_skip_path_each_inner_optimizer_takes(inner, host_decisions, monkeypatch):
+    import grokopt.grokfast as gf
+
+    calls = []
+    real = gf.screen_step
+    monkeypatch.setattr(gf, "screen_step", lambda *a: calls.append(True) or real(*a))
+    model = make_model(0)
+    opt = Grokfast(SKIP_INNERS[inner](model.parameters()), nonfinite="skip")
+    seen = []
+    for batch in make_batches(4):
+        n = len(calls)
+        train(model, opt, [batch])
+        seen.append(len(calls) > n)
+    assert seen == host_decisions
+
+
+def test_nonfinite_error_names_the_offending_parameter():
+    model = make_model(0)
+    opt = Grokfast(torch.optim.SGD([{"params": model[0].parameters()},
+                                    {"params": model[2].parameters()}], lr=0.1))
+    x, y = make_batches(1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    model[0].weight.grad = None  # index 2 counts parameters without a gradient too
+    model[2].weight.grad[1, 2] = float("inf")
+    with pytest.raises(NonFiniteGradientError, match=r"parameter 2 \(shape \(3, 8\)\)") as info:
+        opt.step()
+    assert (info.value.index, info.value.shape) == (2, (3, 8))
+    import grokopt.grokfast
+
+    assert grokopt.grokfast.NonFiniteGradientError is NonFiniteGradientError  # old import path
+    model[2].bias.grad[0] = float("nan")  # the first offender is named
+    with pytest.raises(NonFiniteGradientError, match="parameter 2 "):
+        opt.step()
+    model[2].weight.grad = None
+    with pytest.raises(NonFiniteGradientError, match=r"parameter 3 \(shape \(3,\)\)"):
+        opt.step()
 
 
 def test_skip_mode_ma_skips_the_whole_step():
@@ -338,6 +682,7 @@ def test_sparse_gradients_are_rejected():
         (dict(filter="fir"), r"filter must be one of \('ema', 'ma'\), got 'fir'"),
         (dict(reduction="max"), "reduction must be one of"),
         (dict(nonfinite="ignore"), "nonfinite must be one of"),
+        (dict(after_step=-1), "after_step must be an int >= 0, got -1"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_change_nothing(kwargs, match):
@@ -349,10 +694,63 @@ def test_bad_arguments_name_the_argument_and_change_nothing(kwargs, match):
     assert [dict(g) for g in inner.param_groups] == before
 
 
-@pytest.mark.parametrize("kwargs", [dict(alpha="0.9"), dict(lamb=None), dict(warmup=1)])
+@pytest.mark.parametrize("kwargs", [dict(alpha="0.9"), dict(lamb=None), dict(warmup=1),
+                                    dict(after_step=2.0), dict(after_step=True),
+                                    dict(normalize_lr="yes"), dict(normalize_lr=1)])
 def test_wrong_types_raise_type_error(kwargs):
-    with pytest.raises(TypeError):
-        Grokfast(torch.optim.SGD(make_model().parameters(), lr=0.1), **kwargs)
+    inner = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    before = [dict(g) for g in inner.param_groups]
+    name = next(iter(kwargs))
+    with pytest.raises(TypeError, match=f"{name} must be"):
+        Grokfast(inner, **kwargs)
+    assert [dict(g) for g in inner.param_groups] == before
+
+
+class _NoLr(torch.optim.Optimizer):
+    """An optimizer whose groups have no ``lr``."""
+
+    def __init__(self, params):
+        super().__init__(params, {"scale": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(group["scale"] * p.grad)
+
+
+def test_normalize_lr_needs_an_lr_in_each_group():
+    model = make_model(0)
+    inner = _NoLr(model.parameters())
+    before = [dict(g) for g in inner.param_groups]
+    with pytest.raises(ValueError, match="normalize_lr=True needs an 'lr'.*param group 0"):
+        Grokfast(inner, normalize_lr=True)
+    assert [dict(g) for g in inner.param_groups] == before
+    opt = Grokfast(inner)  # off: fine
+    train(model, opt, make_batches(1))
+    state = state_tensors(opt)
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["grokfast_normalize_lr"] = True  # switched on later: refused at step
+    x, y = make_batches(1, seed=3)[0]
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(ValueError, match="normalize_lr=True needs an 'lr'"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert all(torch.equal(v, state_tensors(opt)[k]) for k, v in state.items())
+
+
+def test_invalid_after_step_count_in_a_state_dict_is_refused():
+    model = make_model(0)
+    opt = Grokfast(torch.optim.SGD(model.parameters(), lr=0.1), after_step=3)
+    train(model, opt, make_batches(1))
+    sd = opt.state_dict()
+    sd["state"][0]["grokfast_step"] = -2
+    before = state_tensors(opt)
+    with pytest.raises(ValueError, match="grokfast step .* must be an int >= 0, got -2"):
+        opt.load_state_dict(sd)
+    assert state_tensors(opt).keys() == before.keys()
 
 
 def test_not_an_optimizer_raises_type_error():

@@ -7,8 +7,8 @@ import io
 import pytest
 import torch
 
-from contract import assert_same_params, make_batches, make_model, state_tensors, train
-from grokopt import GradientTransform, Grokfast
+from contract import WRAPPER_CASES, assert_same_params, make_batches, make_model, state_tensors, train
+from grokopt import AmplifiedOptimizer, GradientTransform, Grokfast
 
 
 class CountingScale(GradientTransform):
@@ -117,3 +117,107 @@ def test_closure_is_evaluated_once_with_grad_enabled():
 
     loss = opt.step(closure)
     assert calls == [True] and loss.ndim == 0
+
+
+# ---------------------------------------------------------------- a plain checkpoint upgrades
+
+UPGRADE_CASES = [pytest.param(c, id=c.name) for c in WRAPPER_CASES
+                 if c.name in ("grokfast-ema", "grokfast-ma", "grokfast-skip-late", "neuralgrok",
+                               "neuralgrok-over-grokfast")]
+
+
+def _adamw(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+
+
+@pytest.mark.parametrize("order", ["load-then-wrap", "wrap-then-load"])
+@pytest.mark.parametrize("case", UPGRADE_CASES)
+def test_plain_checkpoint_upgrades_to_a_wrapped_run(case, order):
+    batches = make_batches(8)
+    # Reference: the bare optimizer for 4 steps, then the same live objects wrapped.
+    model_a = make_model(0)
+    inner_a = _adamw(model_a)
+    train(model_a, inner_a, batches[:4])
+    opt_a = case.build(inner_a, model_a)
+    train(model_a, opt_a, batches[4:], case)
+
+    model_b = make_model(0)
+    inner_b = _adamw(model_b)
+    train(model_b, inner_b, batches[:4])
+    buffer = io.BytesIO()
+    torch.save((model_b.state_dict(), inner_b.state_dict()), buffer)
+    buffer.seek(0)
+    msd, osd = torch.load(buffer, weights_only=True)
+
+    model_c = make_model(9)
+    model_c.load_state_dict(msd)
+    inner_c = _adamw(model_c)
+    if order == "load-then-wrap":
+        inner_c.load_state_dict(osd)
+        opt_c = case.build(inner_c, model_c)
+    else:
+        opt_c = case.build(inner_c, model_c)
+        inner_c.load_state_dict(osd)  # the groups now lack the wrapper's keys
+    train(model_c, opt_c, batches[4:], case)
+    assert_same_params(model_a, model_c)
+    sa, sc = state_tensors(opt_a), state_tensors(opt_c)
+    assert sa.keys() == sc.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sc[key]), key
+    assert opt_a.state_dict()["param_groups"] == opt_c.state_dict()["param_groups"]
+
+
+def test_groups_without_the_wrappers_keys_get_its_defaults_not_a_key_error():
+    model = make_model(0)
+    opt = Grokfast(_adamw(model), lamb=1.5, after_step=1)
+    plain = _adamw(make_model(0)).state_dict()
+    opt.optimizer.load_state_dict(plain)
+    assert "grokfast_lamb" not in opt.param_groups[0]
+    saved = opt.state_dict()["param_groups"][0]  # saved as the next step will use them
+    assert (saved["grokfast_lamb"], saved["grokfast_after_step"]) == (1.5, 1)
+    train(model, opt, make_batches(2))
+    assert opt.param_groups[0]["grokfast_lamb"] == 1.5
+    assert set(opt.state[model[0].weight]) == {"ema"}
+
+
+def test_loading_a_plain_state_dict_into_the_wrapper_names_the_upgrade_path():
+    model = make_model(0)
+    opt = Grokfast(_adamw(model))
+    with pytest.raises(ValueError, match=r"load this state_dict into the inner optimizer"):
+        opt.load_state_dict(_adamw(make_model(0)).state_dict())
+
+
+# ---------------------------------------------------------------- optimizers that cannot be driven
+
+
+class _NeedsClosure(torch.optim.Optimizer):
+    """Any optimizer whose step() cannot run without a closure, like LBFGS."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    def step(self, closure):
+        return closure()
+
+
+WRAPPERS = {
+    "Grokfast": lambda opt: Grokfast(opt),
+    "AmplifiedOptimizer": lambda opt: AmplifiedOptimizer(opt, hidden=(4,)),
+    "CountingScale": lambda opt: CountingScale(opt),
+    "Grokfast(CountingScale)": lambda opt: Grokfast(CountingScale(opt)),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+@pytest.mark.parametrize("inner, match", [
+    (lambda p: torch.optim.LBFGS(p), "LBFGS cannot be wrapped .* requires a closure"),
+    (_NeedsClosure, "_NeedsClosure cannot be wrapped .* requires a closure"),
+    (lambda p: torch.optim.SparseAdam(p), "SparseAdam cannot be wrapped .* sparse"),
+], ids=["LBFGS", "closure-only", "SparseAdam"])
+def test_optimizers_a_wrapper_cannot_drive_are_refused_at_construction(wrapper, inner, match):
+    model = make_model(0)
+    opt = inner(model.parameters())
+    before = [dict(g) for g in opt.param_groups]
+    with pytest.raises(ValueError, match=match):
+        WRAPPERS[wrapper](opt)
+    assert [dict(g) for g in opt.param_groups] == before
