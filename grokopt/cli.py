@@ -67,15 +67,16 @@ _NON_NEGATIVE = _float_in(0, _INF, low_open=False, high_open=True, allowed="a fl
 
 
 def _task(text: str) -> str:
+    from .race_config import IMAGE_TASKS
     from .tasks.modular import MODULAR_TASKS, canonical_task
 
-    if text.strip() == "digits":
-        return "digits"
+    if text.strip() in IMAGE_TASKS:
+        return text.strip()
     try:
         canonical_task(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"unknown task {text!r}; allowed: {', '.join(MODULAR_TASKS)}, digits") from None
+            f"unknown task {text!r}; allowed: {', '.join((*MODULAR_TASKS, *IMAGE_TASKS))}") from None
     return text
 
 
@@ -135,7 +136,7 @@ def _add_race_parser(sub: Any) -> None:
     p.add_argument("--list-methods", action="store_true", help="list methods and exit")
     g = p.add_argument_group("task and model")
     g.add_argument("--task", type=_task, default=d,
-                   help="a+b, a-b, a*b, a*a-b, a*c+b*d-e or digits " + preset("task"))
+                   help="a+b, a-b, a*b, a*a-b, a*c+b*d-e, digits or mnist " + preset("task"))
     g.add_argument("--p", type=_int_at_least(2), default=d,
                    help="modulus " + preset("p"))
     g.add_argument("--split", choices=("grokfast", "neuralgrok"), default=d,
@@ -146,7 +147,7 @@ def _add_race_parser(sub: Any) -> None:
                    default=d, help="of the data, for the grokfast split "
                    + preset("train_fraction"))
     g.add_argument("--digits-train-size", type=_int_at_least(1), default=d,
-                   help="training digits " + preset("digits_train_size"))
+                   help="training images of digits/mnist " + preset("digits_train_size"))
     g.add_argument("--model", choices=("auto", "transformer", "mlp", "omnigrok-mlp"), default=d,
                    help="auto: the embedding MLP for modular tasks, the Omnigrok MLP for "
                         "digits " + preset("model"))
@@ -278,6 +279,7 @@ def _refuse(parser: argparse.ArgumentParser, exc: BaseException, args: argparse.
 
 def _configs_from_args(args: argparse.Namespace) -> list[Any]:
     from .race import PRESETS
+    from .race_config import IMAGE_TASKS
 
     changes: dict[str, Any] = {k: getattr(args, k) for k in _FIELDS if hasattr(args, k)}
     for key in ("methods", "thresholds", "betas"):
@@ -286,8 +288,13 @@ def _configs_from_args(args: argparse.Namespace) -> list[Any]:
     configs = []
     for base in PRESETS[args.preset].configs:
         cfg_changes = dict(changes)
+        # Switching between an image task and a modular one changes the model: the preset's
+        # model arguments belong to the other model.
+        switched = "task" in cfg_changes and (
+            (cfg_changes["task"] in IMAGE_TASKS) != (base.task in IMAGE_TASKS))
+        base_kw = {} if switched else base.model_kwargs
         if hasattr(args, "model_kw"):
-            cfg_changes["model_kwargs"] = {**base.model_kwargs, **dict(args.model_kw)}
+            cfg_changes["model_kwargs"] = {**base_kw, **dict(args.model_kw)}
         if hasattr(args, "overrides"):
             cfg_changes["overrides"] = {**base.overrides, **dict(args.overrides)}
         if hasattr(args, "seeds"):
@@ -295,9 +302,9 @@ def _configs_from_args(args: argparse.Namespace) -> list[Any]:
         elif args.first_seed:
             cfg_changes["seeds"] = tuple(s + args.first_seed for s in base.seeds)
         if "task" in cfg_changes and "p" not in cfg_changes and cfg_changes["task"] != base.task:
-            cfg_changes["p"] = None if cfg_changes["task"] == "digits" else (
+            cfg_changes["p"] = None if cfg_changes["task"] in IMAGE_TASKS else (
                 7 if cfg_changes["task"] in ("a*c+b*d-e", "poly7", "poly") else base.p or 97)
-        if cfg_changes.get("task") == "digits" and "model" not in cfg_changes:
+        if switched and "model" not in cfg_changes:
             cfg_changes["model"] = "auto"
             cfg_changes.setdefault("model_kwargs", {})
         cfg = dataclasses.replace(base, **cfg_changes)

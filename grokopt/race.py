@@ -35,7 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .race_config import _DEVICES, PRESETS, Preset, RaceConfig, _tkey, with_matched_baselines
+from .race_config import (
+    _DEVICES,
+    IMAGE_TASKS,
+    PRESETS,
+    Preset,
+    RaceConfig,
+    _tkey,
+    with_matched_baselines,
+)
 from .race_methods import (
     METHODS,
     Method,
@@ -56,6 +64,7 @@ from .tasks import (
     neuralgrok_split,
 )
 from .tasks.digits import require_race_extra
+from .tasks.mnist import load_mnist_task
 
 __all__ = [
     "METHODS",
@@ -105,8 +114,9 @@ class _Data:
 
 
 def _load_data(cfg: RaceConfig, seed: int, device: torch.device) -> _Data:
-    if cfg.task == "digits":
-        d = load_digits_task(cfg.digits_train_size, seed=seed)
+    if cfg.task in IMAGE_TASKS:
+        load = load_digits_task if cfg.task == "digits" else load_mnist_task
+        d = load(cfg.digits_train_size, seed=seed)
         x_tr, y_tr, x_te, y_te = d.x_train, d.y_train, d.x_test, d.y_test
         n_total = len(y_tr) + len(y_te)
         n_outer = max(1, round(0.01 * n_total))
@@ -136,11 +146,11 @@ def _load_data(cfg: RaceConfig, seed: int, device: torch.device) -> _Data:
 def _build_model(cfg: RaceConfig, data: _Data) -> nn.Module:
     kind = cfg.model
     if kind == "auto":
-        kind = "omnigrok-mlp" if cfg.task == "digits" else "mlp"
+        kind = "omnigrok-mlp" if cfg.task in IMAGE_TASKS else "mlp"
     kw = dict(cfg.model_kwargs)
-    if cfg.task == "digits":
+    if cfg.task in IMAGE_TASKS:
         if kind != "omnigrok-mlp":
-            raise ValueError(f"model: the digits task takes 'omnigrok-mlp' or 'auto', got {kind!r}")
+            raise ValueError(f"model: the {cfg.task} task takes 'omnigrok-mlp' or 'auto', got {kind!r}")
         build: Callable[..., nn.Module] = lambda: OmnigrokMLP(  # noqa: E731
             data.input_dim, num_classes=data.num_classes, **kw)
     elif kind == "transformer":
@@ -191,6 +201,7 @@ class _Run:
         self.data = data
         self.lr = float(spec.training.get("lr", cfg.lr))
         self.weight_decay = float(spec.training.get("weight_decay", cfg.weight_decay))
+        self.clip = spec.training.get("clip_grad_norm", cfg.clip_grad_norm)
         if spec.uses_outer:
             self.x_fit, self.y_fit = data.x_inner, data.y_inner
         else:
@@ -219,7 +230,7 @@ class _Run:
             logits_from_penalty_input=fwd_emb,
             penalty_input="embeddings" if self.tokens else "input",
             outer=(data.x_outer, data.y_outer) if spec.uses_outer else None,
-            lr=self.lr, device=device, seed=seed, clip_grad_norm=cfg.clip_grad_norm,
+            lr=self.lr, device=device, seed=seed, clip_grad_norm=self.clip,
         )
         self.parts = TrainParts(optimizer=self.base)
         for comp in spec.components:
@@ -264,25 +275,28 @@ class _Run:
         x, y = self._batch(self.step)
         if self.cfg.warmup_steps:
             factor = min(1.0, (self.step + 1) / self.cfg.warmup_steps)
-            for group in self.base.param_groups:
-                # As an LR scheduler does: initial_lr is the base lr that NeuralGrok's
-                # lookahead uses (lookahead_lr="base"), not the warmed-up one.
-                group.setdefault("initial_lr", self.lr)
-                group["lr"] = self.lr * factor
+            for group in self.parts.optimizer.param_groups:
+                # As an LR scheduler does: initial_lr is the group's base lr (NeuralGrok's
+                # lookahead uses it, lookahead_lr="base"), and a method that brings its own
+                # optimizer (Muon) may give its groups other base lrs than the arm's.
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * factor
         inp = self.model.embed(x) if self.tokens else x
+        loss_fn = self.parts.loss_fn or self.loss_fn
         if self.parts.forward is not None:
             logits, extra = self.parts.forward(inp)
-            loss = self.loss_fn(logits, y) + extra
+            loss = loss_fn(logits, y) + extra
         else:
             logits = self.fwd(inp)
-            loss = self.loss_fn(logits, y)
+            loss = loss_fn(logits, y)
         for penalty in self.parts.penalties:
             loss = loss + penalty(inp, logits)
         opt = self.parts.optimizer
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.clip_grad_norm is not None and not self.spec.uses_outer:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+        if self.clip is not None and not self.spec.uses_outer:
+            # NeuralGrok clips inside its own step (after the amplifier), as its paper does.
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         opt.step()
         self.step += 1
         for hook in self.parts.after_step:
@@ -347,6 +361,8 @@ class _Run:
             align, age = self._diagnostics()
             c["centroid_alignment"].append(align)
             c["age"].append(age)
+        for hook in self.parts.after_eval:
+            hook(self.step, va_acc)
         for t in self.cfg.thresholds:
             if self.reached[_tkey(t)] is None and va_acc >= t:
                 self.reached[_tkey(t)] = {"step": self.step, "seconds": self.train_seconds}
@@ -765,7 +781,7 @@ def run_race(
 
             previous = signal.signal(signal.SIGINT, on_sigint)
         title = f"grokopt race '{cfg.name}': {cfg.task}" + (
-            f" mod {cfg.p}" if cfg.task != "digits" else "") + f" on {device}"
+            f" mod {cfg.p}" if cfg.task not in IMAGE_TASKS else "") + f" on {device}"
         last_save = time.monotonic()
         try:
             with _Reporter(progress, log_every, runs, title) as report:

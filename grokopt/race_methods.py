@@ -7,6 +7,7 @@ adds loss terms and per-step hooks; combined methods apply in a fixed nesting or
 from __future__ import annotations
 
 import ast
+import inspect
 import importlib
 import math
 import re
@@ -65,13 +66,17 @@ class TrainParts:
     ``after_step`` hooks run after every optimizer step as ``hook(step, x, y)``;
     ``generators`` are random generators whose state is checkpointed with the run;
     ``forward``, when a method sets it, replaces the task forward: it maps the penalty input
-    to ``(logits, extra_loss)`` in one pass.
+    to ``(logits, extra_loss)`` in one pass; ``loss_fn``, when set, replaces the task loss in
+    training (evaluation keeps the race's loss, so losses stay comparable across arms);
+    ``after_eval`` hooks run after every evaluation as ``hook(step, val_acc)``.
     """
 
     optimizer: Optimizer
     forward: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
     penalties: list[Callable[[Tensor, Tensor], Tensor]] = field(default_factory=list)
     after_step: list[Callable[[int, Tensor, Tensor], None]] = field(default_factory=list)
+    after_eval: list[Callable[[int, float], None]] = field(default_factory=list)
     generators: dict[str, torch.Generator] = field(default_factory=dict)
 
 
@@ -132,6 +137,9 @@ _NAME_MODULES = {
     "Grokfast": "grokopt.grokfast",
     "GrokAlignLoss": "grokopt.grokalign",
     "AmplifiedOptimizer": "grokopt.neuralgrok",
+    "OrthoGrad": "grokopt.orthograd",
+    "EGD": "grokopt.egd",
+    "stablemax_cross_entropy": "grokopt.stablemax",
 }
 
 
@@ -185,6 +193,53 @@ def _apply_neuralgrok(ctx: MethodContext, parts: TrainParts, params: Mapping[str
     parts.after_step.append(meta)
 
 
+def _apply_orthograd(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]) -> None:
+    parts.optimizer = _import_grokopt_name("OrthoGrad")(parts.optimizer, **params)
+
+
+def _apply_stablemax(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]) -> None:
+    if ctx.loss_fn is not torch.nn.functional.cross_entropy:
+        raise ValueError("stablemax replaces the cross-entropy loss; this race uses loss='mse'")
+    parts.loss_fn = _import_grokopt_name("stablemax_cross_entropy")
+
+
+def _apply_egd(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]) -> None:
+    options = dict(params)
+    until = options.pop("until")
+    if until is not None and not (isinstance(until, (int, float)) and 0 < until <= 1):
+        raise ValueError(f"until: expected a validation accuracy in (0, 1] or none, got {until!r}")
+    opt = _import_grokopt_name("EGD")(parts.optimizer, **options)
+    parts.optimizer = opt
+
+    def switch_off(step: int, val_acc: float) -> None:
+        # The reference returns to the plain update once test accuracy passes 95%.
+        if until is not None and val_acc >= until:
+            for group in opt.param_groups:
+                group["egd_enabled"] = False
+
+    parts.after_eval.append(switch_off)
+
+
+def _apply_muon(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]) -> None:
+    if parts.optimizer is not ctx.base_optimizer:
+        raise ValueError("muon replaces the base optimizer: list it first (innermost) in an arm")
+    from .race_muon import MuonWithAuxiliary, muon_parameters
+
+    if not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"muon needs torch.optim.Muon (torch 2.9 or newer); this is torch "
+                         f"{torch.__version__}")
+    options = dict(params)
+    options["lr"] = options.pop("muon_lr")
+    wd = options.pop("muon_wd")
+    options["weight_decay"] = ctx.base_optimizer.defaults.get("weight_decay", 0.0) if wd is None else wd
+    hidden, rest = muon_parameters(ctx.model)
+    base = ctx.base_optimizer
+    # The embeddings, biases, norms and output head keep the race's optimizer and settings.
+    accepted = inspect.signature(type(base)).parameters
+    auxiliary = type(base)(rest, **{k: v for k, v in base.defaults.items() if k in accepted})
+    parts.optimizer = MuonWithAuxiliary(torch.optim.Muon(hidden, **options), auxiliary)
+
+
 register_method(Method("baseline", _apply_baseline, summary="the base optimizer alone"))
 register_method(
     Method(
@@ -220,6 +275,53 @@ register_method(
 )
 register_method(
     Method(
+        "orthograd",
+        _apply_orthograd,
+        defaults={"eps": 1e-30},
+        order=5,
+        summary="OrthoGrad: step on the gradient part orthogonal to the weights "
+                "(Prieto et al. 2025)",
+        unavailable=_missing("OrthoGrad"),
+    )
+)
+register_method(
+    Method(
+        "stablemax",
+        _apply_stablemax,
+        order=0,
+        summary="StableMax cross-entropy instead of softmax's (Prieto et al. 2025)",
+        unavailable=_missing("stablemax_cross_entropy"),
+    )
+)
+register_method(
+    Method(
+        "egd",
+        _apply_egd,
+        defaults={"method": "svd", "ns_steps": 30, "until": 0.95},
+        order=5,
+        summary="Egalitarian gradient descent: every 2-D gradient's singular values set to 1, "
+                "until validation accuracy reaches 'until' (Pasand and Dohmatob 2025)",
+        unavailable=_missing("EGD"),
+    )
+)
+register_method(
+    Method(
+        "muon",
+        _apply_muon,
+        # muon_lr: Muon's customary 0.02 (with torch's default shape adjustment); muon_wd
+        # None: the arm's weight decay. Keys are prefixed where the arm's own keys (lr, wd)
+        # would otherwise take them.
+        defaults={"muon_lr": 0.02, "momentum": 0.95, "nesterov": True, "ns_steps": 5,
+                  "muon_wd": None},
+        order=-10,
+        summary="Muon on the hidden 2-D weights, the race's optimizer on the rest "
+                "(Tveit et al. 2025)",
+        unavailable=lambda: None if hasattr(torch.optim, "Muon") else
+        f"torch.optim.Muon needs torch 2.9 or newer (this is {torch.__version__})",
+    )
+)
+register_method(
+    Method(
         "grokalign",
         _apply_grokalign,
         defaults={"weight": 1e-3, "num_projections": 1, "estimator": "auto"},
@@ -234,7 +336,8 @@ register_method(
 # Run specs: "method[+method...][:key=value,...]"
 # --------------------------------------------------------------------------------------------
 
-_TRAINING_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "wd": "weight_decay"}
+_TRAINING_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "wd": "weight_decay",
+                  "clip": "clip_grad_norm"}
 
 
 @dataclass(frozen=True)
@@ -295,6 +398,8 @@ def _check_training_value(key: str, value: Any) -> None:
         raise ValueError(f"lr: expected a positive float, got {value!r}")
     if key == "weight_decay" and not (real and math.isfinite(value) and value >= 0):
         raise ValueError(f"weight_decay: expected a float >= 0, got {value!r}")
+    if key == "clip_grad_norm" and not (value is None or (real and math.isfinite(value) and value > 0)):
+        raise ValueError(f"clip: expected a positive float or none, got {value!r}")
 
 
 def hyperparameter_names() -> list[str]:

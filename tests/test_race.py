@@ -128,7 +128,8 @@ def test_arms_share_data_init_and_schedule() -> None:
 FULL_BATCH = {**TINY, "batch_size": 64, "seeds": (0, 3)}
 
 
-def _plain_loop(cfg: RaceConfig, seed: int, make_opt, lr: float, wd: float) -> dict:
+def _plain_loop(cfg: RaceConfig, seed: int, make_opt, lr: float, wd: float,
+                clip: float | None = None, loss_fn=F.cross_entropy) -> dict:
     data = modular_dataset(cfg.task, cfg.p)
     split = grokfast_split(len(data), seed, cfg.train_fraction)
     x_tr, y_tr = data.inputs[split.train], data.labels[split.train]
@@ -147,15 +148,39 @@ def _plain_loop(cfg: RaceConfig, seed: int, make_opt, lr: float, wd: float) -> d
         curve["train_loss"].append(F.cross_entropy(model(x_tr), y_tr).item())
 
     evaluate(0)
+    base_lrs = [group["lr"] for group in opt.param_groups]
     for step in range(cfg.steps):
-        for group in opt.param_groups if cfg.warmup_steps else ():
-            group["lr"] = lr * min(1.0, (step + 1) / cfg.warmup_steps)
+        for group, base_lr in zip(opt.param_groups if cfg.warmup_steps else (), base_lrs):
+            group["lr"] = base_lr * min(1.0, (step + 1) / cfg.warmup_steps)
         opt.zero_grad()
-        F.cross_entropy(model(x_tr), y_tr).backward()
+        loss_fn(model(x_tr), y_tr).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         if (step + 1) % cfg.eval_every == 0:
             evaluate(step + 1)
     return curve
+
+
+class _MuonByHand:
+    """torch.optim.Muon on the hidden Linear weights (not the last Linear, the head), AdamW on
+    the embedding, biases and head: two optimizers stepped one after the other."""
+
+    def __init__(self, model, lr, wd, cfg):
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        hidden = [m.weight for m in linears[:-1]]
+        rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+        self.opts = [torch.optim.Muon(hidden, lr=0.01, weight_decay=wd, ns_steps=3),
+                     torch.optim.AdamW(rest, lr=lr, betas=cfg.betas, weight_decay=wd)]
+        self.param_groups = [g for o in self.opts for g in o.param_groups]
+
+    def zero_grad(self):
+        for o in self.opts:
+            o.zero_grad()
+
+    def step(self):
+        for o in self.opts:
+            o.step()
 
 
 def _adamw(cfg: RaceConfig):
@@ -169,16 +194,27 @@ def _adamw(cfg: RaceConfig):
     ("grokfast:alpha=0.9,lamb=3", lambda opt: grokopt.Grokfast(opt, alpha=0.9, lamb=3), 1e-3, 0.1),
     ("grokfast-ma:window=3,lamb=1.5",
      lambda opt: grokopt.Grokfast(opt, filter="ma", window=3, lamb=1.5), 1e-3, 0.1),
+    ("baseline:clip=0.05", None, 1e-3, 0.1),
+    ("orthograd", grokopt.OrthoGrad, 1e-3, 0.1),
+    ("orthograd+stablemax:wd=0", grokopt.OrthoGrad, 1e-3, 0.0),
+    ("egd:until=none", grokopt.EGD, 1e-3, 0.1),
+    # EGD switched off at the first evaluation (step 0): exactly the bare optimizer.
+    ("egd:until=1e-9", None, 1e-3, 0.1),
+    ("muon:muon_lr=0.01,ns_steps=3", "muon", 1e-3, 0.1),
 ])
 def test_arm_equals_a_plain_training_loop(arm, make, lr, wd) -> None:
     cfg = RaceConfig(**FULL_BATCH, methods=(arm,))
     result = run_race(cfg)
+    clip = 0.05 if "clip=" in arm else None
+    loss_fn = grokopt.stablemax_cross_entropy if "stablemax" in arm else F.cross_entropy
     for record in result.runs:
         def make_opt(model, lr_, wd_):
+            if make == "muon":
+                return _MuonByHand(model, lr_, wd_, cfg)
             base = _adamw(cfg)(model, lr_, wd_)
             return base if make is None else make(base)
 
-        want = _plain_loop(cfg, record["seed"], make_opt, lr, wd)
+        want = _plain_loop(cfg, record["seed"], make_opt, lr, wd, clip, loss_fn)
         got = record["curve"]
         assert got["step"] == want["step"] == [0, 4, 8, 12]
         assert got["train_acc"] == want["train_acc"] and got["val_acc"] == want["val_acc"]

