@@ -1,6 +1,6 @@
 """NeuralGrok: a learned per-element gain on the gradient, trained by a one-step lookahead.
 
-SPEC section 2. For each gradient tensor ``g`` the amplifier (a small MLP on one scalar)
+docs/methods.md, section 2. For each gradient tensor ``g`` the amplifier (a small MLP on one scalar)
 gives ``f = MLP(g)`` elementwise; the transform is
 
     G_phi(g) = c * (w * g) / (||w * g|| + eps),    w = exp(f - max f)
@@ -253,7 +253,7 @@ def amplify_gradients(
     path: str = "auto",
     chunk_size: int | None = _CHUNK,
 ) -> list[Tensor]:
-    """G_phi of SPEC section 2 for each tensor; new tensors, the inputs are not changed.
+    """G_phi (docs/methods.md, section 2) for each tensor; new tensors, the inputs are not changed.
 
     ``f = amplifier(g)`` elementwise, ``w = exp(f - max f)`` and ``c * w*g / (||w*g|| + eps)``,
     in the wider of fp32 and the amplifier's dtype, returned in each gradient's dtype. An
