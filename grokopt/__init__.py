@@ -2,7 +2,15 @@
 
 Grokfast (gradient filters), AmplifiedOptimizer (NeuralGrok's learned amplifier) and
 GrokAlignLoss (Jacobian regularisation), plus the diagnostics and the grokking race.
+What each method computes, its defaults and how it differs from the papers' code:
+docs/methods.md.
 """
+
+from ._compat import check_torch_floor as _check_torch_floor
+
+# Before anything else imports torch APIs that an older torch lacks: one clear error naming
+# the required version instead of an ImportError from deep inside a submodule.
+_check_torch_floor()
 
 from .centroids import CentroidStats, centroid_alignment, centroids, jacobian_pc1_share
 from .egd import EGD, polar_factor

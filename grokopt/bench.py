@@ -79,7 +79,7 @@ DEFAULT_METHODS = (
     "grokfast+neuralgrok",
 )
 
-_META_EVERY = 4  # NeuralGrok's meta-step period for the two-operand tasks (SPEC section 2)
+_META_EVERY = 4  # NeuralGrok's meta-step period for the two-operand tasks (docs/methods.md)
 _LR = 1e-3
 _BETAS = (0.9, 0.98)
 _WEIGHT_DECAY = 0.01

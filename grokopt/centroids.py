@@ -1,4 +1,4 @@
-"""Centroid diagnostics of GrokAlign (SPEC section 3), cheap enough to log every few steps.
+"""Centroid diagnostics of GrokAlign (docs/methods.md), cheap enough to log every few steps.
 
 For a piecewise-affine network the input Jacobian ``J_x`` is constant on the linear region
 around ``x``, and ``mu_x = J_x^T 1`` (the input gradient of the summed logits, one backward

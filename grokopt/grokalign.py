@@ -1,6 +1,6 @@
 """GrokAlign (Walker, Humayun, Balestriero, Baraniuk 2025): penalise the input Jacobian's
 Frobenius norm at the training points, which drives the Jacobian rows to align with the data
-and makes the network grok sooner. See SPEC section 3 and :mod:`grokopt.jacobian`.
+and makes the network grok sooner. See docs/methods.md (section 3) and :mod:`grokopt.jacobian`.
 """
 
 from __future__ import annotations

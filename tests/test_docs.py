@@ -44,3 +44,48 @@ def test_every_public_name_has_a_docstring_with_an_example():
         is_exception = isinstance(obj, type) and issubclass(obj, BaseException)
         if not is_exception:
             assert ">>>" in doc, f"{name}'s docstring has no runnable example"
+
+
+# ---------------------------------------------------------------- docs/methods.md
+
+METHODS = README.parent / "docs" / "methods.md"
+METHOD_SNIPPETS = re.findall(r"```python\n(.*?)```", METHODS.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(METHOD_SNIPPETS)))
+def test_methods_doc_snippet_runs(index):
+    exec(compile(METHOD_SNIPPETS[index], f"docs/methods.md snippet {index}", "exec"), {})
+
+
+def test_methods_doc_has_a_snippet_per_method():
+    # One usage example for each of Grokfast, NeuralGrok and GrokAlign.
+    assert len(METHOD_SNIPPETS) >= 3
+
+
+def test_methods_doc_states_the_declared_torch_floor():
+    pyproject = (README.parent / "pyproject.toml").read_text()
+    (floor,) = re.findall(r'"torch>=([\d.]+)"', pyproject)
+    text = METHODS.read_text()
+    assert f"torch ≥ {floor}" in text
+    assert "## Requirements" in text
+
+
+def _user_facing_files() -> list[Path]:
+    root = README.parent
+    return [README, *sorted((root / "docs").rglob("*.md")), *sorted((root / "grokopt").rglob("*.py"))]
+
+
+def test_no_user_facing_text_cites_the_internal_spec():
+    # The method definitions users can read are docs/methods.md; an internal design document
+    # they never see must not be cited. ("SPEC" as the CLI's metavar for an arm spec is fine.)
+    offenders = []
+    for path in _user_facing_files():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\bSPEC\b", line) and 'metavar="SPEC"' not in line:
+                offenders.append(f"{path.relative_to(README.parent)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_readme_and_package_docstring_link_the_methods_doc():
+    assert "docs/methods.md" in README.read_text()
+    assert "docs/methods.md" in (grokopt.__doc__ or "")
