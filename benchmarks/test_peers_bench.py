@@ -35,12 +35,12 @@ Groups (each ratio is in the JSON's ``extra_info``, taken against the group's fi
 How the peers were configured to the same maths (read from their source):
 
 * pytorch_optimizer 4.1 ``GrokFastAdamW``: ``normalize_lr=False`` (its default divides lr by
-  1 + lamb, which SPEC section 1 says not to do), ``betas`` given (its default is
+  1 + lamb, which docs/methods.md says not to do), ``betas`` given (its default is
   (0.9, 0.99)). It filters inside step, after the decoupled decay, with mu = g on the first
   step (as ours). The one difference that cannot be configured away: Adam's denominator is
   ``max(sqrt(v_hat), eps)`` where torch's AdamW has ``sqrt(v_hat) + eps``.
 * pytorch_optimizer ``gradfilter_ema``: the same filter, run outside the optimizer
-  (around the same AdamW); identical maths (SPEC section 1 says why ours runs inside
+  (around the same AdamW); identical maths (docs/methods.md says why ours runs inside
   step(): GradScaler and checkpointing, not a different result).
 * grokfast_pytorch 0.0.11 ``GrokFastAdamW``: ``normalize_lr=False``, ``betas`` given
   (default (0.9, 0.99)); its decoupled decay is ``p *= 1 - wd`` (not scaled by lr), so it
@@ -408,7 +408,7 @@ def test_grokalign_step(benchmark, kind, impl):
 
 
 class PaperAmplified:
-    """NeuralGrok the reference way, written from the paper (SPEC section 2).
+    """NeuralGrok the reference way, written from the paper (docs/methods.md).
 
     step(): the amplifier MLP on all P gradient entries at once (P x sum(hidden)
     activations), softmax over each tensor's entries, ``c * w*g / ||w*g||``, then the base

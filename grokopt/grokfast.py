@@ -240,7 +240,10 @@ def _ema_foreach(
 ) -> None:
     for g, state in zip(grads, states):
         _ema_init(g, state)
-    mus = [s["ema"] for s in states]
+    # Elementwise: run on the local shards of DTensors (FSDP2), as the MA path does; torch
+    # before 2.11 has no DTensor rule for _foreach_lerp_.
+    grads = [_local(g) for g in grads]
+    mus = [_local(s["ema"]) for s in states]
     low_precision = mus[0].dtype != grads[0].dtype
     src = [g.to(mus[0].dtype) for g in grads] if low_precision else grads
     weight: Any = 1 - alpha

@@ -223,11 +223,10 @@ def _apply_egd(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any])
 def _apply_muon(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]) -> None:
     if parts.optimizer is not ctx.base_optimizer:
         raise ValueError("muon replaces the base optimizer: list it first (innermost) in an arm")
+    from ._compat import muon
     from .race_muon import MuonWithAuxiliary, muon_parameters
 
-    if not hasattr(torch.optim, "Muon"):
-        raise ValueError(f"muon needs torch.optim.Muon (torch 2.9 or newer); this is torch "
-                         f"{torch.__version__}")
+    muon_cls = muon()  # TorchTooOldError, naming torch 2.9, where it is missing
     options = dict(params)
     options["lr"] = options.pop("muon_lr")
     wd = options.pop("muon_wd")
@@ -237,7 +236,17 @@ def _apply_muon(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]
     # The embeddings, biases, norms and output head keep the race's optimizer and settings.
     accepted = inspect.signature(type(base)).parameters
     auxiliary = type(base)(rest, **{k: v for k, v in base.defaults.items() if k in accepted})
-    parts.optimizer = MuonWithAuxiliary(torch.optim.Muon(hidden, **options), auxiliary)
+    parts.optimizer = MuonWithAuxiliary(muon_cls(hidden, **options), auxiliary)
+
+
+def _muon_missing() -> str | None:
+    from ._compat import TorchTooOldError, muon
+
+    try:
+        muon()
+    except TorchTooOldError as exc:
+        return str(exc)
+    return None
 
 
 register_method(Method("baseline", _apply_baseline, summary="the base optimizer alone"))
@@ -316,8 +325,7 @@ register_method(
         order=-10,
         summary="Muon on the hidden 2-D weights, the race's optimizer on the rest "
                 "(Tveit et al. 2025)",
-        unavailable=lambda: None if hasattr(torch.optim, "Muon") else
-        f"torch.optim.Muon needs torch 2.9 or newer (this is {torch.__version__})",
+        unavailable=_muon_missing,
     )
 )
 register_method(

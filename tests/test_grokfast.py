@@ -1,4 +1,4 @@
-"""Grokfast: closed forms of SPEC section 1, paths agreeing, identity, faults, bad input."""
+"""Grokfast: closed forms of docs/methods.md, paths agreeing, identity, faults, bad input."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def run_filter(seq, state=None, **kw):
 
 
 def plain_ema(seq, alpha, lamb):
-    """SPEC section 1 written out with Python floats per element, nothing shared with grokopt."""
+    """docs/methods.md written out with Python floats per element, nothing shared with grokopt."""
     mu = None
     outs = []
     for g in seq:
@@ -101,7 +101,7 @@ def test_after_step_leaves_the_first_gradients_and_then_starts_fresh(filt, forea
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-# ---------------------------------------------------------------- closed forms (SPEC 1)
+# ---------------------------------------------------------------- closed forms (docs/methods.md)
 
 
 @settings(max_examples=40, deadline=None)
@@ -811,7 +811,7 @@ def test_hyperparameters_may_be_0d_tensors():
 
 
 def test_nan_amplitude_reference_value():
-    # Guard the closed form used above against a silent change in the SPEC numbers.
+    # Guard the closed form used above against a silent change in the documented numbers.
     assert math.isclose(1 + 2.0 * (1 - 0.98) / (1 + 0.98), 1.020202, abs_tol=1e-6)
 
 

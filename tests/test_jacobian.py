@@ -225,7 +225,7 @@ def test_gradient_reaches_an_upstream_input():
     assert grads[0].abs().sum() > 0
 
 
-# ---------------------------------------------------------------- closed forms (SPEC 3)
+# ---------------------------------------------------------------- closed forms (docs/methods.md)
 
 
 def linear_model(sequential):

@@ -1,4 +1,4 @@
-"""NeuralGrok's transform G_phi: SPEC section 2 invariants, a reference, fast vs exact path."""
+"""NeuralGrok's transform G_phi: docs/methods.md invariants, a reference, fast vs exact path."""
 
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ def amp64(hidden=(16, 16), seed=0):
 
 
 def reference(g: torch.Tensor, amp: nn.Module, c: float) -> torch.Tensor:
-    """SPEC section 2 written as in the paper: softmax over the tensor, then renormalise."""
+    """docs/methods.md written as in the paper: softmax over the tensor, then renormalise."""
     f = torch.stack([amp(v.view(1, 1)).view(()) for v in g.reshape(-1)])
     w = torch.softmax(f, 0)
     u = w * g.reshape(-1)
     return (c * u / u.norm()).view(g.shape)
 
 
-# ---------------------------------------------------------------- invariants (SPEC 2)
+# ---------------------------------------------------------------- invariants (docs/methods.md)
 
 grad_tensors = st.lists(
     st.floats(-10, 10, allow_nan=False, allow_infinity=False), min_size=1, max_size=40

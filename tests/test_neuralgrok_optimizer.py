@@ -58,7 +58,7 @@ def test_step_is_inner_optimizer_on_amplified_gradients(path, c):
         ref_opt.zero_grad()
         mse(ref(x), y).backward()
         with torch.no_grad():
-            for p in ref.parameters():  # SPEC 2 per tensor, written out
+            for p in ref.parameters():  # docs/methods.md per tensor, written out
                 f = amp(p.grad.reshape(-1, 1)).reshape(p.shape)
                 u = torch.softmax(f.reshape(-1), 0).reshape(p.shape) * p.grad
                 p.grad.copy_(c * u / u.norm())

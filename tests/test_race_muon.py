@@ -121,6 +121,6 @@ def test_muon_arm_without_torch_muon_is_reported(monkeypatch):
     from grokopt.race_methods import METHODS, parse_run_spec
 
     monkeypatch.delattr(torch.optim, "Muon")
-    assert "torch 2.9 or newer" in METHODS["muon"].unavailable()
+    assert "from torch 2.9 on" in METHODS["muon"].unavailable()
     with pytest.raises(RuntimeError, match="muon.*unavailable.*torch 2.9"):
         parse_run_spec("muon")
