@@ -309,23 +309,52 @@ def test_centroids_of_a_bias_free_relu_net(fast):
     torch.testing.assert_close(centroids(wrapped, x), J.sum(1))
 
 
-def test_pc1_share():
+def _pc1_brute(model, x):
+    """Per sample: the singular values of its own (uncentred) Jacobian; then the mean."""
+    shares = []
+    for b in range(x.shape[0]):
+        Jb = torch.autograd.functional.jacobian(lambda v: model(v[None])[0], x[b]).reshape(-1, x[b].numel())
+        s = torch.linalg.svdvals(Jb)
+        shares.append(float(s[0] ** 2 / (s**2).sum()))
+    return sum(shares) / len(shares)
+
+
+def test_pc1_share_closed_forms():
     rank_one = nn.Sequential(nn.Linear(2, 3, bias=False)).to(DT)
     with torch.no_grad():
         rank_one[0].weight.copy_(torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], dtype=DT))
     assert jacobian_pc1_share(rank_one, torch.randn(4, 2, dtype=DT)) == pytest.approx(1.0)
-    # W's rows centred: (-2,-2), (0,0), (2,2) -> rank one as well; an orthogonal W is not.
-    assert jacobian_pc1_share(linear_map(), torch.randn(4, 2, dtype=DT)) == pytest.approx(1.0)
+    # W^T W = [[35, 44], [44, 56]]: eigenvalues (91 +- sqrt(8185)) / 2, so s_1^2 / ||W||^2 is
+    # (91 + sqrt(8185)) / 182 = 0.997093 (centring the rows first would give exactly 1).
+    assert jacobian_pc1_share(linear_map(), torch.randn(4, 2, dtype=DT)) == pytest.approx((91 + math.sqrt(8185)) / 182, rel=1e-12)
     iso = nn.Sequential(nn.Linear(2, 4, bias=False)).to(DT)
     with torch.no_grad():
         iso[0].weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=DT))
-    assert jacobian_pc1_share(iso, torch.randn(3, 2, dtype=DT)) == pytest.approx(0.5)
-    model = mlp()
-    x = torch.randn(5, 6, dtype=DT)
+    assert jacobian_pc1_share(iso, torch.randn(3, 2, dtype=DT)) == pytest.approx(0.5, rel=1e-12)
+
+
+@pytest.mark.parametrize("model_fn", [mlp, smooth])
+def test_pc1_share_is_the_per_sample_mean(model_fn):
+    """Against per-sample SVDs of brute-force Jacobians; on a ReLU MLP this differs from the
+    pooled, centred statistic, so the test tells the two apart."""
+    model = model_fn()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(3), dtype=DT)
+    got = jacobian_pc1_share(model, x)
+    assert got == pytest.approx(_pc1_brute(model, x), rel=1e-10)
     J = torch.stack([torch.autograd.functional.jacobian(lambda v: model(v[None])[0], x[b]) for b in range(5)])
     rows = J.reshape(-1, 6)
     s = torch.linalg.svdvals(rows - rows.mean(0))
-    assert jacobian_pc1_share(model, x) == pytest.approx(float(s[0] ** 2 / (s**2).sum()))
+    assert abs(got - float(s[0] ** 2 / (s**2).sum())) > 0.05
+
+
+def test_pc1_share_leaves_out_zero_jacobians():
+    """A bias-free ReLU net at x = 0 has J = 0 (no direction): such samples are left out."""
+    model = mlp()
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3), dtype=DT)
+    x[1] = 0.0
+    keep = [0, 2, 3]
+    assert jacobian_pc1_share(model, x) == pytest.approx(_pc1_brute(model, x[keep]), rel=1e-10)
+    assert math.isnan(jacobian_pc1_share(model, torch.zeros(2, 6, dtype=DT)))
 
 
 # ---------------------------------------------------------------- torch.compile
