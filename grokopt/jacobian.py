@@ -4,7 +4,11 @@ exact per-sample Jacobian, each for a whole batch in one call.
 Every kernel takes ``model``, any callable mapping a batch ``x`` of shape ``(B, *in)`` to
 outputs ``(B, *out)`` in which sample ``b``'s output depends only on sample ``b``'s input, and
 returns ``(outputs, result)`` so the caller can reuse the forward pass (for a task loss).
-Results are differentiable w.r.t. the model's parameters (and ``x``, when it requires grad).
+Results are differentiable w.r.t. the model's parameters (and ``x``, when it requires grad),
+with one exception torch imposes: through layer norm, forward mode (``jvp``,
+``per_sample_jacobian(mode="fwd")``) gives right values but wrong parameter gradients, so
+those kernels warn when they see a layer-norm call with grad enabled, and the "jvp" norm
+estimator refuses it.
 
 Two implementations sit behind each kernel:
 
@@ -24,12 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "ESTIMATORS",
@@ -140,15 +146,22 @@ def _module_of(model: object) -> nn.Module | None:
     return owner if isinstance(owner, nn.Module) else None
 
 
-def _check_forward_mode_safe(model: object) -> None:
-    """Refuse the "jvp" estimator where torch computes its parameter gradients wrongly.
+_LAYER_NORM_REASON = (
+    "torch's forward-mode layer norm gives wrong parameter gradients under backward "
+    f"(torch {torch.__version__})"
+)
 
-    Reverse-over-forward through ``nn.LayerNorm`` (torch's native layer-norm forward-mode
-    rule) gives wrong parameter gradients in torch 2.13: against central differences in
-    float64 they are off by 45-116%, while the same normalisation written with elementwise
-    ops, RMSNorm, GroupNorm and every other layer we use are right to 1e-10
-    (tests/test_jacobian.py pins both facts). Training on such gradients would be silently
-    wrong, so the estimator is refused and the reverse-mode ones are named instead.
+
+def _check_forward_mode_safe(model: object) -> None:
+    """Refuse the "jvp" estimator up front for a model that visibly holds ``nn.LayerNorm``.
+
+    Reverse-over-forward through layer norm (torch's native forward-mode rule) gives wrong
+    parameter gradients in torch 2.13: against central differences in float64 they are off
+    by 45-116%, while the same normalisation written with elementwise ops, RMSNorm,
+    GroupNorm and every other layer we use are right to 1e-10 (tests/test_jacobian.py pins
+    both facts). Training on such gradients would be silently wrong. Only a module (or a
+    bound method of one) can be inspected here; for any other callable the layer-norm calls
+    are caught while the product runs (:class:`_LayerNormWatch`).
     """
     module = _module_of(model)
     if module is None:
@@ -157,10 +170,46 @@ def _check_forward_mode_safe(model: object) -> None:
         if isinstance(sub, nn.LayerNorm):
             raise ValueError(
                 f"estimator='jvp' is refused for models with nn.LayerNorm ({name or 'model'}): "
-                f"torch's forward-mode LayerNorm gives wrong parameter gradients under "
-                f"backward (torch {torch.__version__}); use estimator='vjp' (the paper's), "
-                f"'exact' or 'auto'"
+                f"{_LAYER_NORM_REASON}; use estimator='vjp' (the default) or 'exact'"
             )
+
+
+class _LayerNormWatch(TorchFunctionMode):
+    """Sees every layer-norm call made while a forward-mode product is traced.
+
+    A closure such as ``lambda e: net.forward_embeddings(e)`` hides its modules from
+    :func:`_check_forward_mode_safe`, so the check has to happen while it runs. With
+    ``refuse`` the first call raises (the estimator: its only use is a gradient); otherwise
+    the call goes through and ``seen`` is set (the kernels: their values are right).
+    """
+
+    # F.layer_norm is what nn.LayerNorm calls; the other two are the lower entry points.
+    _FUNCS = (F.layer_norm, torch.layer_norm, torch.native_layer_norm)
+
+    def __init__(self, refuse: bool) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in self._FUNCS:
+            if self.refuse:
+                raise ValueError(
+                    "estimator='jvp' is refused: the model calls layer norm, and "
+                    f"{_LAYER_NORM_REASON}; use estimator='vjp' (the default) or 'exact'"
+                )
+            self.seen = True
+        return func(*args, **(kwargs or {}))
+
+
+def _warn_layer_norm(kernel: str) -> None:
+    warnings.warn(
+        f"{kernel}: the model calls layer norm and {_LAYER_NORM_REASON}; the returned values "
+        "are right, but do not backpropagate through them (use vjp / mode='rev', or run "
+        "under torch.no_grad())",
+        RuntimeWarning,
+        stacklevel=4,  # the caller of jvp / per_sample_jacobian
+    )
 
 
 def check_samples_independent(model: object) -> None:
@@ -423,17 +472,42 @@ def _grad_ready(x: Tensor) -> Tensor:
     return x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
 
 
-def _func_jvp(model: Model, x: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
-    with _higher_order_attention():
-        if tangents.shape[0] == 1:
-            out, tan = torch.func.jvp(model, (x,), (tangents[0],))
-            return out, tan.unsqueeze(0)
+def _func_jvp(model: Model, x: Tensor, tangents: Tensor, *, refuse_layer_norm: bool) -> tuple[Tensor, Tensor]:
+    watch = _LayerNormWatch(refuse=refuse_layer_norm)
+    # A refusal comes mid-forward: put back the global RNG that dropout may have drawn from
+    # (eager only; reading RNG states would break a compiled graph).
+    rng = None if torch.compiler.is_compiling() or not refuse_layer_norm else _rng_states(x)
+    try:
+        with _higher_order_attention(), watch:
+            if tangents.shape[0] == 1:
+                out, tan = torch.func.jvp(model, (x,), (tangents[0],))
+                tan = tan.unsqueeze(0)
+            else:
 
-        def one(u: Tensor) -> tuple[Tensor, Tensor]:
-            return torch.func.jvp(model, (x,), (u,))
+                def one(u: Tensor) -> tuple[Tensor, Tensor]:
+                    return torch.func.jvp(model, (x,), (u,))
 
-        # The primal does not depend on the vmapped tangent, so it is computed once.
-        return torch.func.vmap(one, out_dims=(None, 0), randomness="same")(tangents)
+                # The primal does not depend on the vmapped tangent, so it is computed once.
+                out, tan = torch.func.vmap(one, out_dims=(None, 0), randomness="same")(tangents)
+    except ValueError:
+        if rng is not None:
+            _set_rng_states(rng)
+        raise
+    if watch.seen and torch.is_grad_enabled():
+        _warn_layer_norm("jvp")
+    return out, tan
+
+
+def _rng_states(x: Tensor) -> tuple[Tensor, Tensor | None, torch.device]:
+    cuda = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
+    return torch.get_rng_state(), cuda, x.device
+
+
+def _set_rng_states(states: tuple[Tensor, Tensor | None, torch.device]) -> None:
+    cpu, cuda, device = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _autograd_vjp(out: Tensor, x_: Tensor, cotangents: Tensor, create_graph: bool) -> Tensor:
@@ -457,8 +531,12 @@ def _func_jacobian(model: Model, x: Tensor, mode: str) -> tuple[Tensor, Tensor]:
         return out, out
 
     transform = torch.func.jacfwd if mode == "fwd" else torch.func.jacrev
-    with _higher_order_attention():
+    # Forward mode shares the layer-norm fault of jvp (reverse mode does not).
+    watch = _LayerNormWatch(refuse=False) if mode == "fwd" else contextlib.nullcontext()
+    with _higher_order_attention(), watch:
         jac, out = torch.func.vmap(transform(single, has_aux=True), randomness="different")(x)
+    if mode == "fwd" and watch.seen and torch.is_grad_enabled():  # type: ignore[union-attr]
+        _warn_layer_norm("per_sample_jacobian(mode='fwd')")
     return out, jac
 
 
@@ -501,7 +579,7 @@ def jvp(model: Model, x: Tensor, tangents: Tensor, *, fast_path: bool | None = N
     if plan is not None:
         out, jv = _pl_jvp(plan, x, tans)
     else:
-        out, jv = _func_jvp(model, x, tans)
+        out, jv = _func_jvp(model, x, tans, refuse_layer_norm=False)
     _check_output(out, x.shape[0])
     return out, (jv[0] if single else jv)
 
@@ -705,13 +783,16 @@ def _estimate(
         else:
             if probes is None:
                 probes = _draw((k,) + tuple(x.shape), x, generator)
-            out, jv = _func_jvp(model, x, probes)
+            out, jv = _func_jvp(model, x, probes, refuse_layer_norm=True)
         _check_output(out, B)
         sq = jv.flatten(2).pow(2).sum(-1).mean(0)
         return FrobeniusEstimate(out, _finish(sq, squared), "jvp")
 
     if estimator == "exact" and logits is None:
-        out, jac = per_sample_jacobian(model, x, fast_path=plan is not None)
+        # Reverse mode on the torch.func path whatever the shapes: forward mode would
+        # inherit the layer-norm fault (see _check_forward_mode_safe).
+        mode = "auto" if plan is not None else "rev"
+        out, jac = per_sample_jacobian(model, x, mode=mode, fast_path=plan is not None)
         sq = jac.reshape(B, -1).pow(2).sum(-1)
         return FrobeniusEstimate(out, _finish(sq, squared), "exact")
 

@@ -411,7 +411,8 @@ def test_transformer_on_embeddings_uses_the_func_path():
     _, jac = per_sample_jacobian(model, x)
     torch.testing.assert_close(jac, J)
     u = torch.randn_like(x)
-    _, jv = jvp(model, x, u)
+    with pytest.warns(RuntimeWarning, match="layer norm"):  # the values are right, the gradients not
+        _, jv = jvp(model, x, u)
     torch.testing.assert_close(jv, torch.einsum("bcij,bij->bc", J, u))
     _, g = vjp(model, x, torch.ones(3, 3, dtype=DT))
     torch.testing.assert_close(g, J.sum(1))
@@ -472,6 +473,58 @@ def test_jvp_estimator_is_refused_for_layernorm_models():
         reg(emb)
     # "auto" and the reverse-mode estimators stay available
     assert jacobian_frobenius_norm(net, x, estimator="auto").estimator == "vjp"
+
+
+def _layer_norm_closure(norm):
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(4, 6).double(), nn.Linear(6, 3).double()
+    norm = norm.double()
+
+    def model(x):  # a closure: nothing for a static check to inspect
+        return lin2(norm(lin1(x)))
+
+    return model
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_forward_mode_kernels_warn_about_layer_norm_in_a_closure(k):
+    """jvp and per_sample_jacobian(mode="fwd") return right values through layer norm but a
+    graph with wrong parameter gradients: they warn when grad is enabled, not otherwise, and
+    not for a norm whose forward-mode rule is right."""
+    import warnings
+
+    x = torch.randn(5, 4, dtype=DT)
+    u = torch.randn(5, 4, dtype=DT) if k is None else torch.randn(k, 5, 4, dtype=DT)
+    model = _layer_norm_closure(nn.LayerNorm(6))
+    J = brute_jacobian(model, x, create_graph=False)
+    with pytest.warns(RuntimeWarning, match="layer norm"):
+        _, jv = jvp(model, x, u)
+    torch.testing.assert_close(jv, torch.einsum("bcd,...bd->...bc", J, u))
+    with pytest.warns(RuntimeWarning, match="layer norm"):
+        _, jac = per_sample_jacobian(model, x, mode="fwd")
+    torch.testing.assert_close(jac, J)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            jvp(model, x, u)
+            per_sample_jacobian(model, x, mode="fwd")
+        per_sample_jacobian(model, x, mode="rev")
+        jvp(_layer_norm_closure(nn.RMSNorm(6)), x, u)
+        # the "exact" estimator takes reverse mode on this path, even for a 1-d input
+        one_in = _layer_norm_closure(nn.LayerNorm(6))
+        jacobian_frobenius_norm(lambda t: one_in(t.expand(-1, 4)), x[:, :1], estimator="exact")
+
+
+def test_jvp_estimator_refuses_a_layer_norm_closure_and_accepts_others():
+    x = torch.randn(5, 4, dtype=DT)
+    with pytest.raises(ValueError, match="refused: the model calls layer norm"):
+        jacobian_frobenius_norm(_layer_norm_closure(nn.LayerNorm(6)), x, estimator="jvp")
+    for norm in (nn.RMSNorm(6), nn.GroupNorm(2, 6)):
+        model = _layer_norm_closure(norm)
+        u = torch.randn(1, 5, 4, dtype=DT)
+        est = jacobian_frobenius_norm(model, x, estimator="jvp", probes=u)
+        J = brute_jacobian(model, x)
+        torch.testing.assert_close(est.norms, torch.einsum("bcd,bd->bc", J, u[0]).norm(dim=1))
 
 
 def test_fast_path_refuses_an_input_of_the_wrong_width_naming_x():
