@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import grokopt.jacobian as jacobian_module
 from grokopt.jacobian import (
     is_piecewise_linear,
     jacobian_frobenius_norm,
@@ -60,6 +61,12 @@ def make_model(name):
     elif name == "wide_out":  # d < C, so "auto" Jacobians take the forward route
         m = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 7))
         shape = (2,)
+    elif name == "tokens":  # the first Linear acts on each of 3 positions, then a Flatten
+        m = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3))
+        shape = (3, 5)
+    elif name == "act_first":  # a slope before the first Linear: no Gram form for that layer
+        m = nn.Sequential(nn.LeakyReLU(0.2), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+        shape = (5,)
     else:
         raise KeyError(name)
     m = m.to(DT)
@@ -69,7 +76,7 @@ def make_model(name):
     return m, shape
 
 
-PL = ["relu_bias", "relu_nobias_nested", "flatten_clip", "wide_out"]
+PL = ["relu_bias", "relu_nobias_nested", "flatten_clip", "wide_out", "tokens", "act_first"]
 ALL = PL + ["tanh"]
 
 
@@ -85,6 +92,13 @@ def param_grads(model, scalar):
 
 def fast_flags(name):
     return [None, False] if name in PL else [None]
+
+
+@pytest.fixture(params=[None, True, False], ids=["gram-by-cost", "gram", "no-gram"])
+def gram(request, monkeypatch):
+    """The fast path's first-layer Gram form for the "vjp" estimate: by cost, forced, off."""
+    monkeypatch.setattr(jacobian_module, "_FORCE_GRAM", request.param)
+    return request.param
 
 
 # ---------------------------------------------------------------- classification
@@ -176,14 +190,14 @@ def test_vjp_matches_brute_force(name, k):
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("estimator", ["vjp", "jvp", "exact"])
 @pytest.mark.parametrize("squared", [False, True])
-def test_frobenius_estimators_match_brute_force(name, estimator, squared):
+@pytest.mark.parametrize("k", [1, 3])
+def test_frobenius_estimators_match_brute_force(name, estimator, squared, k, gram):
     """With fixed probes every estimator is a deterministic function of J: check it exactly."""
     m, shape = make_model(name)
     x = batch(shape)
     B = x.shape[0]
     J = brute_jacobian(m, x).reshape(B, -1, x[0].numel())
     C = J.shape[1]
-    k = 3
     if estimator == "vjp":
         probes = torch.randn(k, B, C, dtype=DT)
         unit = probes / probes.norm(dim=-1, keepdim=True)
@@ -264,7 +278,7 @@ def _spectrum(J):
 
 @pytest.mark.parametrize("estimator", ["vjp", "jvp"])
 @pytest.mark.parametrize("name", ["relu_bias", "tanh"])
-def test_squared_estimators_are_unbiased(estimator, name):
+def test_squared_estimators_are_unbiased(estimator, name, gram):
     """The mean of N probes is within 4 exact standard errors of ||J||_F^2.
 
     Exact per-probe variances: vjp (unit sphere in R^C, scaled by C)
@@ -300,17 +314,18 @@ def test_vjp_estimator_is_exact_for_an_isotropic_jacobian():
 # ---------------------------------------------------------------- finite differences
 
 
-@pytest.mark.parametrize("name", ["relu_bias", "tanh"])
+@pytest.mark.parametrize("name", ["relu_bias", "tokens", "tanh"])
 @pytest.mark.parametrize("estimator", ["vjp", "jvp", "exact"])
-def test_parameter_gradients_match_finite_differences(name, estimator):
+@pytest.mark.parametrize("k", [1, 2])
+def test_parameter_gradients_match_finite_differences(name, estimator, k, gram):
     m, shape = make_model(name)
     x = batch(shape, B=3)
     names = [n for n, _ in m.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_(True) for p in m.parameters())
     if estimator == "vjp":
-        probes = torch.randn((2,) + m(x).shape, dtype=DT)
+        probes = torch.randn((k,) + m(x).shape, dtype=DT)
     elif estimator == "jvp":
-        probes = torch.randn((2,) + x.shape, dtype=DT)
+        probes = torch.randn((k,) + x.shape, dtype=DT)
     else:
         probes = None
 
@@ -319,14 +334,14 @@ def test_parameter_gradients_match_finite_differences(name, estimator):
             return torch.func.functional_call(m, dict(zip(names, ps)), (inp,))
 
         return jacobian_frobenius_norm(
-            model, x, estimator=estimator, num_projections=2, probes=probes
+            model, x, estimator=estimator, num_projections=k, probes=probes
         ).norms.mean()
 
     # functional_call hides the Sequential, so this is the torch.func path; check the fast
     # path's gradients equal it.
     assert torch.autograd.gradcheck(penalty, params, eps=1e-6, atol=1e-6, rtol=1e-5)
     ref = torch.autograd.grad(penalty(*params), params, allow_unused=True, materialize_grads=True)
-    fast = jacobian_frobenius_norm(m, x, estimator=estimator, num_projections=2, probes=probes).norms.mean()
+    fast = jacobian_frobenius_norm(m, x, estimator=estimator, num_projections=k, probes=probes).norms.mean()
     for a, r in zip(param_grads(m, fast), ref):
         torch.testing.assert_close(a, r)
 
@@ -525,6 +540,21 @@ def test_jvp_estimator_refuses_a_layer_norm_closure_and_accepts_others():
         est = jacobian_frobenius_norm(model, x, estimator="jvp", probes=u)
         J = brute_jacobian(model, x)
         torch.testing.assert_close(est.norms, torch.einsum("bcd,bd->bc", J, u[0]).norm(dim=1))
+
+
+def test_gram_form_under_cpu_autocast(gram):
+    """bf16 autocast: the Gram and direct forms both give finite fp32 parameter gradients
+    and a penalty within bf16 rounding of fp32's (two bf16 GEMM layers, ~4e-3 each)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 8, bias=False), nn.ReLU(), nn.Linear(8, 4, bias=False))
+    x = torch.randn(64, 32)
+    probes = torch.randn(1, 64, 4)
+    ref = jacobian_frobenius_norm(m, x, probes=probes).norms.mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = jacobian_frobenius_norm(m, x, probes=probes).norms.mean()
+    got.float().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in m.parameters())
+    torch.testing.assert_close(got.float(), ref, rtol=5e-2, atol=0)
 
 
 def test_fast_path_refuses_an_input_of_the_wrong_width_naming_x():
