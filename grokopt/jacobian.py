@@ -403,7 +403,13 @@ def _pl_forward_record(plan: list[nn.Module], x: Tensor) -> tuple[Tensor, list[t
     for m in plan:
         if type(m) is nn.Linear:
             tape.append(("linear", m.weight))
-            h = m(h)
+            h = F.linear(h, m.weight, m.bias)  # the plan has no hooks: the module call is this
+        elif type(m) is nn.ReLU:
+            h = torch.relu(h)
+            # sign() of the output is the slope (pre > 0) already in the float dtype the
+            # reverse chain multiplies by; comparing and casting takes ~10x longer on CPU,
+            # and a bool mask would send the products to a slow mixed-dtype kernel.
+            tape.append(("scale", h.detach().sign()))
         elif isinstance(m, _PL_ACTIVATIONS):
             slope, _ = _slope(m, h)
             tape.append(("scale", slope))
