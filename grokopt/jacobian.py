@@ -448,7 +448,7 @@ def _pl_reverse_sq_norms(tape: list[tuple[str, object]], cotangents: Tensor) -> 
     before the first Linear ``W`` (an MLP on raw inputs), ``||J^T v||^2 = a (W W^T) a^T`` with
     ``a`` the cotangent at that layer's output: for a wide input (784 -> 196 on MNIST) the
     ``(out, out)`` Gram matrix is cheaper than ``(B, in)`` products, their gradient and the
-    gradient of ``a`` (see :func:`_gram_pays`).
+    gradient of ``a`` (see :func:`_gram_pays` and :class:`_GramQuadratic`).
     """
     first = next((i for i, (op, _) in enumerate(tape) if op == "linear"), None)
     if first is None or any(op != "reshape" for op, _ in tape[:first]):
@@ -477,18 +477,54 @@ def _gram_pays(a: Tensor, w: Tensor) -> bool:
 
 
 def _rowwise_gram_sq(a: Tensor, w: Tensor) -> Tensor:
-    """``||a_r W||^2`` for every row ``a_r`` of ``a`` (..., out), via ``M = W W^T``.
+    """``||a_r W||^2`` for every row ``a_r`` of ``a`` (..., out), via ``M = W W^T``."""
+    return _GramQuadratic.apply(a, w)[0]
 
-    ``q = a W W^T a^T`` is quadratic in ``a`` and in ``W``, so its derivative is twice the one
-    taken through a single factor of each pair: ``r`` below is ``q`` with the second ``a`` and
-    the second ``W`` detached, and ``2 r - r.detach()`` (exactly ``r`` in value, in floating
-    point) doubles the gradient. Autograd then runs the fewest products: ``dq/da = 2 a M``
-    needs none (``a M`` is at hand), ``dM = a^T (c a)`` one and ``dW = 2 dM W`` one. First
-    derivatives only: a second derivative through the detached factors would be wrong.
+
+class _GramQuadratic(torch.autograd.Function):
+    """``(q, y, M)`` with ``M = W W^T``, ``y = a M``, ``q = rowsum(y * a)``.
+
+    Written out because autograd, seeing two independent factors in ``W W^T`` and
+    ``(a M) * a``, would run two ``(out, out, in)`` products for ``W`` and one more
+    ``(n, out, out)`` for ``a``, which is the whole saving. Here ``dq/da = 2 y`` needs no
+    product and ``dW = (dM + dM^T) W`` one. ``y`` and ``M`` are outputs (unused by the
+    caller) so that the backward, written in differentiable ops on inputs and outputs, is
+    itself differentiable: second derivatives come out right too.
     """
-    wd, ad = w.detach(), a.detach()
-    r = ((ad @ (w @ wd.transpose(0, 1))) * a).sum(-1)
-    return 2 * r - r.detach()
+
+    @staticmethod
+    def forward(a: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        m = w @ w.transpose(0, 1)
+        y = a @ m
+        return (y * a).sum(-1), y, m
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def, override]
+        a, w = inputs
+        _, y, m = output
+        ctx.save_for_backward(a, w, y, m)
+        # Gradients of the unused outputs stay None: no zero products on the first-order path.
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gq, gy, gm):  # type: ignore[no-untyped-def, override]
+        a, w, y, m = ctx.saved_tensors
+        rows = a.reshape(-1, a.shape[-1])
+        ga, dm = None, gm
+        if gq is not None:
+            ga = 2 * gq.unsqueeze(-1) * y
+            s = (gq.reshape(-1, 1) * rows).transpose(0, 1) @ rows
+            dm = s if dm is None else dm + s
+        if gy is not None:  # only reached by a second derivative
+            t = gy @ m
+            ga = t if ga is None else ga + t
+            s = rows.transpose(0, 1) @ gy.reshape(-1, gy.shape[-1])
+            dm = s if dm is None else dm + s
+        gw = None
+        if dm is not None:
+            # Backward runs outside autocast: bring the (possibly bf16) products to W's dtype.
+            gw = (dm + dm.transpose(0, 1)).to(w.dtype) @ w
+        return (None if ga is None else ga.to(a.dtype)), gw
 
 
 def _pl_output_shape(plan: list[nn.Module], in_shape: torch.Size) -> tuple[int, ...]:

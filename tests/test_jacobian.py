@@ -346,6 +346,26 @@ def test_parameter_gradients_match_finite_differences(name, estimator, k, gram):
         torch.testing.assert_close(a, r)
 
 
+@pytest.mark.parametrize("name", ["relu_bias", "tokens", "flatten_clip"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_vjp_estimate_second_derivatives_match_the_autograd_path(name, k, gram):
+    """Hessian-vector products of the "vjp" penalty w.r.t. the parameters (the fast path,
+    Gram form or not) equal those of the torch.autograd path on the same probes."""
+    m, shape = make_model(name)
+    x = batch(shape, B=5)
+    probes = torch.randn((k,) + m(x).shape, dtype=DT, generator=torch.Generator().manual_seed(3))
+    params = list(m.parameters())
+    vec = [torch.randn(p.shape, dtype=DT, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+    hvps = []
+    for fast in (None, False):
+        pen = jacobian_frobenius_norm(m, x, num_projections=k, probes=probes, fast_path=fast).norms.sum()
+        g = torch.autograd.grad(pen, params, create_graph=True, allow_unused=True, materialize_grads=True)
+        dot = sum((a * v).sum() for a, v in zip(g, vec))
+        hvps.append(torch.autograd.grad(dot, params, allow_unused=True, materialize_grads=True))
+    for a, r in zip(*hvps):
+        torch.testing.assert_close(a, r)
+
+
 # ---------------------------------------------------------------- laws (hypothesis)
 
 
