@@ -108,6 +108,35 @@ def test_default_is_the_papers_estimator(model_fn, k, squared, estimator, gram):
         torch.testing.assert_close(a, r)
 
 
+def wide_first_layer():
+    """A first layer with more than 64 outputs: its Gram matrix is built in row panels."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(150, 70, bias=False), nn.ReLU(), nn.Linear(70, 4)).to(DT)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("squared", [False, True])
+def test_default_on_a_wide_first_layer(k, squared, gram):
+    model = wide_first_layer()
+    x = torch.randn(40, 150, generator=torch.Generator().manual_seed(1), dtype=DT)
+    pen = GrokAlignLoss(model, weight=1.0, num_projections=k, squared=squared, generator=torch.Generator().manual_seed(2))(x)
+    ref = reference_penalty(model, x, k, squared, torch.Generator().manual_seed(2)).mean()
+    torch.testing.assert_close(pen, ref)
+    params = list(model.parameters())
+    kw = dict(allow_unused=True, materialize_grads=True)  # the last bias is not in J
+    for a, r in zip(torch.autograd.grad(pen, params, **kw), torch.autograd.grad(ref, params, **kw)):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 65, 128, 196, 200])
+def test_symmetric_gram_equals_the_plain_product(rows):
+    from grokopt.jacobian import _symmetric_gram
+
+    w = torch.randn(rows, 37, generator=torch.Generator().manual_seed(rows), dtype=DT)
+    m = _symmetric_gram(w)
+    torch.testing.assert_close(m, w @ w.T)
+
+
 def test_the_gram_form_is_taken_where_it_pays():
     """The paper's MLP shape (784 -> 196 at batch 256) takes the Gram form; a narrow input
     does not (checked through the cost rule the fast path consults)."""

@@ -562,12 +562,13 @@ def test_jvp_estimator_refuses_a_layer_norm_closure_and_accepts_others():
         torch.testing.assert_close(est.norms, torch.einsum("bcd,bd->bc", J, u[0]).norm(dim=1))
 
 
-def test_gram_form_under_cpu_autocast(gram):
+@pytest.mark.parametrize("width", [8, 70])  # 70: the Gram matrix is built in row panels
+def test_gram_form_under_cpu_autocast(gram, width):
     """bf16 autocast: the Gram and direct forms both give finite fp32 parameter gradients
     and a penalty within bf16 rounding of fp32's (two bf16 GEMM layers, ~4e-3 each)."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(32, 8, bias=False), nn.ReLU(), nn.Linear(8, 4, bias=False))
-    x = torch.randn(64, 32)
+    m = nn.Sequential(nn.Linear(96, width, bias=False), nn.ReLU(), nn.Linear(width, 4, bias=False))
+    x = torch.randn(64, 96)
     probes = torch.randn(1, 64, 4)
     ref = jacobian_frobenius_norm(m, x, probes=probes).norms.mean()
     with torch.autocast("cpu", dtype=torch.bfloat16):
