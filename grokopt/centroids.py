@@ -10,9 +10,10 @@ pass) is that region's centroid. How to read them:
 * ``inner_product = <mu_x, x>``: for a bias-free ReLU network it equals the sum of the logits
   (positive homogeneity, ``J_x x = f(x)``), so it tracks the output scale.
 * ``norm = ||mu_x||``: the Jacobian scale that GrokAlign's penalty shrinks.
-* :func:`jacobian_pc1_share`: the share of variance of the stacked, centred Jacobian rows of a
-  small sample along their first principal direction (``s_1^2 / sum s_i^2``): near 1 the rows
-  collapse onto one direction, near ``1/min(B*C, d)`` they spread evenly.
+* :func:`jacobian_pc1_share`: for each sample, the share of its Jacobian's energy along the
+  first singular direction (``s_1^2 / sum s_i^2`` of the uncentred ``C x d`` Jacobian),
+  averaged over the samples: near 1 each Jacobian is close to rank one (its rows align),
+  ``1/min(C, d)`` when its singular values are all equal.
 
 All diagnostics are computed without a graph and leave the model's mode untouched; call them
 with the model in eval mode when it has dropout.
@@ -20,6 +21,7 @@ with the model in eval mode when it has dropout.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -128,11 +130,14 @@ def centroid_alignment(model: Model, x: Tensor) -> CentroidStats:
 
 
 def jacobian_pc1_share(model: Model, x: Tensor) -> float:
-    """Explained-variance share of the first principal component of the Jacobian rows.
+    """The paper's PC1 share: the mean over samples of ``s_1^2 / sum_i s_i^2``.
 
-    Stacks the per-sample Jacobians of ``x`` (a small sample: this computes them exactly)
-    into ``(B*C, d)`` rows, centres them and returns ``s_1^2 / sum_i s_i^2`` of their singular
-    values, in ``[0, 1]``.
+    ``s_i`` are the singular values of one sample's uncentred Jacobian (``C x d``, outputs
+    by inputs), so each sample's share lies in ``[1/min(C, d), 1]``; the mean is over the
+    samples of ``x`` (a small batch: this computes each Jacobian exactly). A sample whose
+    Jacobian is zero (a dead ReLU region) has no first direction and is left out of the
+    mean; if every one is zero the result is NaN. Pooling all samples' rows and centring
+    them would be a different statistic.
 
     Example:
         >>> import torch
@@ -141,7 +146,7 @@ def jacobian_pc1_share(model: Model, x: Tensor) -> float:
         >>> net = nn.Linear(2, 3, bias=False)
         >>> with torch.no_grad():
         ...     _ = net.weight.copy_(torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]))
-        >>> round(jacobian_pc1_share(net, torch.randn(4, 2)), 4)  # rank-one rows
+        >>> round(jacobian_pc1_share(net, torch.randn(4, 2)), 4)  # rank-one Jacobian
         1.0
     """
     _check_model(model)
@@ -150,8 +155,9 @@ def jacobian_pc1_share(model: Model, x: Tensor) -> float:
         _, jac = per_sample_jacobian(model, x.detach())
     B = x.shape[0]
     d = x[0].numel()
-    rows = jac.detach().reshape(B, -1, d).reshape(-1, d)
-    rows = rows - rows.mean(0, keepdim=True)
-    s2 = torch.linalg.svdvals(rows.double()).pow(2)
-    return float(s2[0] / s2.sum().clamp_min(1e-8))
-
+    s2 = torch.linalg.svdvals(jac.detach().reshape(B, -1, d).double()).pow(2)  # (B, min(C, d))
+    total = s2.sum(-1)
+    defined = total > 0
+    if not bool(defined.any()):
+        return math.nan
+    return float((s2[defined, 0] / total[defined]).mean())

@@ -1,6 +1,6 @@
 """GrokAlign (Walker, Humayun, Balestriero, Baraniuk 2025): penalise the input Jacobian's
 Frobenius norm at the training points, which drives the Jacobian rows to align with the data
-and makes the network grok sooner. See docs/methods.md (section 3) and :mod:`grokopt.jacobian`.
+and makes the network grok sooner. See docs/methods.md and :mod:`grokopt.jacobian`.
 """
 
 from __future__ import annotations
@@ -39,15 +39,21 @@ class GrokAlignLoss(nn.Module):
             its ``state_dict`` is empty.
         weight: lambda, >= 0 (the paper: 1e-3 with cross-entropy, 1e-4 with MSE).
         num_projections: probes per sample (k).
-        estimator: "vjp" (the paper's reverse-mode Hutchinson estimate with unit output
-            probes), "jvp" (forward mode, Gaussian input probes; compiles with
-            ``torch.compile``; refused for models with ``nn.LayerNorm``, whose forward-mode
-            rule gives wrong parameter gradients in torch 2.13), "exact" (full per-sample
-            Jacobian) or "auto" (the fastest valid
-            one: "exact" when it costs no more passes than k probes, else "jvp" for
-            piecewise-linear ``nn.Sequential`` models and "vjp" for anything else). Note that
-            "jvp" is unbiased for ``||J||_F^2`` too but has a larger variance than "vjp"
-            (see :func:`grokopt.jacobian.jacobian_frobenius_norm`).
+        estimator: "vjp" (the default): the paper's estimate, per sample
+            ``sqrt(max(1e-8, (C/k) sum_i ||J^T v_i||^2))`` with ``v_i`` drawn ``N(0, I_C)`` and
+            normalised to unit length. On a piecewise-linear ``nn.Sequential`` ``J^T v`` is
+            taken down the activation masks of the same forward pass, in plain first-order
+            autograd (no second forward, no double backward); other models take one forward
+            and a reverse-mode product with ``create_graph``. Two options compute other
+            estimates: "jvp" (forward mode with Gaussian input probes, ``||J u||``; compiles
+            with ``torch.compile``; refused for models that call layer norm, whose
+            forward-mode rule gives wrong parameter gradients in torch 2.13) and "exact"
+            (the true ``||J||_F``). Their squared values share the default's mean, but the
+            square root's downward bias depends on each estimator's variance, so their
+            expected penalties differ from the default's: on the paper's MNIST MLP at
+            initialisation "jvp" gives 2.5% less and "exact" 0.7% more (the gap depends on
+            the Jacobian's singular values). The published ``weight`` values were tuned with
+            "vjp". "auto" is an alias of "vjp".
         squared: penalise the squared-norm estimate (unbiased) instead of its square root.
         generator: the probes' source; pass a seeded ``torch.Generator`` for reproducible runs.
             A rejected call leaves it untouched. Under ``torch.compile(fullgraph=True)`` leave it
@@ -67,8 +73,8 @@ class GrokAlignLoss(nn.Module):
         >>> logits, penalty = reg.forward_with_penalty(x)
         >>> loss = nn.functional.cross_entropy(logits, y) + penalty
         >>> loss.backward()
-        >>> penalty.dim(), model[0].weight.grad is not None
-        (0, True)
+        >>> penalty.dim(), model[0].weight.grad is not None, reg.last_estimator
+        (0, True, 'vjp')
     """
 
     def __init__(
@@ -77,7 +83,7 @@ class GrokAlignLoss(nn.Module):
         weight: float = 1e-3,
         *,
         num_projections: int = 1,
-        estimator: str = "auto",
+        estimator: str = "vjp",
         squared: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -98,7 +104,7 @@ class GrokAlignLoss(nn.Module):
         self.estimator = estimator
         self.squared = squared
         self.generator = generator
-        # What the last successful call's estimator resolved to ("auto" picks per model).
+        # What the last successful call computed ("auto" resolves to "vjp").
         self.last_estimator: str | None = None
 
     def _estimate(self, x: Tensor, logits: Tensor | None) -> tuple[Tensor, Tensor]:

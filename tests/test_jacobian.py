@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import grokopt.jacobian as jacobian_module
 from grokopt.jacobian import (
     is_piecewise_linear,
     jacobian_frobenius_norm,
@@ -60,6 +61,12 @@ def make_model(name):
     elif name == "wide_out":  # d < C, so "auto" Jacobians take the forward route
         m = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 7))
         shape = (2,)
+    elif name == "tokens":  # the first Linear acts on each of 3 positions, then a Flatten
+        m = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3))
+        shape = (3, 5)
+    elif name == "act_first":  # a slope before the first Linear: no Gram form for that layer
+        m = nn.Sequential(nn.LeakyReLU(0.2), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+        shape = (5,)
     else:
         raise KeyError(name)
     m = m.to(DT)
@@ -69,7 +76,7 @@ def make_model(name):
     return m, shape
 
 
-PL = ["relu_bias", "relu_nobias_nested", "flatten_clip", "wide_out"]
+PL = ["relu_bias", "relu_nobias_nested", "flatten_clip", "wide_out", "tokens", "act_first"]
 ALL = PL + ["tanh"]
 
 
@@ -85,6 +92,13 @@ def param_grads(model, scalar):
 
 def fast_flags(name):
     return [None, False] if name in PL else [None]
+
+
+@pytest.fixture(params=[None, True, False], ids=["gram-by-cost", "gram", "no-gram"])
+def gram(request, monkeypatch):
+    """The fast path's first-layer Gram form for the "vjp" estimate: by cost, forced, off."""
+    monkeypatch.setattr(jacobian_module, "_FORCE_GRAM", request.param)
+    return request.param
 
 
 # ---------------------------------------------------------------- classification
@@ -176,14 +190,14 @@ def test_vjp_matches_brute_force(name, k):
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("estimator", ["vjp", "jvp", "exact"])
 @pytest.mark.parametrize("squared", [False, True])
-def test_frobenius_estimators_match_brute_force(name, estimator, squared):
+@pytest.mark.parametrize("k", [1, 3])
+def test_frobenius_estimators_match_brute_force(name, estimator, squared, k, gram):
     """With fixed probes every estimator is a deterministic function of J: check it exactly."""
     m, shape = make_model(name)
     x = batch(shape)
     B = x.shape[0]
     J = brute_jacobian(m, x).reshape(B, -1, x[0].numel())
     C = J.shape[1]
-    k = 3
     if estimator == "vjp":
         probes = torch.randn(k, B, C, dtype=DT)
         unit = probes / probes.norm(dim=-1, keepdim=True)
@@ -264,7 +278,7 @@ def _spectrum(J):
 
 @pytest.mark.parametrize("estimator", ["vjp", "jvp"])
 @pytest.mark.parametrize("name", ["relu_bias", "tanh"])
-def test_squared_estimators_are_unbiased(estimator, name):
+def test_squared_estimators_are_unbiased(estimator, name, gram):
     """The mean of N probes is within 4 exact standard errors of ||J||_F^2.
 
     Exact per-probe variances: vjp (unit sphere in R^C, scaled by C)
@@ -300,17 +314,18 @@ def test_vjp_estimator_is_exact_for_an_isotropic_jacobian():
 # ---------------------------------------------------------------- finite differences
 
 
-@pytest.mark.parametrize("name", ["relu_bias", "tanh"])
+@pytest.mark.parametrize("name", ["relu_bias", "tokens", "tanh"])
 @pytest.mark.parametrize("estimator", ["vjp", "jvp", "exact"])
-def test_parameter_gradients_match_finite_differences(name, estimator):
+@pytest.mark.parametrize("k", [1, 2])
+def test_parameter_gradients_match_finite_differences(name, estimator, k, gram):
     m, shape = make_model(name)
     x = batch(shape, B=3)
     names = [n for n, _ in m.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_(True) for p in m.parameters())
     if estimator == "vjp":
-        probes = torch.randn((2,) + m(x).shape, dtype=DT)
+        probes = torch.randn((k,) + m(x).shape, dtype=DT)
     elif estimator == "jvp":
-        probes = torch.randn((2,) + x.shape, dtype=DT)
+        probes = torch.randn((k,) + x.shape, dtype=DT)
     else:
         probes = None
 
@@ -319,15 +334,35 @@ def test_parameter_gradients_match_finite_differences(name, estimator):
             return torch.func.functional_call(m, dict(zip(names, ps)), (inp,))
 
         return jacobian_frobenius_norm(
-            model, x, estimator=estimator, num_projections=2, probes=probes
+            model, x, estimator=estimator, num_projections=k, probes=probes
         ).norms.mean()
 
     # functional_call hides the Sequential, so this is the torch.func path; check the fast
     # path's gradients equal it.
     assert torch.autograd.gradcheck(penalty, params, eps=1e-6, atol=1e-6, rtol=1e-5)
     ref = torch.autograd.grad(penalty(*params), params, allow_unused=True, materialize_grads=True)
-    fast = jacobian_frobenius_norm(m, x, estimator=estimator, num_projections=2, probes=probes).norms.mean()
+    fast = jacobian_frobenius_norm(m, x, estimator=estimator, num_projections=k, probes=probes).norms.mean()
     for a, r in zip(param_grads(m, fast), ref):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("name", ["relu_bias", "tokens", "flatten_clip"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_vjp_estimate_second_derivatives_match_the_autograd_path(name, k, gram):
+    """Hessian-vector products of the "vjp" penalty w.r.t. the parameters (the fast path,
+    Gram form or not) equal those of the torch.autograd path on the same probes."""
+    m, shape = make_model(name)
+    x = batch(shape, B=5)
+    probes = torch.randn((k,) + m(x).shape, dtype=DT, generator=torch.Generator().manual_seed(3))
+    params = list(m.parameters())
+    vec = [torch.randn(p.shape, dtype=DT, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+    hvps = []
+    for fast in (None, False):
+        pen = jacobian_frobenius_norm(m, x, num_projections=k, probes=probes, fast_path=fast).norms.sum()
+        g = torch.autograd.grad(pen, params, create_graph=True, allow_unused=True, materialize_grads=True)
+        dot = sum((a * v).sum() for a, v in zip(g, vec))
+        hvps.append(torch.autograd.grad(dot, params, allow_unused=True, materialize_grads=True))
+    for a, r in zip(*hvps):
         torch.testing.assert_close(a, r)
 
 
@@ -411,7 +446,8 @@ def test_transformer_on_embeddings_uses_the_func_path():
     _, jac = per_sample_jacobian(model, x)
     torch.testing.assert_close(jac, J)
     u = torch.randn_like(x)
-    _, jv = jvp(model, x, u)
+    with pytest.warns(RuntimeWarning, match="layer norm"):  # the values are right, the gradients not
+        _, jv = jvp(model, x, u)
     torch.testing.assert_close(jv, torch.einsum("bcij,bij->bc", J, u))
     _, g = vjp(model, x, torch.ones(3, 3, dtype=DT))
     torch.testing.assert_close(g, J.sum(1))
@@ -472,6 +508,74 @@ def test_jvp_estimator_is_refused_for_layernorm_models():
         reg(emb)
     # "auto" and the reverse-mode estimators stay available
     assert jacobian_frobenius_norm(net, x, estimator="auto").estimator == "vjp"
+
+
+def _layer_norm_closure(norm):
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(4, 6).double(), nn.Linear(6, 3).double()
+    norm = norm.double()
+
+    def model(x):  # a closure: nothing for a static check to inspect
+        return lin2(norm(lin1(x)))
+
+    return model
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_forward_mode_kernels_warn_about_layer_norm_in_a_closure(k):
+    """jvp and per_sample_jacobian(mode="fwd") return right values through layer norm but a
+    graph with wrong parameter gradients: they warn when grad is enabled, not otherwise, and
+    not for a norm whose forward-mode rule is right."""
+    import warnings
+
+    x = torch.randn(5, 4, dtype=DT)
+    u = torch.randn(5, 4, dtype=DT) if k is None else torch.randn(k, 5, 4, dtype=DT)
+    model = _layer_norm_closure(nn.LayerNorm(6))
+    J = brute_jacobian(model, x, create_graph=False)
+    with pytest.warns(RuntimeWarning, match="layer norm"):
+        _, jv = jvp(model, x, u)
+    torch.testing.assert_close(jv, torch.einsum("bcd,...bd->...bc", J, u))
+    with pytest.warns(RuntimeWarning, match="layer norm"):
+        _, jac = per_sample_jacobian(model, x, mode="fwd")
+    torch.testing.assert_close(jac, J)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            jvp(model, x, u)
+            per_sample_jacobian(model, x, mode="fwd")
+        per_sample_jacobian(model, x, mode="rev")
+        jvp(_layer_norm_closure(nn.RMSNorm(6)), x, u)
+        # the "exact" estimator takes reverse mode on this path, even for a 1-d input
+        one_in = _layer_norm_closure(nn.LayerNorm(6))
+        jacobian_frobenius_norm(lambda t: one_in(t.expand(-1, 4)), x[:, :1], estimator="exact")
+
+
+def test_jvp_estimator_refuses_a_layer_norm_closure_and_accepts_others():
+    x = torch.randn(5, 4, dtype=DT)
+    with pytest.raises(ValueError, match="refused: the model calls layer norm"):
+        jacobian_frobenius_norm(_layer_norm_closure(nn.LayerNorm(6)), x, estimator="jvp")
+    for norm in (nn.RMSNorm(6), nn.GroupNorm(2, 6)):
+        model = _layer_norm_closure(norm)
+        u = torch.randn(1, 5, 4, dtype=DT)
+        est = jacobian_frobenius_norm(model, x, estimator="jvp", probes=u)
+        J = brute_jacobian(model, x)
+        torch.testing.assert_close(est.norms, torch.einsum("bcd,bd->bc", J, u[0]).norm(dim=1))
+
+
+@pytest.mark.parametrize("width", [8, 70])  # 70: the Gram matrix is built in row panels
+def test_gram_form_under_cpu_autocast(gram, width):
+    """bf16 autocast: the Gram and direct forms both give finite fp32 parameter gradients
+    and a penalty within bf16 rounding of fp32's (two bf16 GEMM layers, ~4e-3 each)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(96, width, bias=False), nn.ReLU(), nn.Linear(width, 4, bias=False))
+    x = torch.randn(64, 96)
+    probes = torch.randn(1, 64, 4)
+    ref = jacobian_frobenius_norm(m, x, probes=probes).norms.mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = jacobian_frobenius_norm(m, x, probes=probes).norms.mean()
+    got.float().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in m.parameters())
+    torch.testing.assert_close(got.float(), ref, rtol=5e-2, atol=0)
 
 
 def test_fast_path_refuses_an_input_of_the_wrong_width_naming_x():
