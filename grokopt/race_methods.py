@@ -332,7 +332,7 @@ register_method(
     Method(
         "grokalign",
         _apply_grokalign,
-        defaults={"weight": 1e-3, "num_projections": 1, "estimator": "auto"},
+        defaults={"weight": 1e-3, "num_projections": 1, "estimator": "vjp"},
         order=0,
         summary="GrokAlign Jacobian-norm penalty (Walker et al. 2025)",
         unavailable=_missing("GrokAlignLoss"),
