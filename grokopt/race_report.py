@@ -86,7 +86,7 @@ def plot_race(result: RaceResult, path: str | os.PathLike[str]) -> None:
     axes[-1, 0].set_xlabel("optimizer steps")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
-    task = cfg.task if cfg.task == "digits" else f"{cfg.task} mod {cfg.p}"
+    task = cfg.task if cfg.p is None else f"{cfg.task} mod {cfg.p}"
     ax.set_title(f"grokopt race '{cfg.name}': {task} ({len(cfg.seeds)} seed(s))")
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3, which="both")
@@ -114,7 +114,7 @@ def results_table(result: RaceResult) -> Any:
         require_race_extra("rich")
     cfg = result.config
     n = len(cfg.seeds)
-    task = cfg.task if cfg.task == "digits" else f"{cfg.task} mod {cfg.p}"
+    task = cfg.task if cfg.p is None else f"{cfg.task} mod {cfg.p}"
     table = Table(title=f"grokopt race '{cfg.name}': {task}, {n} seed(s), budget {cfg.steps} steps"
                   + (" [interrupted]" if result.interrupted else ""))
     table.add_column("method", no_wrap=True)
