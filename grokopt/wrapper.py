@@ -84,8 +84,12 @@ class GradientTransform(Optimizer):
             before ``step()`` returns). ``False``: the transformed gradient, written in
             place (what the methods' reference code does), with no extra buffer. In a
             stack of wrappers the outermost one decides, and the inner ones work on its
-            scratch copy: one extra buffer for the whole stack. A behaviour switch, kept
-            out of ``state_dict``.
+            scratch copy: one extra buffer for the whole stack. Measured with 4 x 1024^2
+            fp32 parameters (16 MiB of gradients) under foreach AdamW, the peak extra
+            memory of a step is 16 MiB in place (AdamW's own temporaries, as bare) and
+            32 MiB restoring, for Grokfast, OrthoGrad and Grokfast(OrthoGrad(...)) alike
+            (benchmarks/test_restore_grad_bench.py). A behaviour switch, kept out of
+            ``state_dict``.
 
     Step hooks: hooks registered on the wrapper, and torch's global hooks
     (:func:`torch.optim.optimizer.register_optimizer_step_pre_hook` and ``_post_hook``),
