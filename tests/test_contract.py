@@ -23,7 +23,6 @@ from contract import (
     state_tensors,
     train,
 )
-from grokopt import GradientTransform
 
 CASES = [pytest.param(c, id=c.name) for c in WRAPPER_CASES]
 INNERS = list(INNER_OPTIMIZERS)
@@ -204,7 +203,11 @@ def test_transform_sees_unscaled_gradients_under_grad_scaler(case, inner):
         x, y = batch
         opt_b.zero_grad()
         scaler.scale(nn.functional.mse_loss(model_b(x), y)).backward()
+        scaled = [p.grad.clone() for p in model_b.parameters()]
         scaler.step(opt_b)
+        # what a bare optimizer leaves: the gradient unscale_ wrote, untransformed
+        for p, g in zip(model_b.parameters(), scaled):
+            assert torch.equal(p.grad, g / 2.0**10)
         scaler.update()
         if case.after_step is not None:
             case.after_step(opt_b, model_b, batch)
