@@ -430,11 +430,9 @@ class GradientTransform(Optimizer):
                 own_state[index] = entries  # passed through as it is, as torch does
                 continue
             if index not in by_index:
-                if isinstance(index, int):
-                    raise ValueError(
-                        f"state_dict has state for unknown parameter index {index!r}"
-                    )
-                inner_state[index] = entries  # not this wrapper's: the inner one's, as is
+                # Not a parameter and not this wrapper's: the inner optimizer's, as it is
+                # (torch keeps such keys too; the group sizes were checked above).
+                inner_state[index] = entries
                 continue
             own = {k[len(self._prefix):]: v for k, v in entries.items() if k.startswith(self._prefix)}
             rest = {k: v for k, v in entries.items() if not k.startswith(self._prefix)}

@@ -99,8 +99,10 @@ def state_tensors(opt: Optimizer) -> dict[str, torch.Tensor]:
     """Every tensor of a state_dict's per-parameter state, flattened to 'index/key' names,
     for exact comparison (entries under keys that are not parameter indices are left out)."""
     out = {}
-    for index, entries in opt.state_dict()["state"].items():
-        if not isinstance(index, int):
+    sd = opt.state_dict()
+    indices = {i for group in sd["param_groups"] for i in group["params"]}
+    for index, entries in sd["state"].items():
+        if index not in indices:
             continue
         for key, value in entries.items():
             if isinstance(value, torch.Tensor):
