@@ -116,7 +116,11 @@ class GradientTransform(Optimizer):
     _hyperparameters: dict[str, Any] = {}
 
     def __init__(
-        self, optimizer: Optimizer, hyperparameters: Mapping[str, Any], *, restore_grad: bool = True,
+        self,
+        optimizer: Optimizer,
+        hyperparameters: Mapping[str, Any],
+        *,
+        restore_grad: bool = True,
     ) -> None:
         if not isinstance(restore_grad, bool):
             raise TypeError(
@@ -323,7 +327,8 @@ class GradientTransform(Optimizer):
                     f"{tuple(key.shape)} that is not one of this optimizer's parameters"
                 )
             if key in state or key in indices:
-                what = "a parameter index" if key in indices else "a key of the inner optimizer's state"
+                what = ("a parameter index" if key in indices
+                        else "a key of the inner optimizer's state")
                 raise ValueError(
                     f"{type(self).__name__}.state holds an entry under {key!r}, which is also "
                     f"{what}: a state_dict cannot hold both. Keep it under another key"
