@@ -369,7 +369,11 @@ class GradientTransform(Optimizer):
         raise ``ValueError`` and leave this optimizer (and the inner one) untouched. The
         load hooks registered on this wrapper run as in torch: the pre hooks get a shallow
         copy of ``state_dict`` and may return another one to load instead, the post hooks
-        run once everything is loaded.
+        run once everything is loaded. ``state`` entries under keys that are not parameter
+        indices go back to this wrapper when its state_dict listed them as its own, else to
+        the inner optimizer, as they are; an int key of the inner optimizer's that is not a
+        parameter index is refused, though, as state saved for more parameters than there
+        are (torch would keep it).
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -435,8 +439,13 @@ class GradientTransform(Optimizer):
                 own_state[index] = entries  # passed through as it is, as torch does
                 continue
             if index not in by_index:
-                # Not a parameter and not this wrapper's: the inner optimizer's, as it is
-                # (torch keeps such keys too; the group sizes were checked above).
+                if isinstance(index, int):
+                    # Most likely state saved for more parameters than this optimizer has.
+                    raise ValueError(
+                        f"state_dict has state for unknown parameter index {index!r} (this "
+                        f"optimizer has {len(by_index)} parameters)"
+                    )
+                # Not a parameter and not this wrapper's: the inner optimizer's, as it is.
                 inner_state[index] = entries
                 continue
             own = {k[len(self._prefix):]: v for k, v in entries.items() if k.startswith(self._prefix)}

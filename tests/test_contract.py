@@ -361,10 +361,8 @@ def test_non_parameter_state_keys_pass_through_and_round_trip(case, inner):
     stack = optimizer_stack(opt)
     opt.state["my_counter"] = 3
     stack[-1].state["inner_note"] = "kept"  # one of the inner optimizer's own
-    stack[-1].state[99] = 1.5  # not a parameter index either (there are 4 parameters)
     sd = opt.state_dict()
     assert sd["state"]["my_counter"] == 3 and sd["state"]["inner_note"] == "kept"
-    assert sd["state"][99] == 1.5
 
     buffer = io.BytesIO()
     torch.save(sd, buffer)
@@ -373,10 +371,9 @@ def test_non_parameter_state_keys_pass_through_and_round_trip(case, inner):
     opt2.load_state_dict(torch.load(buffer, weights_only=True))
     stack2 = optimizer_stack(opt2)
     assert opt2.state["my_counter"] == 3 and stack2[-1].state["inner_note"] == "kept"
-    assert stack2[-1].state[99] == 1.5
     # each back where it was, and nowhere else
     assert all("my_counter" not in o.state for o in stack2[1:])
-    assert all("inner_note" not in o.state and 99 not in o.state for o in stack2[:-1])
+    assert all("inner_note" not in o.state for o in stack2[:-1])
     a, b = state_tensors(opt), state_tensors(opt2)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
