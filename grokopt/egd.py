@@ -78,6 +78,10 @@ class EGD(GradientTransform):
         optimizer: the optimizer to wrap (the paper: plain SGD).
         method: ``"svd"`` (default, exact) or ``"newton-schulz"``.
         ns_steps: Newton-Schulz iterations (default 30).
+        restore_grad: ``True`` (default): after ``step()`` each ``p.grad`` is the gradient
+            backward produced, as with any torch optimizer (the transform works on a
+            scratch copy: one extra gradient-sized buffer during the step). ``False``: the
+            transformed gradient is written into ``p.grad`` in place, with no extra buffer.
 
     Example:
         >>> import torch
@@ -90,8 +94,12 @@ class EGD(GradientTransform):
 
     _prefix = "egd_"
 
-    def __init__(self, optimizer: Optimizer, *, method: str = "svd", ns_steps: int = 30) -> None:
-        super().__init__(optimizer, dict(method=method, ns_steps=ns_steps, enabled=True))
+    def __init__(
+        self, optimizer: Optimizer, *, method: str = "svd", ns_steps: int = 30,
+        restore_grad: bool = True,
+    ) -> None:
+        super().__init__(optimizer, dict(method=method, ns_steps=ns_steps, enabled=True),
+                         restore_grad=restore_grad)
 
     def _validate_group(self, options: dict[str, Any]) -> None:
         _check(**{k[len(self._prefix):]: v for k, v in options.items()})

@@ -111,7 +111,9 @@ def grokfast_(
             of bf16/fp16 gradients is kept in fp32.
         filter: ``"ema"`` or ``"ma"``.
         alpha: EMA momentum in [0, 1).
-        lamb: amplification factor >= 0.
+        lamb: amplification factor >= 0. A float 0 leaves ``grads`` exactly as they are
+            (the filter state still updates); a 0-d tensor is always applied, so at 0 it
+            leaves the values but may turn a -0.0 into +0.0.
         window: MA window length >= 1.
         reduction: MA reduction, ``"mean"`` or ``"sum"``.
         warmup: MA only: leave gradients unchanged until the window is full.
@@ -232,7 +234,8 @@ def _ema_reference(
             mu.copy_(new)
         else:
             _update_where(finite, mu, new)
-        g.copy_(g32 + lamb * mu)
+        if _amplifies(lamb):
+            g.copy_(g32 + lamb * mu)
 
 
 def _ema_foreach(
@@ -258,12 +261,21 @@ def _ema_foreach(
                 _update_where(finite, m, n)
         else:
             torch._foreach_copy_(mus, [torch.where(finite, n, m) for n, m in zip(new, mus)])
+    if not _amplifies(lamb):
+        return
     if low_precision:
         torch._foreach_copy_(grads, _add_scaled(src, mus, lamb))
     elif isinstance(lamb, Tensor):
         torch._foreach_add_(grads, torch._foreach_mul(mus, lamb))
     else:
         torch._foreach_add_(grads, mus, alpha=lamb)
+
+
+def _amplifies(lamb: Any) -> bool:
+    """Whether the filter writes ``g + lamb * filtered``. A Python ``lamb`` of 0 leaves the
+    gradients bit for bit (``g + 0 * mu`` would turn -0.0 into +0.0, and inf into NaN);
+    a 0-d tensor is applied as it is, since reading it would cost a host sync."""
+    return isinstance(lamb, Tensor) or lamb != 0
 
 
 def _add_scaled(xs: list[Tensor], ys: list[Tensor], scale: Any) -> list[Tensor]:
@@ -357,7 +369,7 @@ def _ma_reference(
         state["ma_count"] += 1
         n = _ma_filled(state["ma_count"], window)
         total.copy_(buf.sum(0))
-        if warmup and n < window:
+        if (warmup and n < window) or not _amplifies(lamb):
             continue
         avg = total / n if reduction == "mean" else total
         g.copy_(g.to(avg.dtype) + avg * lamb)
@@ -385,7 +397,7 @@ def _ma_foreach(
         if s["ma_count"] % window == 0:
             torch.sum(b, 0, out=total)
     ready = [i for i, s in enumerate(states) if not (warmup and _ma_filled(s["ma_count"], window) < window)]
-    if not ready:
+    if not ready or not _amplifies(lamb):
         return
     # Filled counts are equal within a bucket unless some parameters skipped steps.
     by_n: dict[int, list[int]] = defaultdict(list)
@@ -443,6 +455,11 @@ class Grokfast(GradientTransform):
             about 1.8e19, is then skipped too). Every other case decides on the host (one
             sync per step): the first step, a filter waiting for ``after_step``, the MA
             filter, and every non-fused or nested inner optimizer.
+        restore_grad: ``True`` (default): after ``step()`` each ``p.grad`` is the gradient
+            backward produced, as with any torch optimizer (the filter works on a
+            scratch copy: one extra gradient-sized buffer during the step). ``False``: the
+            transformed gradient is written into ``p.grad`` in place, with no extra buffer.
+            With ``lamb=0`` the gradient is left untouched in both modes.
 
     A checkpoint of the bare optimizer upgrades to Grokfast: load it into the inner
     optimizer before wrapping, or into ``grokfast.optimizer`` after; groups that lack the
@@ -477,6 +494,7 @@ class Grokfast(GradientTransform):
         normalize_lr: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "error",
+        restore_grad: bool = True,
     ) -> None:
         check_mode(nonfinite)
         if foreach is not None and not isinstance(foreach, bool):
@@ -495,6 +513,7 @@ class Grokfast(GradientTransform):
             optimizer,
             dict(alpha=alpha, lamb=lamb, filter=filter, window=window, reduction=reduction,
                  warmup=warmup, after_step=after_step, normalize_lr=normalize_lr),
+            restore_grad=restore_grad,
         )
 
     def _validate_group(self, options: dict[str, Any]) -> None:
@@ -572,7 +591,7 @@ class Grokfast(GradientTransform):
                 saved.append((group, lr))
                 group["lr"] = lr / (1 + lamb)
         try:
-            self.optimizer.step()
+            self._step_inner_optimizer()
         finally:
             for group, lr in saved:
                 group["lr"] = lr  # the same object: a scheduler's in-place updates still land

@@ -115,6 +115,10 @@ class OrthoGrad(GradientTransform):
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
         eps: guard added to ``w.w`` and ``||g_perp||`` (default 1e-30).
         foreach: multi-tensor kernels (default) or the per-tensor reference loop.
+        restore_grad: ``True`` (default): after ``step()`` each ``p.grad`` is the gradient
+            backward produced, as with any torch optimizer (the transform works on a
+            scratch copy: one extra gradient-sized buffer during the step). ``False``: the
+            transformed gradient is written into ``p.grad`` in place, with no extra buffer.
 
     Example:
         >>> import torch
@@ -127,11 +131,14 @@ class OrthoGrad(GradientTransform):
 
     _prefix = "orthograd_"
 
-    def __init__(self, optimizer: Optimizer, *, eps: float = 1e-30, foreach: bool | None = None) -> None:
+    def __init__(
+        self, optimizer: Optimizer, *, eps: float = 1e-30, foreach: bool | None = None,
+        restore_grad: bool = True,
+    ) -> None:
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
         self.foreach = foreach
-        super().__init__(optimizer, dict(eps=eps))
+        super().__init__(optimizer, dict(eps=eps), restore_grad=restore_grad)
 
     def _validate_group(self, options: dict[str, Any]) -> None:
         if "orthograd_eps" in options:

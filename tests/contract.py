@@ -96,9 +96,14 @@ def assert_same_params(a: nn.Module, b: nn.Module) -> None:
 
 
 def state_tensors(opt: Optimizer) -> dict[str, torch.Tensor]:
-    """Every tensor of a state_dict, flattened to 'index/key' names, for exact comparison."""
+    """Every tensor of a state_dict's per-parameter state, flattened to 'index/key' names,
+    for exact comparison (entries under keys that are not parameter indices are left out)."""
     out = {}
-    for index, entries in opt.state_dict()["state"].items():
+    sd = opt.state_dict()
+    indices = {i for group in sd["param_groups"] for i in group["params"]}
+    for index, entries in sd["state"].items():
+        if index not in indices:
+            continue
         for key, value in entries.items():
             if isinstance(value, torch.Tensor):
                 out[f"{index}/{key}"] = value.detach().clone()
@@ -156,3 +161,21 @@ WRAPPER_CASES += [
     WrapperCase("egd", lambda opt, model: grokopt.EGD(opt)),
     WrapperCase("egd-newton-schulz", lambda opt, model: grokopt.EGD(opt, method="newton-schulz")),
 ]
+
+
+# ---------------------------------------------------------------- the torch.optim contract (issue 12)
+
+
+def optimizer_stack(opt: Optimizer) -> list[Optimizer]:
+    """The wrapper and every optimizer inside it, outermost first."""
+    out = [opt]
+    while isinstance(out[-1], grokopt.GradientTransform):
+        out.append(out[-1].optimizer)
+    return out
+
+
+def one_step(model: nn.Module, opt: Optimizer, batch: Batch) -> None:
+    """backward and step() on one batch, without the zero_grad and after_step of train()."""
+    x, y = batch
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from contract import (
     INNER_OPTIMIZERS,
@@ -16,6 +22,7 @@ from contract import (
     assert_same_params,
     make_batches,
     make_model,
+    optimizer_stack,
     state_tensors,
     train,
 )
@@ -199,8 +206,230 @@ def test_transform_sees_unscaled_gradients_under_grad_scaler(case, inner):
         x, y = batch
         opt_b.zero_grad()
         scaler.scale(nn.functional.mse_loss(model_b(x), y)).backward()
+        scaled = [p.grad.clone() for p in model_b.parameters()]
         scaler.step(opt_b)
+        # what a bare optimizer leaves: the gradient unscale_ wrote, untransformed
+        for p, g in zip(model_b.parameters(), scaled):
+            assert torch.equal(p.grad, g / 2.0**10)
         scaler.update()
         if case.after_step is not None:
             case.after_step(opt_b, model_b, batch)
     assert_same_params(model_a, model_b)
+
+
+# ---------------------------------------------------------------- the torch.optim contract (issue 12)
+
+
+@pytest.mark.parametrize("inner", INNERS)
+@pytest.mark.parametrize("case", CASES)
+def test_grad_after_step_is_the_users_or_the_transformed_one(case, inner):
+    """restore_grad=True (default): p.grad after step() is the tensor backward produced,
+    bit for bit. False: it is what the inner optimizer stepped on (captured by a hook on
+    the innermost optimizer). Both modes train identically."""
+    batches = make_batches(4)
+    finals = {}
+    for restore in (True, False):
+        model, opt = build(case, inner)
+        opt.restore_grad = restore  # the outermost wrapper decides for the stack
+        seen = []
+        optimizer_stack(opt)[-1].register_step_pre_hook(
+            lambda o, a, k: seen.append([p.grad.clone() for p in model.parameters()])
+        )
+        for batch in batches:
+            x, y = batch
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            users = [(p.grad, p.grad.clone()) for p in model.parameters()]
+            opt.step()
+            for p, (obj, raw), stepped in zip(model.parameters(), users, seen[-1]):
+                if restore:
+                    assert p.grad is obj and torch.equal(p.grad, raw)
+                else:
+                    assert torch.equal(p.grad, stepped)
+            if case.after_step is not None:
+                case.after_step(opt, model, batch)
+        assert len(seen) == len(batches)
+        finals[restore] = model
+    assert_same_params(finals[True], finals[False])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_restore_grad_is_a_validated_constructor_keyword_kept_out_of_state(case):
+    model, opt = build(case, "adam")
+    for wrapper in optimizer_stack(opt)[:-1]:
+        param = inspect.signature(type(wrapper)).parameters.get("restore_grad")
+        assert param is not None and param.default is True and param.kind is param.KEYWORD_ONLY
+        inner = torch.optim.Adam(make_model().parameters())
+        before = [dict(g) for g in inner.param_groups]
+        with pytest.raises(TypeError, match=r"restore_grad must be a bool, got str: 'no'"):
+            type(wrapper)(inner, restore_grad="no")
+        assert [dict(g) for g in inner.param_groups] == before
+    train(model, opt, make_batches(1), case)
+    assert "restore_grad" not in repr(opt.state_dict())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_global_step_hooks_fire_once_per_step_with_the_wrapper(case):
+    model, opt = build(case, "sgd")
+    stack = optimizer_stack(opt)
+    calls, inner_calls = [], []
+    handles = [
+        register_optimizer_step_pre_hook(
+            lambda o, a, k: calls.append(("pre", o))),
+        register_optimizer_step_post_hook(
+            lambda o, a, k: calls.append(("post", o))),
+    ]
+    # hooks a user registered on the inner optimizer still fire, once per step
+    stack[-1].register_step_pre_hook(lambda o, a, k: inner_calls.append("pre"))
+    stack[-1].register_step_post_hook(lambda o, a, k: inner_calls.append("post"))
+    try:
+        train(model, opt, make_batches(3), case)
+    finally:
+        for h in handles:
+            h.remove()
+    # a meta-optimizer's own steps are steps of another optimizer: left out here
+    ours = [(kind, o) for kind, o in calls if any(o is s for s in stack)]
+    assert ours == [("pre", opt), ("post", opt)] * 3
+    assert inner_calls == ["pre", "post"] * 3
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_state_dict_hooks_run_as_in_torch(case):
+    model, opt = build(case, "adamw-foreach")
+    train(model, opt, make_batches(2), case)
+    order = []
+
+    def pre(o):
+        order.append("pre")
+        o.state["test"] = 1  # a non-parameter key, as torch's own hook test writes
+
+    def post(o, sd):
+        order.append("post")
+        assert sd["state"]["test"] == 1 and "grokopt_stack" in sd
+        return {**sd, "ran_post": True}  # a new dict: it must be what state_dict returns
+
+    opt.register_state_dict_pre_hook(pre)
+    opt.register_state_dict_post_hook(post)
+    sd = opt.state_dict()
+    assert order == ["pre", "post"] and sd["ran_post"] is True and sd["state"]["test"] == 1
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_load_state_dict_hooks_run_as_in_torch(case):
+    model, opt = build(case, "adam")
+    train(model, opt, make_batches(2), case)
+    saved = opt.state_dict()
+    model2, opt2 = build(case, "adam", seed=5)
+    order = []
+
+    def pre_in_place(o, sd):
+        order.append("pre1")
+        sd["param_groups"][0]["lr"] = 0.002  # a shallow copy: the caller's dict is not this
+
+    def pre_returns(o, sd):
+        order.append("pre2")
+        assert sd["param_groups"][0]["lr"] == 0.002
+        new = copy.deepcopy(sd)
+        new["param_groups"][0]["lr"] = 0.003
+        return new
+
+    def post(o):
+        order.append("post")
+        # everything is loaded when it runs
+        assert o.param_groups[0]["lr"] == 0.003
+        assert state_tensors(o).keys() == state_tensors(opt).keys()
+        o.state["ran_post"] = True
+
+    lr_saved = saved["param_groups"][0]["lr"]
+    opt2.register_load_state_dict_pre_hook(pre_in_place)
+    opt2.register_load_state_dict_pre_hook(pre_returns)
+    opt2.register_load_state_dict_post_hook(post)
+    opt2.load_state_dict(saved)
+    assert order == ["pre1", "pre2", "post"]
+    assert opt2.state["ran_post"] is True
+    # torch changes a group of its shallow copy; that group is the caller's too
+    assert saved["param_groups"][0]["lr"] == 0.002 != lr_saved
+    inner = optimizer_stack(opt2)[-1]
+    assert inner.param_groups[0]["lr"] == 0.003
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adamw-fused"])
+@pytest.mark.parametrize("case", CASES)
+def test_non_parameter_state_keys_pass_through_and_round_trip(case, inner):
+    model, opt = build(case, inner)
+    train(model, opt, make_batches(2), case)
+    stack = optimizer_stack(opt)
+    opt.state["my_counter"] = 3
+    stack[-1].state["inner_note"] = "kept"  # one of the inner optimizer's own
+    sd = opt.state_dict()
+    assert sd["state"]["my_counter"] == 3 and sd["state"]["inner_note"] == "kept"
+
+    buffer = io.BytesIO()
+    torch.save(sd, buffer)
+    buffer.seek(0)
+    model2, opt2 = build(case, inner, seed=9)
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    stack2 = optimizer_stack(opt2)
+    assert opt2.state["my_counter"] == 3 and stack2[-1].state["inner_note"] == "kept"
+    # each back where it was, and nowhere else
+    assert all("my_counter" not in o.state for o in stack2[1:])
+    assert all("inner_note" not in o.state for o in stack2[:-1])
+    a, b = state_tensors(opt), state_tensors(opt2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_non_parameter_key_that_collides_is_refused_by_name(case):
+    model, opt = build(case, "adam")
+    train(model, opt, make_batches(1), case)
+    optimizer_stack(opt)[-1].state["shared"] = 1
+    opt.state["shared"] = 2
+    with pytest.raises(ValueError, match=r"under 'shared', which is also a key of the inner"):
+        opt.state_dict()
+    del opt.state["shared"]
+    opt.state[0] = "x"  # a parameter index
+    with pytest.raises(ValueError, match=r"under 0, which is also a parameter index"):
+        opt.state_dict()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_scheduler_built_on_the_inner_optimizer_sees_its_steps(case):
+    # The scheduler patches the inner optimizer's step to record that it ran; stepping the
+    # inner optimizer without the global hooks must still record it, or the scheduler warns
+    # that it was stepped first.
+    model = make_model(0)
+    inner = INNER_OPTIMIZERS["adam"](model.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(inner, step_size=1, gamma=0.5)
+    opt = case.build(inner, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, opt, make_batches(1), case)
+        sched.step()
+    assert optimizer_stack(opt)[-1].param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
+def _nested(case):
+    model = make_model()
+    return len(optimizer_stack(case.build(torch.optim.SGD(model.parameters(), lr=0.1), model))) > 2
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in WRAPPER_CASES if _nested(c)])
+def test_nested_wrappers_share_the_outermost_scratch_copy(case):
+    """In a stack only the outermost wrapper copies the gradients: the wrappers inside
+    transform its copies in place, so the whole stack costs one gradient-sized buffer."""
+    model, opt = build(case, "sgd")
+    stack = optimizer_stack(opt)
+    seen = {}
+    def record(o, args, kwargs):
+        seen[id(o)] = [p.grad.data_ptr() for p in model.parameters()]
+
+    for o in stack[1:]:
+        o.register_step_pre_hook(record)
+    x, y = make_batches(1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    users = [p.grad.data_ptr() for p in model.parameters()]
+    opt.step()
+    copies = [seen[id(o)] for o in stack[1:]]
+    assert all(c == copies[0] for c in copies)  # the same tensors all the way in
+    assert all(a != b for a, b in zip(copies[0], users))  # and not the user's
+    assert [p.grad.data_ptr() for p in model.parameters()] == users

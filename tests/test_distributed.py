@@ -247,6 +247,23 @@ def fsdp_worker(rank, world, out):
         assert torch.equal(p.full_tensor(), q)
     assert len(opt.state) == 0 and len(opt.optimizer.state) == 0
 
+    # p.grad after step() on sharded gradients: the user's DTensor itself, its shard bit for
+    # bit (restore_grad=True), or the filtered gradient in its shard (False; on the first
+    # step the EMA is g, so that is (1 + lamb) g).
+    for restore in (True, False):
+        model = _fsdp_net(mesh)
+        opt = Grokfast(torch.optim.SGD(model.parameters(), lr=0.1), lamb=2.0,
+                       restore_grad=restore)
+        x, y = rank_batches(rank)[0]
+        mse(model(x), y).backward()
+        users = [(p.grad, p.grad.to_local().clone()) for p in model.parameters()]
+        opt.step()
+        for p, (obj, raw) in zip(model.parameters(), users):
+            if restore:
+                assert p.grad is obj and torch.equal(p.grad.to_local(), raw)
+            else:
+                torch.testing.assert_close(p.grad.to_local(), 3 * raw)
+
     # torch.distributed.checkpoint with 2 ranks: save the sharded states half-way, load them
     # into fresh sharded objects and continue; equal, bit for bit, to never stopping.
     for kind in DCP_FSDP_KINDS:

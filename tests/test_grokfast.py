@@ -373,19 +373,25 @@ def test_lamb_zero_is_exactly_the_bare_optimizer(inner, filt):
         assert torch.equal(p, q)
 
 
-def test_hyperparameters_live_in_param_groups_per_group():
+@pytest.mark.parametrize("restore_grad", [False, True])
+def test_hyperparameters_live_in_param_groups_per_group(restore_grad):
     model = make_model(0)
     inner = torch.optim.SGD([{"params": model[0].parameters()},
                              {"params": model[2].parameters(), "grokfast_lamb": 0.0}], lr=0.1)
-    opt = Grokfast(inner, lamb=2.0)
+    opt = Grokfast(inner, lamb=2.0, restore_grad=restore_grad)
     assert [g["grokfast_lamb"] for g in opt.param_groups] == [2.0, 0.0]
     x, y = make_batches(1)[0]
     nn.functional.mse_loss(model(x), y).backward()
     raw = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
     opt.param_groups[0]["grokfast_lamb"] = 1.0  # changed by the user before the step
     opt.step()
-    torch.testing.assert_close(model[0].weight.grad, 2 * raw[0])
-    torch.testing.assert_close(model[2].weight.grad, raw[2])
+    # first step: ema = g, so the filtered gradient is (1 + lamb) g; SGD steps -lr times it
+    expected = {0: 2 * raw[0], 2: raw[2]}
+    params = list(model.parameters())
+    for i, g in expected.items():
+        torch.testing.assert_close(before[i] - params[i], 0.1 * g)
+        torch.testing.assert_close(params[i].grad, raw[i] if restore_grad else g)
 
 
 def test_add_param_group_mid_training_gets_defaults():
@@ -847,3 +853,53 @@ def test_error_mode_decides_finiteness_exactly(grad, finite):
 def test_tensor_hyperparameters_are_range_checked_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Grokfast(torch.optim.SGD(make_model().parameters(), lr=0.1), **kwargs)
+
+
+# ---------------------------------------------------------------- p.grad after step() (issue 12)
+
+
+def _bits(t):
+    """The raw bits of a float tensor: tells -0.0 from +0.0, which torch.equal does not."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("restore_grad", [True, False])
+@pytest.mark.parametrize("alpha, lamb", [(0.9, 2.0), (0.5, 0.25)])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_grad_after_step_against_the_ema_closed_form(restore_grad, alpha, lamb, foreach):
+    """mu_1 = g_1, mu_k = alpha mu_(k-1) + (1 - alpha) g_k; the step is on g_k + lamb mu_k.
+    In place that is what p.grad holds after step(); restoring, it holds g_k itself."""
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(4)]
+    p = nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
+    opt = Grokfast(torch.optim.SGD([p], lr=1.0), alpha=alpha, lamb=lamb, foreach=foreach,
+                   restore_grad=restore_grad)
+    mu, position = None, torch.zeros(4, 3, dtype=torch.float64)
+    for g in grads:
+        mu = g.clone() if mu is None else alpha * mu + (1 - alpha) * g
+        filtered = g + lamb * mu
+        position -= filtered
+        p.grad = g.clone()
+        opt.step()
+        torch.testing.assert_close(p.detach(), position, rtol=1e-12, atol=1e-12)
+        if restore_grad:
+            assert torch.equal(p.grad, g)
+        else:
+            torch.testing.assert_close(p.grad, filtered, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("restore_grad", [True, False])
+@pytest.mark.parametrize("filt", ["ema", "ma"])
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lamb_zero_leaves_the_gradient_bit_for_bit(restore_grad, filt, foreach, dtype):
+    # -0.0 entries: g + 0 * mu would turn them into +0.0 where mu >= 0
+    p = nn.Parameter(torch.zeros(6, dtype=dtype))
+    opt = Grokfast(torch.optim.SGD([p], lr=0.1), filter=filt, window=2, warmup=False,
+                   lamb=0.0, foreach=foreach, restore_grad=restore_grad)
+    for values in ([-0.0, 1.5, -2.0, 0.0, 3.0, -0.0], [1.0, -0.0, -0.0, 2.0, -1.0, 0.5]):
+        g = torch.tensor(values, dtype=dtype)
+        p.grad = g.clone()
+        opt.step()
+        assert torch.equal(_bits(p.grad), _bits(g))
+        assert opt.state[p]  # the filter still runs: its state is kept up to date

@@ -102,15 +102,25 @@ def test_nesting_with_grokfast_composes_the_transforms(order):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_max_grad_norm_clips_after_the_transform():
-    model, opt = setup(path="pwl", max_grad_norm=0.5)
+@pytest.mark.parametrize("restore_grad", [False, True])
+def test_max_grad_norm_clips_after_the_transform(restore_grad):
+    model, opt = setup(path="pwl", max_grad_norm=0.5, restore_grad=restore_grad)
     x, y = make_batches(1, dtype=F64)[0]
     opt.zero_grad()
     mse(model(x), y).backward()
+    raw = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
     opt.step()
-    total = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+    # plain SGD, lr 0.3: the step it took is -lr times the gradient it stepped on
+    stepped = [(b - p.detach()) / 0.3 for b, p in zip(before, model.parameters())]
+    total = torch.sqrt(sum(s.pow(2).sum() for s in stepped))
     # 4 tensors of norm 1 -> clipped; clip_grad_norm_ divides by (norm + 1e-6)
     assert total.item() == pytest.approx(0.5 * 2 / (2 + 1e-6), rel=1e-12)
+    for p, r, s in zip(model.parameters(), raw, stepped):
+        if restore_grad:
+            assert torch.equal(p.grad, r)  # the user's gradient, as backward left it
+        else:
+            torch.testing.assert_close(p.grad, s, rtol=1e-12, atol=0)  # the clipped one
 
 
 # ---------------------------------------------------------------- meta-step: exact hypergradient
