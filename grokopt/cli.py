@@ -229,8 +229,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_race_parser(sub)
+    _add_leaderboard_parser(sub)
     _add_bench_parser(sub)
     return parser
+
+
+def _add_leaderboard_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "leaderboard", help="fold finished races (one per task) into one table and figure",
+        description="Read finished races' results.json and write leaderboard.json, "
+                    "leaderboard.csv and leaderboard.png (one panel per task) to --out.")
+    p.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
+                   help="a race's results.json, or the folder holding it")
+    p.add_argument("--out", type=Path, default=Path("race-out") / "leaderboard",
+                   help="output folder (default: %(default)s)")
+    p.set_defaults(func=lambda args: _leaderboard_command(args, p))
+
+
+def _leaderboard_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rich.console import Console
+
+    from .race_leaderboard import leaderboard_rows, leaderboard_table, load_results, write_leaderboard
+
+    try:
+        results = load_results(args.results)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        parser.error(f"argument RESULTS: {exc}")
+    console = Console(width=160)
+    console.print(leaderboard_table(leaderboard_rows(results)))
+    files = write_leaderboard(results, args.out)
+    console.print("wrote " + ", ".join(files.values()), highlight=False)
+    return 0
 
 
 def _add_bench_parser(sub: Any) -> None:
@@ -444,6 +473,7 @@ def _run_configs(console: Any, args: argparse.Namespace, configs: list[Any]) -> 
     from .race import results_table, run_race
 
     interrupted = False
+    finished = []
     for cfg in configs:
         # Measured on a busy 2-core CPU: one thread ran the quick race 3x and the p=97
         # transformer 6x faster than two (OpenMP hand-offs dominate these small models).
@@ -464,6 +494,14 @@ def _run_configs(console: Any, args: argparse.Namespace, configs: list[Any]) -> 
                           "to continue[/yellow]")
             interrupted = True
             break
+        finished.append(result.to_dict())
+    if len(configs) > 1 and not interrupted:  # a preset of several tasks: one leaderboard
+        from .race_leaderboard import leaderboard_rows, leaderboard_table, write_leaderboard
+
+        console.print(leaderboard_table(leaderboard_rows(finished)))
+        out = args.out if args.out is not None else Path("race-out") / args.preset
+        console.print("wrote " + ", ".join(write_leaderboard(finished, out).values()),
+                      highlight=False)
     return 130 if interrupted else 0
 
 
