@@ -169,6 +169,17 @@ def write_leaderboard(results: Sequence[Mapping[str, Any]], out_dir: str | os.Pa
     return files
 
 
+def arm_order(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every arm of the races once, in order of first appearance.
+
+    Example:
+        >>> arm_order([{"runs": [{"label": "a"}, {"label": "b"}, {"label": "a"}]},
+        ...            {"runs": [{"label": "c"}, {"label": "b"}]}])
+        ['a', 'b', 'c']
+    """
+    return list(dict.fromkeys(r["label"] for race in results for r in race["runs"]))
+
+
 def plot_leaderboard(results: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
     """One panel per race: each arm's validation accuracy, mean over seeds, log steps."""
     try:
@@ -182,9 +193,7 @@ def plot_leaderboard(results: Sequence[Mapping[str, Any]], path: str | os.PathLi
     cols = min(n, 2)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.2 * rows), dpi=110, squeeze=False)
-    arms: list[str] = []
-    for race in results:
-        arms += [r["label"] for r in race["runs"] if r["label"] not in arms]
+    arms = arm_order(results)
     # One colour and line style per arm in every panel.
     palette = plt.get_cmap("tab10").colors
     look = {a: (palette[i % 10], "-" if i < 10 else "--") for i, a in enumerate(arms)}
@@ -213,7 +222,9 @@ def plot_leaderboard(results: Sequence[Mapping[str, Any]], path: str | os.PathLi
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     handles = [plt.Line2D([], [], color=look[a][0], linestyle=look[a][1]) for a in arms]
-    fig.legend(handles, arms, loc="lower center", ncol=min(6, len(arms)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    ncol = min(6, len(arms))
+    fig.legend(handles, arms, loc="lower center", ncol=ncol, fontsize=8)
+    legend_rows = -(-len(arms) // ncol)
+    fig.tight_layout(rect=(0, 0.03 + 0.1 * legend_rows / rows, 1, 1))
     fig.savefig(path)
     plt.close(fig)
