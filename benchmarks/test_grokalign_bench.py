@@ -7,16 +7,22 @@ Run (the default addopts deselect nothing here; pass the path explicitly):
 Each group holds a plain step and the GrokAlign variants measured in the same run, so the
 ratios are read side by side (divide each mean by its group's "plain"):
 
-* ours: ``GrokAlignLoss(estimator="auto").forward_with_penalty`` (one shared forward);
+* ours_default: ``GrokAlignLoss(...).forward_with_penalty`` at the default estimator (the
+  paper's unit output probes; on the MLP ``J^T v`` goes down the masks of the one forward);
+* ours_jvp: ``estimator="jvp"`` (forward mode, Gaussian input probes: another distribution,
+  an option; MLP only, the transformer has layer norm);
 * paper: the reference way, a separate forward plus a reverse-mode VJP with ``create_graph``;
 * peer: ``torch.autograd.functional.jvp(create_graph=True)``;
 * exact: ``estimator="exact"`` vs a loop of ``torch.autograd.functional.jacobian`` per sample.
 
 Threads are pinned to 1 (``GROKOPT_BENCH_THREADS`` overrides): on a shared 2-core machine
-the default OpenMP spin-waiting turns contention into 10x noise.
+the default OpenMP spin-waiting turns contention into 10x noise. Each result's extra_info
+holds the 1-minute load average before and after it ran: other jobs share the machine.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -90,7 +96,8 @@ def _setup(kind: str):
 
 def _steps(kind: str):
     fn, inputs, y, opt = _setup(kind)
-    reg = GrokAlignLoss(fn, LAMBDA, estimator="auto", generator=torch.Generator().manual_seed(0))
+    reg = GrokAlignLoss(fn, LAMBDA, generator=torch.Generator().manual_seed(0))
+    fwd = GrokAlignLoss(fn, LAMBDA, estimator="jvp", generator=torch.Generator().manual_seed(0))
     exact = GrokAlignLoss(fn, LAMBDA, estimator="exact")
 
     def plain():
@@ -101,6 +108,12 @@ def _steps(kind: str):
     def ours():
         opt.zero_grad(set_to_none=True)
         logits, pen = reg.forward_with_penalty(inputs())
+        (F.cross_entropy(logits, y) + pen).backward()
+        opt.step()
+
+    def ours_jvp():
+        opt.zero_grad(set_to_none=True)
+        logits, pen = fwd.forward_with_penalty(inputs())
         (F.cross_entropy(logits, y) + pen).backward()
         opt.step()
 
@@ -137,7 +150,8 @@ def _steps(kind: str):
 
     return {
         "plain": plain,
-        "ours_auto": ours,
+        "ours_default": ours,
+        "ours_jvp": ours_jvp,
         "paper_vjp": paper,
         "peer_autograd_functional_jvp": peer_jvp,
         "ours_exact": ours_exact,
@@ -145,22 +159,29 @@ def _steps(kind: str):
     }
 
 
-STEP_VARIANTS = ["plain", "ours_auto", "paper_vjp", "peer_autograd_functional_jvp"]
+STEP_VARIANTS = ["plain", "ours_default", "paper_vjp", "peer_autograd_functional_jvp"]
 
 
 def _interleaved_ratio(steps, variant: str, pairs: int) -> float:
     """Median over pairs of (variant time / plain time), each pair run back to back, so a
-    load change on the shared machine hits both sides of a ratio alike."""
+    load change on the shared machine hits both sides of a ratio alike. The order within
+    a pair alternates, since the second step of a pair can run slower (caches, turbo)."""
     import time
 
-    ratios = []
-    for _ in range(pairs):
+    def timed(name: str) -> float:
         t0 = time.perf_counter()
-        steps["plain"]()
-        t1 = time.perf_counter()
-        steps[variant]()
-        t2 = time.perf_counter()
-        ratios.append((t2 - t1) / (t1 - t0))
+        steps[name]()
+        return time.perf_counter() - t0
+
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            v = timed(variant)
+            p = timed("plain")
+        else:
+            p = timed("plain")
+            v = timed(variant)
+        ratios.append(v / p)
     ratios.sort()
     return ratios[len(ratios) // 2]
 
@@ -168,14 +189,16 @@ def _interleaved_ratio(steps, variant: str, pairs: int) -> float:
 def _run(benchmark, kind: str, group: str, variant: str, rounds: int, pairs: int) -> None:
     benchmark.group = group
     steps = _steps(kind)
+    load_before = os.getloadavg()[0]
     benchmark.pedantic(steps[variant], rounds=rounds, iterations=1, warmup_rounds=max(1, rounds // 8))
     benchmark.extra_info["ratio_to_plain_interleaved_median"] = _interleaved_ratio(steps, variant, pairs)
     benchmark.extra_info["threads"] = torch.get_num_threads()
+    benchmark.extra_info["loadavg_1min_before_after"] = [load_before, os.getloadavg()[0]]
 
 
-@pytest.mark.parametrize("variant", STEP_VARIANTS)
+@pytest.mark.parametrize("variant", STEP_VARIANTS + ["ours_jvp"])
 def test_mlp_step(benchmark, variant):
-    _run(benchmark, "mlp", "grokalign-step-mlp-784-196x3-10-b256", variant, rounds=40, pairs=40)
+    _run(benchmark, "mlp", "grokalign-step-mlp-784-196x3-10-b256", variant, rounds=40, pairs=100)
 
 
 @pytest.mark.parametrize("variant", STEP_VARIANTS)

@@ -535,7 +535,7 @@ class _GramQuadratic(torch.autograd.Function):
         rows = a.reshape(-1, a.shape[-1])
         ga, dm = None, gm
         if gq is not None:
-            ga = 2 * gq.unsqueeze(-1) * y
+            ga = y * (2 * gq).unsqueeze(-1)  # doubling the (n,) factor, not the (n, out) one
             s = (gq.reshape(-1, 1) * rows).transpose(0, 1) @ rows
             dm = s if dm is None else dm + s
         if gy is not None:  # only reached by a second derivative
