@@ -330,7 +330,7 @@ class _Trainer:
         self.align = None
         if "grokalign" in parts:
             gen = torch.Generator(device=device).manual_seed(seed + 1)
-            self.align = GrokAlignLoss(self.logits, weight=1e-3, estimator="auto", generator=gen)
+            self.align = GrokAlignLoss(self.logits, weight=1e-3, estimator="vjp", generator=gen)
 
     def loss_fn(self, logits: Tensor, y: Tensor) -> Tensor:
         if y.is_floating_point():
@@ -651,7 +651,7 @@ def bench(
     ``grokfast`` EMA (alpha 0.98, lamb 2), ``grokfast-ma`` (window 100, lamb 5),
     ``neuralgrok`` (amplifier (128, 128), meta-step every 4 steps on a held-out batch of
     ``outer_batch_size``, the paper's recomputed g_hat; the meta-step is inside the timed
-    steps), ``grokalign`` (weight 1e-3, one probe, estimator "auto", penalty from the task's
+    steps), ``grokalign`` (weight 1e-3, one probe, the default estimator "vjp", penalty from the task's
     own forward). "plain" is always measured (the denominator). Each method first trains
     for one meta-step cycle; one that cannot apply to the model (GrokAlign on a model with
     BatchNorm in training mode, or with integer inputs and no ``embed()``) is reported as not
