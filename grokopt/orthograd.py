@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .wrapper import GradientTransform, _local
+from .wrapper import GradientTransform, _is_dtensor
 
 __all__ = ["OrthoGrad", "orthogonalize_"]
 
@@ -80,14 +80,19 @@ def orthogonalize_(
     for i, (w, g) in enumerate(zip(params, grads)):
         if w.shape != g.shape:
             raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, params[{i}] {tuple(w.shape)}")
+        if _is_dtensor(w) or _is_dtensor(g):
+            # A shard-local dot product and norms would give a wrong, rank-dependent result.
+            raise NotImplementedError(
+                f"OrthoGrad needs whole tensors: params[{i}] or grads[{i}] is sharded "
+                f"(DTensor, e.g. FSDP2), which is not supported"
+            )
     if foreach is False:
         for w, g in zip(params, grads):
             if g.numel():
-                _reference(_local(w), _local(g), eps)
+                _reference(w, g, eps)
         return
     buckets: dict[Any, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
     for w, g in zip(params, grads):
-        w, g = _local(w), _local(g)
         if g.numel():
             bucket = buckets[(g.device, g.dtype)]
             bucket[0].append(w)

@@ -113,3 +113,13 @@ def test_bad_options_are_refused(kwargs, match):
 def test_mismatched_shapes_are_refused():
     with pytest.raises(ValueError, match=r"grads\[0\] has shape \(3,\), params\[0\] \(2,\)"):
         orthogonalize_([torch.zeros(2)], [torch.zeros(3)])
+
+
+def test_sharded_tensors_are_refused(monkeypatch):
+    import grokopt.orthograd as mod
+
+    monkeypatch.setattr(mod, "_is_dtensor", lambda t: True)
+    g = torch.ones(3)
+    with pytest.raises(NotImplementedError, match=r"params\[0\] or grads\[0\] is sharded"):
+        orthogonalize_([torch.ones(3)], [g])
+    assert torch.equal(g, torch.ones(3))
