@@ -20,9 +20,14 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 
 def _log_s(x: Tensor) -> Tensor:
-    # Both branches are evaluated on clamped inputs, so neither is NaN where it is not
-    # selected (a NaN there would leak into the gradient through torch.where).
-    return torch.where(x >= 0, torch.log1p(x.clamp(min=0)), -torch.log1p((-x).clamp(min=0)))
+    # Each branch sees its own side of 0 and a harmless 0 elsewhere, so neither is NaN where
+    # it is not selected (a NaN there would leak into the gradient through torch.where).
+    # Selecting with where, not clamp: the gradient of clamp at its bound is a torch detail
+    # (1 in torch 2.13, 0 in 2.14), and x = 0 is exactly such a point.
+    nonneg = x >= 0
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(nonneg, torch.log1p(torch.where(nonneg, x, zero)),
+                       -torch.log1p(torch.where(nonneg, zero, -x)))
 
 
 def log_stablemax(logits: Tensor, dim: int = -1) -> Tensor:
