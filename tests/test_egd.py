@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from contract import make_batches, make_model, params_of, train
 from grokopt import EGD
 from grokopt.egd import polar_factor
 
@@ -48,17 +49,10 @@ def test_dtype_is_kept(dtype):
 
 
 def _train(builder, steps=4):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model = make_model(0, torch.float64)
     opt = builder(model.parameters())
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
-        y = torch.randn(6, 3, generator=gen, dtype=torch.float64)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    return opt, [p.detach().clone() for p in model.parameters()]
+    train(model, opt, make_batches(steps, dtype=torch.float64))
+    return opt, params_of(model)
 
 
 def test_wrapper_replaces_matrices_and_leaves_vectors():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from contract import make_batches, make_model, params_of, train
 from grokopt import OrthoGrad
 from grokopt.orthograd import orthogonalize_
 
@@ -60,17 +61,9 @@ def test_zero_weight_and_zero_gradient_stay_finite():
 
 
 def _train(opt_builder, steps=6):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    opt = opt_builder(model.parameters())
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
-        y = torch.randn(6, 3, generator=gen, dtype=torch.float64)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    return [p.detach().clone() for p in model.parameters()]
+    model = make_model(0, torch.float64)
+    train(model, opt_builder(model.parameters()), make_batches(steps, dtype=torch.float64))
+    return params_of(model)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
