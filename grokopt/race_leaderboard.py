@@ -84,7 +84,7 @@ def leaderboard_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
         for arm, runs in by_arm.items():
             row: dict[str, Any] = {
                 "race": cfg["name"], "task": _task_name(cfg), "arm": arm,
-                "seeds": len(runs), "grokked": sum(1 for r in runs if r[("steps_to")][first] is not None),
+                "seeds": len(runs), "grokked": sum(1 for r in runs if r["steps_to"][first] is not None),
                 "steps_to": {k: _stats([r["steps_to"][k] for r in runs if r["steps_to"][k] is not None])
                              for k in keys},
                 "seconds_to": {k: _stats([r["seconds_to"][k] for r in runs
