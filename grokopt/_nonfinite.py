@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .wrapper import _is_dtensor, _shard_groups
+from ._distributed import is_dtensor, shard_groups
 
 __all__ = ["NonFiniteGradientError"]
 
@@ -61,7 +61,7 @@ def all_finite(grads: Sequence[Tensor], *, exact: bool = True) -> Tensor:
     collective). That reduction, like ``exact``, costs a host sync.
     """
     device = grads[0].device
-    local = [g.to_local() if _is_dtensor(g) else g for g in grads]
+    local = [g.to_local() if is_dtensor(g) else g for g in grads]
     nonempty = [g for g in local if g.numel()]
     finite = torch.ones((), dtype=torch.bool, device=device)
     by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
@@ -89,7 +89,7 @@ def _local_flags(local: Sequence[Tensor], device: torch.device) -> Tensor:
 
 def _agree(flags: Tensor, grads: Sequence[Tensor]) -> Tensor:
     """``flags`` AND-ed over the ranks that hold other shards of the DTensor ``grads``."""
-    groups = {group for g in grads for group in _shard_groups(g)}
+    groups = {group for g in grads for group in shard_groups(g)}
     if not groups:
         return flags
     out = flags.to(torch.int32)
@@ -115,7 +115,7 @@ def screen(indexed: Sequence[tuple[int, Tensor, Tensor]], mode: str, owner: str)
     if mode == "skip":
         return False
     device = grads[0].device
-    local = [g.to_local() if _is_dtensor(g) else g for g in grads]
+    local = [g.to_local() if is_dtensor(g) else g for g in grads]
     flags = _agree(_local_flags(local, device), grads).tolist()
     bad = next((k for k, ok in enumerate(flags) if not ok), None)
     if bad is None:  # not reached: the exact screen and the per-tensor flags agree

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .wrapper import GradientTransform, _is_dtensor
+from ._distributed import is_dtensor
+from .wrapper import GradientTransform
 
 __all__ = ["EGD", "polar_factor"]
 
@@ -113,7 +114,7 @@ class EGD(GradientTransform):
             for _, g in self._grads(group):
                 if g.ndim != 2:
                     continue
-                if _is_dtensor(g):
+                if is_dtensor(g):
                     raise NotImplementedError(
                         "EGD needs whole matrices: sharded (DTensor, e.g. FSDP2) gradients are "
                         "not supported"

@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._nonfinite import NonFiniteGradientError, all_finite, check_mode, screen_step
-from .wrapper import GradientTransform, _is_dtensor, _local
+from ._distributed import is_dtensor, local_shard
+from .wrapper import GradientTransform
 
 __all__ = ["Grokfast", "NonFiniteGradientError", "grokfast_"]
 
@@ -219,7 +220,7 @@ def _update_where(finite: Tensor, dst: Tensor, new: Tensor) -> None:
     Done on local shards: ``finite`` is a plain tensor (already agreed across ranks), and
     DTensor has no rule for mixing it with sharded tensors (nor for _foreach_copy_).
     """
-    _local(dst).copy_(torch.where(finite, _local(new), _local(dst)))
+    local_shard(dst).copy_(torch.where(finite, local_shard(new), local_shard(dst)))
 
 
 def _ema_reference(
@@ -245,8 +246,8 @@ def _ema_foreach(
         _ema_init(g, state)
     # Elementwise: run on the local shards of DTensors (FSDP2), as the MA path does; torch
     # before 2.11 has no DTensor rule for _foreach_lerp_.
-    grads = [_local(g) for g in grads]
-    mus = [_local(s["ema"]) for s in states]
+    grads = [local_shard(g) for g in grads]
+    mus = [local_shard(s["ema"]) for s in states]
     low_precision = mus[0].dtype != grads[0].dtype
     src = [g.to(mus[0].dtype) for g in grads] if low_precision else grads
     weight: Any = 1 - alpha
@@ -256,7 +257,7 @@ def _ema_foreach(
         torch._foreach_lerp_(mus, src, weight)
     else:
         new = torch._foreach_lerp(mus, src, weight)
-        if _is_dtensor(mus[0]):
+        if is_dtensor(mus[0]):
             for m, n in zip(mus, new):
                 _update_where(finite, m, n)
         else:
@@ -291,7 +292,7 @@ def _add_scaled(xs: list[Tensor], ys: list[Tensor], scale: Any) -> list[Tensor]:
 def _ma_prepare(g: Tensor, state: dict[str, Any], window: int) -> None:
     dtype = _state_dtype(g.dtype)
     if "ma_buffer" not in state:
-        local = _local(g)
+        local = local_shard(g)
         state["ma_buffer"] = _like_sharded(
             g, torch.zeros((window, *local.shape), dtype=dtype, device=local.device), lead=1)
         state["ma_sum"] = _like_sharded(g, torch.zeros(local.shape, dtype=dtype, device=local.device))
@@ -307,7 +308,7 @@ def _like_sharded(g: Tensor, local: Tensor, lead: int = 0) -> Tensor:
     ``g`` becomes ``Shard(d + lead)``, so the state holds exactly the entries of the local
     gradient shard and torch.distributed.checkpoint saves and reshards it like the parameter.
     """
-    if not _is_dtensor(g):
+    if not is_dtensor(g):
         return local
     from torch.distributed.tensor import DTensor, Shard
 
@@ -329,19 +330,19 @@ def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
 def _resize_window(state: dict[str, Any], window: int) -> None:
     """Keep the most recent min(count, window) gradients when the window length changes."""
     old_t, count = state["ma_buffer"], state["ma_count"]
-    old = _local(old_t)
+    old = local_shard(old_t)
     keep = min(count, old.shape[0], window)
     new = torch.zeros((window, *old.shape[1:]), dtype=old.dtype, device=old.device)
     for age in range(1, keep + 1):  # age 1 = newest
         new[(count - age) % window] = old[(count - age) % old.shape[0]]
     total = new.sum(0)
-    if _is_dtensor(old_t):
+    if is_dtensor(old_t):
         from torch.distributed.tensor import DTensor
 
         shape = torch.Size((window, *old_t.shape[1:]))
         new = DTensor.from_local(new, old_t.device_mesh, old_t.placements, run_check=False,  # type: ignore[attr-defined]
                                  shape=shape, stride=_contiguous_stride(shape))
-        _local(state["ma_sum"]).copy_(total)
+        local_shard(state["ma_sum"]).copy_(total)
     else:
         state["ma_sum"] = total
     state["ma_buffer"] = new
@@ -364,7 +365,7 @@ def _ma_reference(
 ) -> None:
     for g_t, state in zip(grads, states):
         _ma_prepare(g_t, state, window)
-        g, buf, total = _local(g_t), _local(state["ma_buffer"]), _local(state["ma_sum"])
+        g, buf, total = local_shard(g_t), local_shard(state["ma_buffer"]), local_shard(state["ma_sum"])
         buf[state["ma_count"] % window].copy_(g)
         state["ma_count"] += 1
         n = _ma_filled(state["ma_count"], window)
@@ -381,9 +382,9 @@ def _ma_foreach(
 ) -> None:
     for g, state in zip(grads, states):
         _ma_prepare(g, state, window)
-    local = [_local(g) for g in grads]
-    bufs = [_local(s["ma_buffer"]) for s in states]
-    sums = [_local(s["ma_sum"]) for s in states]
+    local = [local_shard(g) for g in grads]
+    bufs = [local_shard(s["ma_buffer"]) for s in states]
+    sums = [local_shard(s["ma_sum"]) for s in states]
     dtype = sums[0].dtype
     src = [g.to(dtype) for g in local] if dtype != local[0].dtype else local
     slots = [b[s["ma_count"] % window] for b, s in zip(bufs, states)]

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._nonfinite import check_mode, screen_step
-from .wrapper import GradientTransform, _is_dtensor, _local, _shard_groups
+from ._distributed import all_reduce_mean, is_dtensor, local_shard, shard_groups, unwrap_ddp
+from .wrapper import GradientTransform
 
 __all__ = ["AmplifiedOptimizer", "amplify_gradients", "make_amplifier"]
 
@@ -319,7 +320,7 @@ def amplify_gradients(
     use_pwl = plan is not None and path != "exact"
     amp_dtype, amp_device = _amplifier_dtype_device(amplifier, grads[0])
     differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in amplifier.parameters())
-    if any(_is_dtensor(g) for g in grads):
+    if any(is_dtensor(g) for g in grads):
         if differentiable:
             raise NotImplementedError(
                 "amplify_gradients is not differentiable for sharded (DTensor, e.g. FSDP2) "
@@ -432,8 +433,8 @@ def _amplify_sharded(
     """
     from torch.distributed.tensor import DTensor
 
-    locals_ = [(g.to_local() if _is_dtensor(g) else g).detach().reshape(-1) for g in grads]
-    groups = [_shard_groups(g) for g in grads]
+    locals_ = [(g.to_local() if is_dtensor(g) else g).detach().reshape(-1) for g in grads]
+    groups = [shard_groups(g) for g in grads]
     table = _sharded_table(grads, locals_, groups, plan, amp_dtype, amp_device)
 
     def gains(x: Tensor) -> Tensor:
@@ -463,10 +464,10 @@ def _amplify_sharded(
     norms = _reduce_per_tensor(squares, groups, dist.ReduceOp.SUM).sqrt()
     out = []
     for i, (g, u) in enumerate(zip(grads, us)):
-        local = g.to_local() if _is_dtensor(g) else g
+        local = g.to_local() if is_dtensor(g) else g
         y = u.mul_(cs[i] / (norms[i].item() + eps)).view(local.shape)
         y = y.to(device=local.device, dtype=local.dtype)
-        if _is_dtensor(g):
+        if is_dtensor(g):
             y = DTensor.from_local(y, g.device_mesh, g.placements, run_check=False,  # type: ignore[attr-defined]
                                    shape=g.shape, stride=g.stride())
         out.append(y)
@@ -497,9 +498,9 @@ def _amplify_vjp_sharded(
     if not grads:
         return [torch.zeros_like(p) for p in amp_params]
     amp_dtype, amp_device = _amplifier_dtype_device(amplifier, grads[0])
-    locals_ = [_local(g).detach().reshape(-1) for g in grads]
-    ups = [_local(v).detach().reshape(-1) for v in upstream]
-    groups = [_shard_groups(g) for g in grads]
+    locals_ = [local_shard(g).detach().reshape(-1) for g in grads]
+    ups = [local_shard(v).detach().reshape(-1) for v in upstream]
+    groups = [shard_groups(g) for g in grads]
     n = len(grads)
     with torch.enable_grad():
         table = _sharded_table(grads, locals_, groups, plan, amp_dtype, amp_device)
@@ -566,29 +567,6 @@ def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
-
-
-def _world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _all_reduce_mean(tensors: Iterable[Tensor]) -> None:
-    world = _world_size()
-    if world == 1:
-        return
-    for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t.div_(world)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # Evaluate the plain module: a DDP wrapper's forward expects a backward() that syncs
-    # gradients, which autograd.grad never triggers.
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 _BufferSnapshot = list[tuple[nn.Module, str, Tensor | None, Tensor | None]]
@@ -885,7 +863,7 @@ class AmplifiedOptimizer(GradientTransform):
                 with ``g_hat="last"`` it overrides the stored gradient.
         """
         module, names, entries = self._meta_setup(model, outer_loss, inner_loss)
-        sharded = [tuple(p.shape) for p, _ in entries if _is_dtensor(p)]
+        sharded = [tuple(p.shape) for p, _ in entries if is_dtensor(p)]
         if sharded:
             # The lookahead here goes through functional_call with substituted parameters,
             # which FSDP2's unshard hooks would override; meta_step() takes another route.
@@ -920,7 +898,7 @@ class AmplifiedOptimizer(GradientTransform):
             raise TypeError(f"inner_loss must be callable or None, got {type(inner_loss).__name__}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        module = _unwrap(model)
+        module = unwrap_ddp(model)
         names = {id(p): n for n, p in module.named_parameters()}
         entries = [(p, group) for group in self.param_groups for p in group["params"]
                    if p.requires_grad]
@@ -946,7 +924,7 @@ class AmplifiedOptimizer(GradientTransform):
                     loss_in, [p for p, _ in entries], allow_unused=True
                 )
             g_hats = [None if g is None else g.detach() for g in found]
-            _all_reduce_mean(g for g in g_hats if g is not None)
+            all_reduce_mean(g for g in g_hats if g is not None)
         else:
             g_hats = [self.state.get(p, {}).get("last_grad") for p, _ in entries]
 
@@ -1001,7 +979,7 @@ class AmplifiedOptimizer(GradientTransform):
         """
         module, names, entries = self._meta_setup(model, outer_loss, inner_loss)
         amp_params = [p for g in self.meta_optimizer.param_groups for p in g["params"]]
-        if any(_is_dtensor(p) for p, _ in entries):
+        if any(is_dtensor(p) for p, _ in entries):
             loss, grads = self._sharded_hypergradient(module, entries, outer_loss, inner_loss)
             for p, g in zip(amp_params, grads):
                 p.grad = g
@@ -1010,7 +988,7 @@ class AmplifiedOptimizer(GradientTransform):
             found = torch.autograd.grad(loss, amp_params, allow_unused=True)
             for p, g in zip(amp_params, found):
                 p.grad = torch.zeros_like(p) if g is None else g
-            _all_reduce_mean(p.grad for p in amp_params)
+            all_reduce_mean(p.grad for p in amp_params)
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
         self._counters["meta_steps"] += 1
@@ -1049,7 +1027,7 @@ class AmplifiedOptimizer(GradientTransform):
                 g_hats = [None if p.grad is None else p.grad.detach() for p in params]
                 # FSDP2 averaged the sharded gradients; parameters it does not manage
                 # are averaged here, as under DDP.
-                _all_reduce_mean(g for g in g_hats if g is not None and not _is_dtensor(g))
+                all_reduce_mean(g for g in g_hats if g is not None and not is_dtensor(g))
                 for p in params:
                     p.grad = None
             else:
@@ -1062,16 +1040,16 @@ class AmplifiedOptimizer(GradientTransform):
                 moved = amplify_gradients(g_list, self.amplifier, c=cs, eps=self.eps,
                                           path=self.path, chunk_size=self.chunk_size)
                 for (p, _, _), step, lr in zip(chosen, moved, lrs):
-                    local = _local(p)
+                    local = local_shard(p)
                     originals.append((local, local.clone()))
-                    local.copy_((local - lr * _local(step)).to(p.dtype))
+                    local.copy_((local - lr * local_shard(step)).to(p.dtype))
             with torch.enable_grad():
                 loss = outer_loss(module)
                 _check_scalar("outer_loss", loss)
                 loss.backward()
             outer_grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach()
                            for p, _, _ in chosen]
-            _all_reduce_mean(g for g in outer_grads if not _is_dtensor(g))
+            all_reduce_mean(g for g in outer_grads if not is_dtensor(g))
         finally:
             with torch.no_grad():
                 for local, original in originals:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .wrapper import GradientTransform, _is_dtensor
+from ._distributed import is_dtensor
+from .wrapper import GradientTransform
 
 __all__ = ["OrthoGrad", "orthogonalize_"]
 
@@ -80,7 +81,7 @@ def orthogonalize_(
     for i, (w, g) in enumerate(zip(params, grads)):
         if w.shape != g.shape:
             raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, params[{i}] {tuple(w.shape)}")
-        if _is_dtensor(w) or _is_dtensor(g):
+        if is_dtensor(w) or is_dtensor(g):
             # A shard-local dot product and norms would give a wrong, rank-dependent result.
             raise NotImplementedError(
                 f"OrthoGrad needs whole tensors: params[{i}] or grads[{i}] is sharded "

@@ -642,39 +642,3 @@ def _param_indices(groups: list[dict[str, Any]]) -> dict[int, int]:
 
 def _own_keys(group: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k.startswith(prefix)}
-
-
-# ---------------------------------------------------------------- sharded (DTensor) tensors
-
-
-def _is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return False
-    return isinstance(t, DTensor)
-
-
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (a view: in-place changes reach the DTensor); else ``t``."""
-    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
-
-
-def _shard_groups(g: Tensor) -> tuple[Any, ...]:
-    """Process groups of the mesh dimensions along which a DTensor is split.
-
-    Reducing a shard-local sum (or max) over each of them in turn gives the sum (max) over
-    the whole tensor; replicated dimensions hold copies and need no reduction.
-    """
-    if not _is_dtensor(g):
-        return ()
-    groups = []
-    for dim, placement in enumerate(g.placements):  # type: ignore[attr-defined]
-        if placement.is_partial():
-            raise ValueError(
-                f"a gradient has a Partial placement ({g.placements}); reduce it first "  # type: ignore[attr-defined]
-                f"(FSDP2 does this in backward), the amplifier needs its final values"
-            )
-        if placement.is_shard():
-            groups.append(g.device_mesh.get_group(dim))  # type: ignore[attr-defined]
-    return tuple(groups)

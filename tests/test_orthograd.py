@@ -111,7 +111,7 @@ def test_mismatched_shapes_are_refused():
 def test_sharded_tensors_are_refused(monkeypatch):
     import grokopt.orthograd as mod
 
-    monkeypatch.setattr(mod, "_is_dtensor", lambda t: True)
+    monkeypatch.setattr(mod, "is_dtensor", lambda t: True)
     g = torch.ones(3)
     with pytest.raises(NotImplementedError, match=r"params\[0\] or grads\[0\] is sharded"):
         orthogonalize_([torch.ones(3)], [g])
