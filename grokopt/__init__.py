@@ -4,7 +4,16 @@ Grokfast (gradient filters), AmplifiedOptimizer (NeuralGrok's learned amplifier)
 GrokAlignLoss (Jacobian regularisation), plus the diagnostics and the grokking race.
 What each method computes, its defaults and how it differs from the papers' code:
 docs/methods.md.
+
+``import grokopt`` loads the library only. The tools' names exported here (the race's
+``RaceConfig``/``RaceResult``/``run_race``, the tasks' datasets and reference models) are
+imported on first use, so that neither the race nor its optional packages (rich,
+matplotlib, scikit-learn) load with the library.
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 from ._compat import check_torch_floor as _check_torch_floor
 
@@ -26,19 +35,38 @@ from .jacobian import (
     jacobian_frobenius_norm,
     per_sample_jacobian,
 )
-from .race import RaceConfig, RaceResult, run_race
-from .tasks import (
-    DecoderTransformer,
-    EmbeddingMLP,
-    OmnigrokMLP,
-    grokfast_split,
-    load_digits_task,
-    modular_dataset,
-    neuralgrok_split,
-)
 from .wrapper import GradientTransform
 
 __version__ = "0.1.0"
+
+# Tool names, resolved by __getattr__ on first use: name -> the module that defines it.
+_LAZY = {
+    "RaceConfig": "grokopt.race",
+    "RaceResult": "grokopt.race",
+    "run_race": "grokopt.race",
+    "DecoderTransformer": "grokopt.tasks",
+    "EmbeddingMLP": "grokopt.tasks",
+    "OmnigrokMLP": "grokopt.tasks",
+    "grokfast_split": "grokopt.tasks",
+    "load_digits_task": "grokopt.tasks",
+    "modular_dataset": "grokopt.tasks",
+    "neuralgrok_split": "grokopt.tasks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'grokopt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "AmplifiedOptimizer",

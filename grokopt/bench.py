@@ -1,14 +1,15 @@
 """``grokopt bench``: what each grokopt method costs per training step, on your model.
 
 For a model (a built-in reference model by name, or ``package.module:factory`` for your own
-``nn.Module``) on one device, every method and combination is measured against the plain
-step of the same base optimizer (AdamW), in one run:
+``nn.Module``) on one device, every method and combination of the race's method registry (``grokopt race
+--list-methods``) is measured against the ``baseline`` step of the same base optimizer
+(AdamW), in one run:
 
 - time per training step: warm-up steps first, then ``repeats`` repetitions of ``steps``
   steps each; the methods take turns within each repetition (in a rotating order), so a load
   change on a shared machine hits all of them alike. Median and interquartile range over the
   repetitions; CUDA is synchronised before each clock read. NeuralGrok's meta-step (every
-  ``meta_every=4`` steps) is inside the timed steps, so its cost is averaged in.
+  ``meta_every`` steps, 4 by default) is inside the timed steps, so its cost is averaged in.
 - peak memory of training (parameters, gradients, optimizer and method state, activations
   and transients), measured from just before the model is built, one method at a time:
   ``torch.cuda.max_memory_allocated`` on CUDA. On CPU the analogue is taken from the
@@ -18,8 +19,8 @@ step of the same base optimizer (AdamW), in one run:
   (blind to torch's allocator) or the process RSS (which mixes in the allocator's caching,
   fragmentation and Python itself).
 
-Ratios are ``median(method) / median(plain)`` of the recorded per-step times, and
-``peak(method) / peak(plain)``. The environment (device, torch, Python, CPU, threads) is
+Ratios are ``median(method) / median(baseline)`` of the recorded per-step times, and
+``peak(method) / peak(baseline)``. The environment (device, torch, Python, CPU, threads) is
 written beside the numbers.
 
 Use it from Python::
@@ -33,16 +34,12 @@ or from the command line: ``grokopt bench --model decoder --out bench.json``.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import gc
 import importlib
 import json
 import math
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -53,24 +50,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_bool, check_int, check_type
+from .race.device import environment, resolve_device, sync
+from .race.methods import (
+    BASELINE,
+    METHODS,
+    MethodContext,
+    TrainParts,
+    penalty_route,
+    training_step,
+)
+from .race.specs import RunSpec, parse_run_spec
+
 __all__ = [
     "BUILTIN_MODELS",
-    "COMPONENTS",
     "DEFAULT_METHODS",
     "BenchResult",
     "MethodResult",
-    "add_bench_arguments",
     "bench",
-    "run_from_args",
 ]
 
 _FORMAT_VERSION = 1
 
-#: Method components; combine with "+" (e.g. "grokfast+grokalign"). "plain" stands alone.
-COMPONENTS = ("plain", "grokfast", "grokfast-ma", "neuralgrok", "grokalign")
-
+#: Arms measured by default (any arm of the race's registry can be asked for, combined with
+#: "+" and with hyperparameters, e.g. "grokfast:lamb=5"). "baseline" is always measured.
 DEFAULT_METHODS = (
-    "plain",
+    BASELINE,
     "grokfast",
     "grokfast-ma",
     "neuralgrok",
@@ -79,12 +84,13 @@ DEFAULT_METHODS = (
     "grokfast+neuralgrok",
 )
 
-_META_EVERY = 4  # NeuralGrok's meta-step period for the two-operand tasks (docs/methods.md)
+_META_EVERY = 4  # batches cycled: NeuralGrok's default meta-step period (docs/methods.md)
 _LR = 1e-3
 _BETAS = (0.9, 0.98)
 _WEIGHT_DECAY = 0.01
 
 BatchMaker = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,12 +171,6 @@ def _import_object(path: str, arg: str) -> Any:
     return obj
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _resolve_model(
     model: str | Callable[..., nn.Module],
     model_kwargs: Mapping[str, Any],
@@ -226,10 +226,8 @@ def _resolve_model(
                 f"(one sample's shape, e.g. (784,)) or make_batch ('package.module:fn', "
                 f"called as fn(batch_size, generator) -> (inputs, targets))")
         spec = _ModelSpec(factory, maker, 64, 16, f"{name}(**{kwargs!r})")
-    if batch_size is not None:
-        _check_int("batch_size", batch_size, 1)
-    if outer_batch_size is not None:
-        _check_int("outer_batch_size", outer_batch_size, 1)
+    check_int("batch_size", batch_size, minimum=1, allow_none=True)
+    check_int("outer_batch_size", outer_batch_size, minimum=1, allow_none=True)
     spec = _ModelSpec(spec.factory, spec.make_batch, batch_size or spec.batch_size,
                       outer_batch_size or spec.outer_batch_size, spec.description)
     return name, spec
@@ -256,135 +254,84 @@ def _random_input_maker(factory: Callable[[], nn.Module], shape: tuple[int, ...]
     return make
 
 
+
+
 # --------------------------------------------------------------------------------------------
-# Methods
+# Methods: the race's registry and arm specs
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_methods(methods: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
+def _parse_methods(methods: Sequence[str]) -> list[RunSpec]:
+    """The arms to measure, ``baseline`` first (every ratio's denominator)."""
     if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
-        raise ValueError(f"methods: expected a non-empty sequence of method names, got {methods!r}")
-    parsed: list[tuple[str, tuple[str, ...]]] = []
-    seen: set[frozenset[str]] = set()
+        raise ValueError(f"methods must be a non-empty sequence of method specs (from "
+                         f"{', '.join(METHODS)}), got {methods!r}")
+    specs: list[RunSpec] = []
+    seen: set[str] = set()
     for label in methods:
-        if not isinstance(label, str):
-            raise ValueError(f"methods: expected strings, got {label!r}")
-        parts = tuple(p.strip() for p in label.split("+"))
-        for p in parts:
-            if p not in COMPONENTS:
-                raise ValueError(f"methods: unknown method {p!r} in {label!r}; allowed: "
-                                 f"{', '.join(COMPONENTS)}, combined with '+'")
-        if len(set(parts)) != len(parts):
-            raise ValueError(f"methods: {label!r} names a method twice")
-        if "plain" in parts and len(parts) > 1:
-            raise ValueError(f"methods: 'plain' cannot be combined ({label!r})")
-        if {"grokfast", "grokfast-ma"} <= set(parts):
-            raise ValueError(f"methods: {label!r} combines both Grokfast filters; pick one")
-        key = frozenset(parts)
+        check_type("methods", label, str, "a sequence of strings")
+        spec = parse_run_spec(label)  # "methods: unknown method ...; allowed: ..."
+        key = repr((spec.components, spec.params, spec.training))
         if key in seen:
             raise ValueError(f"methods: {label!r} is listed twice")
         seen.add(key)
-        parsed.append(("+".join(parts), parts))
-    # The plain step is every ratio's denominator: always measured, always first.
-    if frozenset({"plain"}) not in seen:
-        parsed.insert(0, ("plain", ("plain",)))
-    else:
-        parsed.sort(key=lambda m: m[0] != "plain")
-    return parsed
+        specs.append(spec)
+    if not any(s.components == (BASELINE,) and not s.training for s in specs):
+        specs.insert(0, parse_run_spec(BASELINE))
+    specs.sort(key=lambda s: s.components != (BASELINE,) or bool(s.training))
+    return specs
+
+
+def _meta_every(spec: RunSpec) -> int | None:
+    params = spec.params.get("neuralgrok")
+    return None if params is None else int(params["meta_every"])
+
+
+def _task_loss(logits: Tensor, y: Tensor) -> Tensor:
+    if y.is_floating_point():
+        return F.mse_loss(logits, y)
+    return F.cross_entropy(logits, y)
 
 
 class _Trainer:
-    """One method's model, optimizer and training step on fixed, pre-made batches."""
+    """One arm's model, optimizer and training step on fixed, pre-made batches, built by the
+    race's registry exactly as a race arm is (the same methods, defaults and penalty route)."""
 
-    def __init__(self, spec: _ModelSpec, parts: tuple[str, ...], device: torch.device, seed: int,
+    def __init__(self, spec: _ModelSpec, arm: RunSpec, device: torch.device, seed: int,
                  batches: list[tuple[Tensor, Tensor]], outer: tuple[Tensor, Tensor]) -> None:
-        from .grokalign import GrokAlignLoss
-        from .grokfast import Grokfast
-        from .neuralgrok import AmplifiedOptimizer
-
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)  # same initial weights for every method
             model = spec.factory()
         self.model = model.to(device).train()
-        self.batches, self.outer = batches, outer
+        self.batches = batches
         self.step_count = 0
-        # Token models: GrokAlign differentiates w.r.t. the embeddings (the paper's choice);
-        # the bare Sequential of an Omnigrok MLP takes the piecewise-linear fast path.
-        if hasattr(model, "embed") and hasattr(model, "forward_embeddings"):
-            self.prepare: Callable[[Tensor], Tensor] = model.embed
-            self.logits: Callable[[Tensor], Tensor] = model.forward_embeddings
-        elif type(getattr(model, "net", None)) is nn.Sequential and hasattr(model, "num_classes"):
-            self.prepare, self.logits = (lambda x: x.flatten(1)), model.net
-        else:
-            self.prepare, self.logits = (lambda x: x), model
-        opt: torch.optim.Optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=_LR, betas=_BETAS, weight_decay=_WEIGHT_DECAY)
-        if "grokfast" in parts:
-            opt = Grokfast(opt, alpha=0.98, lamb=2.0)
-        elif "grokfast-ma" in parts:
-            opt = Grokfast(opt, filter="ma", window=100, lamb=5.0)
-        self.amplified = "neuralgrok" in parts
-        if self.amplified:
-            opt = AmplifiedOptimizer(opt, hidden=(128, 128), meta_every=_META_EVERY)
-        self.opt = opt
-        self.align = None
-        if "grokalign" in parts:
-            gen = torch.Generator(device=device).manual_seed(seed + 1)
-            self.align = GrokAlignLoss(self.logits, weight=1e-3, estimator="vjp", generator=gen)
-
-    def loss_fn(self, logits: Tensor, y: Tensor) -> Tensor:
-        if y.is_floating_point():
-            return F.mse_loss(logits, y)
-        return F.cross_entropy(logits, y)
+        self.route = penalty_route(self.model)
+        lr = float(arm.training.get("lr", _LR))
+        base = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=_BETAS,
+                                 weight_decay=float(arm.training.get("weight_decay",
+                                                                     _WEIGHT_DECAY)))
+        # Class targets train with cross-entropy itself (so StableMax can stand in for it).
+        self.loss_fn = F.cross_entropy if not batches[0][1].is_floating_point() else _task_loss
+        clip = arm.training.get("clip_grad_norm")
+        ctx = MethodContext(
+            model=self.model, base_optimizer=base, loss_fn=self.loss_fn,
+            logits_from_penalty_input=self.route.logits, penalty_input=self.route.name,
+            outer=outer, lr=lr, device=device, seed=seed, clip_grad_norm=clip)
+        self.parts = TrainParts(optimizer=base)
+        for name in arm.components:
+            METHODS[name].apply(ctx, self.parts, arm.params[name])
+        self.clip = None if clip is None or arm.uses_outer else (
+            list(self.model.parameters()), float(clip))
 
     def step(self) -> None:
         x, y = self.batches[self.step_count % len(self.batches)]
+        training_step(self.parts, self.route, self.loss_fn, x, y, self.step_count, self.clip)
         self.step_count += 1
-        inp = self.prepare(x)
-        if self.align is not None:
-            logits, penalty = self.align.forward_with_penalty(inp)
-            loss = self.loss_fn(logits, y) + penalty
-        else:
-            loss = self.loss_fn(self.logits(inp), y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if self.amplified:
-            x_out, y_out = self.outer
-            self.opt.maybe_meta_step(  # type: ignore[attr-defined]
-                self.model, lambda fwd: self.loss_fn(fwd(x_out), y_out),
-                inner_loss=lambda m: self.loss_fn(m(x), y))
 
 
 # --------------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _resolve_device(device: Any) -> torch.device:
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str):
-        raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} requested but torch.cuda.is_available() is False")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
 
 
 def _cpu_peak(run: Callable[[], Any]) -> tuple[int, int, Any]:
@@ -408,14 +355,14 @@ def _cpu_peak(run: Callable[[], Any]) -> tuple[int, int, Any]:
 def _measure_memory(make: Callable[[], _Trainer], n_steps: int, device: torch.device) -> tuple[int, int]:
     gc.collect()
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         trainer = make()
         for _ in range(n_steps):
             trainer.step()
-        _sync(device)
+        sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
         retained = torch.cuda.memory_allocated(device) - base
         del trainer
@@ -446,38 +393,6 @@ def _quartiles(samples: Sequence[float]) -> tuple[float, float, float]:
     return q1, med, q3
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _environment(device: torch.device) -> dict[str, Any]:
-    from . import __version__
-
-    env: dict[str, Any] = {
-        "grokopt": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(device_name=props.name, device_memory_bytes=props.total_memory,
-                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    return env
-
 
 # --------------------------------------------------------------------------------------------
 # Results
@@ -487,7 +402,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
 @dataclass
 class MethodResult:
     """One method's numbers: per-repetition seconds per step, their median and quartiles,
-    peak and retained memory, and the ratios to the plain step; or, for a method that cannot
+    peak and retained memory, and the ratios to the baseline step; or, for a method that cannot
     apply to the model, ``not_applicable`` (the reason) and no numbers.
 
     Example:
@@ -525,8 +440,8 @@ class BenchResult:
     """What :func:`bench` returns; :meth:`to_dict` is the JSON written to ``out``.
 
     Example:
-        >>> plain = MethodResult("plain", ("plain",), [0.1, 0.1], time_ratio=1.0)
-        >>> res = BenchResult("m", "cpu", {}, {}, [plain], "none")
+        >>> base = MethodResult("baseline", ("baseline",), [0.1, 0.1], time_ratio=1.0)
+        >>> res = BenchResult("m", "cpu", {}, {}, [base], "none")
         >>> res.to_dict()["methods"][0]["time_ratio"]
         1.0
     """
@@ -576,8 +491,8 @@ class BenchResult:
                          f"{m.time_ratio:.2f}x", mem, mem_ratio])
         return rows
 
-    _HEADER = ("method", "ms/step (median)", "IQR ms", "time vs plain", "peak MiB",
-               "memory vs plain")
+    _HEADER = ("method", "ms/step (median)", "IQR ms", "time vs baseline", "peak MiB",
+               "memory vs baseline")
 
     def title(self) -> str:
         env = self.environment
@@ -592,9 +507,9 @@ class BenchResult:
         """The results as a plain-text table (what the command prints without rich).
 
         Example:
-            >>> plain = MethodResult("plain", ("plain",), [0.1, 0.1], time_ratio=1.0)
-            >>> print(BenchResult("m", "cpu", {}, {}, [plain], "none").format_table().splitlines()[2])
-            plain   100.00            0.00    1.00x          -          -
+            >>> base = MethodResult("baseline", ("baseline",), [0.1, 0.1], time_ratio=1.0)
+            >>> print(BenchResult("m", "cpu", {}, {}, [base], "none").format_table().splitlines()[2])
+            baseline  100.00            0.00    1.00x             -          -
         """
         rows = [list(self._HEADER)] + self._rows()
         widths = [max(len(r[i]) for r in rows) for i in range(len(self._HEADER))]
@@ -621,6 +536,8 @@ class BenchResult:
         return table
 
 
+
+
 # --------------------------------------------------------------------------------------------
 # The function
 # --------------------------------------------------------------------------------------------
@@ -644,24 +561,27 @@ def bench(
     seed: int = 0,
     out: str | os.PathLike[str] | None = None,
 ) -> BenchResult:
-    """Time and peak memory per training step of each method, relative to the plain step.
+    """Time and peak memory per training step of each method, relative to the baseline step.
 
-    Every method trains a fresh copy of the model (same initial weights, same batches) with
-    AdamW (lr 1e-3, betas (0.9, 0.98), weight decay 0.01) and the method's defaults:
-    ``grokfast`` EMA (alpha 0.98, lamb 2), ``grokfast-ma`` (window 100, lamb 5),
-    ``neuralgrok`` (amplifier (128, 128), meta-step every 4 steps on a held-out batch of
-    ``outer_batch_size``, the paper's recomputed g_hat; the meta-step is inside the timed
-    steps), ``grokalign`` (weight 1e-3, one probe, the default estimator "vjp", penalty from the task's
-    own forward). "plain" is always measured (the denominator). Each method first trains
-    for one meta-step cycle; one that cannot apply to the model (GrokAlign on a model with
-    BatchNorm in training mode, or with integer inputs and no ``embed()``) is reported as not
+    Every arm trains a fresh copy of the model (same initial weights, same batches) with
+    AdamW (lr 1e-3, betas (0.9, 0.98), weight decay 0.01) and is built by the race's method
+    registry, with its defaults (``grokopt race --list-methods``, docs/race.md): e.g.
+    ``grokfast`` EMA (alpha 0.98, lamb 2), ``neuralgrok`` (amplifier (128, 128), meta-step
+    every 4 steps on a held-out batch of ``outer_batch_size``; the meta-step is inside the
+    timed steps), ``grokalign`` (weight 1e-3, one probe, estimator "vjp", penalty from the
+    task's own forward), and ``orthograd``, ``stablemax``, ``egd``, ``muon``. An arm may set
+    hyperparameters as in a race (``"grokfast:lamb=5,wd=0"``). ``"baseline"`` is always
+    measured (the denominator). Each arm first trains for one meta-step cycle; one that
+    cannot apply to the model (GrokAlign on a model with BatchNorm in training mode, or with
+    integer inputs and no ``embed()``; StableMax with float targets) is reported as not
     applicable, with the reason, and the others are measured as usual.
 
     Args:
         model: a name in :data:`BUILTIN_MODELS`, ``"package.module:factory"``, or a factory
             callable; the factory is called with ``model_kwargs`` once per method.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
-        methods: method labels: names in :data:`COMPONENTS`, combined with ``"+"``.
+        methods: arm specs: names of the race's registry combined with ``"+"``,
+            optionally with ``:key=value,...``.
         model_kwargs: keyword arguments of the factory (not for built-in models).
         input_shape: for your own model: one sample's shape; inputs are Gaussian and the
             targets random classes over the model's output width (cross-entropy).
@@ -670,7 +590,7 @@ def bench(
             cross-entropy, float targets with MSE.
         batch_size, outer_batch_size: override the model's defaults (built-in: the papers').
         repeats: timed repetitions (the median and IQR are over these).
-        steps: training steps per repetition; a multiple of 4 when NeuralGrok is measured
+        steps: training steps per repetition; a multiple of ``meta_every`` when NeuralGrok is measured
             (so that every repetition holds the same number of meta-steps).
         warmup: untimed steps per method first (allocation, lazy state, one meta-step).
         memory: also measure peak memory (a separate pass per method).
@@ -684,31 +604,32 @@ def bench(
 
     Raises:
         ValueError: a bad argument (the message starts with its name), or a model whose
-            plain training step fails (``model: ...``).
+            baseline training step fails (``model: ...``).
 
     Example:
         >>> res = bench("grokopt.tasks.models:OmnigrokMLP", model_kwargs=dict(in_dim=8,
         ...             hidden=(16,), num_classes=3), input_shape=(8,), batch_size=16,
         ...             methods=("grokfast",), repeats=2, steps=2, warmup=1, memory=False)
-        >>> [m.method for m in res.methods], res["plain"].time_ratio
-        (['plain', 'grokfast'], 1.0)
+        >>> [m.method for m in res.methods], res["baseline"].time_ratio
+        (['baseline', 'grokfast'], 1.0)
     """
-    dev = _resolve_device(device)
-    parsed = _parse_methods(methods)
-    _check_int("repeats", repeats, 1)
-    _check_int("steps", steps, 1)
-    _check_int("warmup", warmup, 0)
-    _check_int("seed", seed, 0)
-    if not isinstance(memory, bool):
-        raise ValueError(f"memory: expected a bool, got {memory!r}")
-    if threads is not None:
-        _check_int("threads", threads, 1)
-    if any("neuralgrok" in parts for _, parts in parsed) and steps % _META_EVERY:
-        raise ValueError(
-            f"steps: must be a multiple of meta_every={_META_EVERY} when NeuralGrok is measured, "
-            f"so that every repetition holds the same number of meta-steps; got {steps}")
-    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
-        raise ValueError(f"model_kwargs: expected a mapping, got {model_kwargs!r}")
+    dev = resolve_device(device)
+    arms = _parse_methods(methods)
+    check_int("repeats", repeats, minimum=1)
+    check_int("steps", steps, minimum=1)
+    check_int("warmup", warmup, minimum=0)
+    check_int("seed", seed, minimum=0)
+    check_bool("memory", memory)
+    check_int("threads", threads, minimum=1, allow_none=True)
+    for arm in arms:
+        period = _meta_every(arm)
+        if period is not None and steps % period:
+            raise ValueError(
+                f"steps must be a multiple of meta_every={period} when {arm.label!r} is "
+                f"measured (every repetition then holds the same number of meta-steps), "
+                f"got {steps}")
+    if model_kwargs is not None:
+        check_type("model_kwargs", model_kwargs, Mapping, "a mapping or None")
     name, spec = _resolve_model(model, model_kwargs or {}, input_shape, make_batch,
                                 batch_size, outer_batch_size)
 
@@ -716,213 +637,121 @@ def bench(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        gen = torch.Generator().manual_seed(seed)
-        n_batches = _META_EVERY  # distinct batches, cycled: data making is not timed
-        batches = [tuple(t.to(dev) for t in spec.make_batch(spec.batch_size, gen))
-                   for _ in range(n_batches)]
-        outer = tuple(t.to(dev) for t in spec.make_batch(spec.outer_batch_size, gen))
-        for b in [*batches, outer]:
-            if len(b) != 2 or not all(isinstance(t, Tensor) for t in b):
-                raise ValueError("make_batch: must return (inputs, targets) tensors")
+        batches, outer = _make_batches(spec, seed, dev)
 
-        def make(parts: tuple[str, ...]) -> _Trainer:
-            return _Trainer(spec, parts, dev, seed, batches, outer)  # type: ignore[arg-type]
+        def make(arm: RunSpec) -> _Trainer:
+            return _Trainer(spec, arm, dev, seed, batches, outer)
 
-        probe = make(("plain",))
+        probe = make(arms[0])
         n_params = sum(p.numel() for p in probe.model.parameters())
-        float_input = probe.prepare(batches[0][0]).is_floating_point()
+        float_input = probe.route.prepare(batches[0][0]).is_floating_point()
         del probe
-
-        # Each method is tried (for one meta-step cycle) before anything is timed: one that
-        # cannot apply to this model is reported as such, with the reason, and the others
-        # are still measured. The plain step failing means the model or batches are wrong.
-        n_trial = _META_EVERY
-        peaks: dict[str, tuple[int, int]] = {}
-        not_applicable: dict[str, str] = {}
-        for label, parts in parsed:
-            if "grokalign" in parts and not float_input:
-                not_applicable[label] = (
-                    f"grokalign differentiates w.r.t. the model's input, but {name!r} takes "
-                    f"integer inputs and has no embed()/forward_embeddings()")
-                continue
-            try:
-                if memory:
-                    peaks[label] = _measure_memory(lambda: make(parts), n_trial, dev)
-                else:
-                    _trial(make(parts), n_trial)
-            except (ValueError, TypeError, RuntimeError, NotImplementedError) as exc:
-                reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-                if parts == ("plain",):
-                    raise ValueError(f"model: the plain training step of {name!r} failed "
-                                     f"({reason})") from exc
-                not_applicable[label] = reason
-
-        trainers = {label: make(parts) for label, parts in parsed if label not in not_applicable}
-        for trainer in trainers.values():
-            for _ in range(warmup):
-                trainer.step()
-        _sync(dev)
-        samples: dict[str, list[float]] = {label: [] for label, _ in parsed}
-        labels = list(trainers)
-        for rep in range(repeats):
-            # Rotate who goes first: no method always runs right after another's allocations.
-            for label in labels[rep % len(labels):] + labels[:rep % len(labels)]:
-                trainer = trainers[label]
-                _sync(dev)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    trainer.step()
-                _sync(dev)
-                samples[label].append((time.perf_counter() - t0) / steps)
-        env = _environment(dev)
+        peaks, not_applicable = _try_each(arms, make, name, float_input, memory, dev)
+        samples = _time_each(arms, make, not_applicable, repeats, steps, warmup, dev)
+        env = environment(dev)
     finally:
         torch.set_num_threads(old_threads)
 
-    results = [MethodResult(label, parts, samples[label],
-                            *(peaks[label] if label in peaks else (None, None)),
-                            not_applicable=not_applicable.get(label))
-               for label, parts in parsed]
-    plain = results[0]
-    for r in results:
-        if r.not_applicable is not None:
-            continue
-        r.time_ratio = r.median_s / plain.median_s
-        if r.peak_bytes is not None and plain.peak_bytes:
-            r.memory_ratio = r.peak_bytes / plain.peak_bytes
-    memory_method = (
-        "not measured" if not memory else
-        "torch.cuda.max_memory_allocated from just before the model is built, over 4 steps"
-        if dev.type == "cuda" else
-        "torch.profiler CPU allocation records (profile_memory=True): peak of live torch "
-        "tensor bytes from just before the model is built, over 4 steps")
+    results = [MethodResult(arm.label, arm.components, samples[arm.label],
+                            *(peaks[arm.label] if arm.label in peaks else (None, None)),
+                            not_applicable=not_applicable.get(arm.label))
+               for arm in arms]
+    _set_ratios(results)
     config = dict(model=name, description=spec.description, parameters=n_params,
                   batch_size=spec.batch_size, outer_batch_size=spec.outer_batch_size,
-                  methods=[label for label, _ in parsed], repeats=repeats, steps=steps,
+                  methods=[arm.label for arm in arms], repeats=repeats, steps=steps,
                   warmup=warmup, seed=seed, base_optimizer=dict(name="AdamW", lr=_LR,
-                  betas=list(_BETAS), weight_decay=_WEIGHT_DECAY), meta_every=_META_EVERY)
-    result = BenchResult(name, str(dev), config, env, results, memory_method)
+                  betas=list(_BETAS), weight_decay=_WEIGHT_DECAY))
+    result = BenchResult(name, str(dev), config, env, results, _memory_method(memory, dev))
     if out is not None:
         result.save(out)
     return result
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+def _make_batches(spec: _ModelSpec, seed: int, dev: torch.device
+                  ) -> tuple[list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor]]:
+    """Distinct batches, cycled (making data is not timed), and NeuralGrok's outer batch."""
+    gen = torch.Generator().manual_seed(seed)
+    made = [spec.make_batch(spec.batch_size, gen) for _ in range(_META_EVERY)]
+    made.append(spec.make_batch(spec.outer_batch_size, gen))
+    for b in made:
+        if not isinstance(b, (tuple, list)) or len(b) != 2 or not all(
+                isinstance(t, Tensor) for t in b):
+            raise ValueError("make_batch must return (inputs, targets) tensors, got "
+                             f"{type(b).__name__}")
+    moved = [(b[0].to(dev), b[1].to(dev)) for b in made]
+    return moved[:-1], moved[-1]
 
 
-def _key_value(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        parsed: Any = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value  # a bare word is a string
-    return key.strip(), parsed
+def _try_each(arms: list[RunSpec], make: Callable[[RunSpec], _Trainer], name: str,
+              float_input: bool, memory: bool, dev: torch.device
+              ) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """Train each arm for one meta-step cycle before anything is timed (measuring its peak
+    memory on the way when asked): an arm that cannot apply to this model is reported as
+    such, with the reason, and the others are still measured. The baseline failing means
+    the model or batches are wrong."""
+    peaks: dict[str, tuple[int, int]] = {}
+    not_applicable: dict[str, str] = {}
+    for arm in arms:
+        if "grokalign" in arm.components and not float_input:
+            not_applicable[arm.label] = (
+                f"grokalign differentiates w.r.t. the model's input, but {name!r} takes "
+                f"integer inputs and has no embed()/forward_embeddings()")
+            continue
+        try:
+            if memory:
+                peaks[arm.label] = _measure_memory(lambda: make(arm), _META_EVERY, dev)
+            else:
+                _trial(make(arm), _META_EVERY)
+        except (ValueError, TypeError, RuntimeError, NotImplementedError) as exc:
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            if arm is arms[0]:
+                raise ValueError(f"model: the {BASELINE} training step of {name!r} failed "
+                                 f"({reason})") from exc
+            not_applicable[arm.label] = reason
+    return peaks, not_applicable
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``grokopt bench`` options to ``parser``; pair with :func:`run_from_args`.
-
-    Example:
-        >>> p = add_bench_arguments(argparse.ArgumentParser())
-        >>> args = p.parse_args(["--model", "omnigrok-mlp", "--methods", "grokfast", "--repeats", "3"])
-        >>> args.model, args.methods, args.repeats
-        ('omnigrok-mlp', ['grokfast'], 3)
-    """
-    parser.description = parser.description or (
-        "Time and peak memory per training step of each grokopt method, as ratios to the "
-        "plain step, on a built-in model or your own; prints a table and writes JSON.")
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default="decoder",
-                   help=f"built-in ({', '.join(BUILTIN_MODELS)}) or package.module:factory, "
-                        f"importable from the current folder (default: decoder)")
-    g.add_argument("--model-kw", dest="model_kw", type=_key_value, action="append", default=[],
-                   metavar="KEY=VALUE", help="factory keyword argument (repeatable)")
-    g.add_argument("--input-shape", dest="input_shape", type=int, nargs="+", default=None,
-                   metavar="N", help="your model: one sample's shape (random inputs, class targets)")
-    g.add_argument("--make-batch", dest="make_batch", default=None, metavar="MODULE:FN",
-                   help="your model, instead of --input-shape: fn(batch_size, generator) -> "
-                        "(inputs, targets)")
-    g.add_argument("--batch-size", dest="batch_size", type=int, default=None,
-                   help="(default: the built-in model's, 64 for yours)")
-    g.add_argument("--outer-batch-size", dest="outer_batch_size", type=int, default=None,
-                   help="NeuralGrok's held-out batch (default: the built-in model's, 16 for "
-                        "yours)")
-    g.add_argument("--list-models", dest="list_models", action="store_true",
-                   help="list the built-in models and exit")
-    r = parser.add_argument_group("measurement")
-    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    r.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
-                   help=f"from {', '.join(COMPONENTS)}; combine with '+' (default: "
-                        f"{' '.join(DEFAULT_METHODS)})")
-    r.add_argument("--repeats", type=int, default=7, help="timed repetitions (default: 7)")
-    r.add_argument("--steps", type=int, default=8, help="steps per repetition (default: 8)")
-    r.add_argument("--warmup", type=int, default=4,
-                   help="untimed steps per method first (default: 4)")
-    r.add_argument("--no-memory", dest="memory", action="store_false",
-                   help="skip the peak-memory pass")
-    r.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads, 1 is steadiest on a busy machine (default: torch's)")
-    r.add_argument("--seed", type=int, default=0,
-                   help="of the initial weights and the batches (default: 0)")
-    r.add_argument("--out", default=None, help="JSON path (default: bench-MODEL-DEVICE.json)")
-    return parser
+def _time_each(arms: list[RunSpec], make: Callable[[RunSpec], _Trainer],
+               not_applicable: Mapping[str, str], repeats: int, steps: int, warmup: int,
+               dev: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of each applicable arm, ``repeats`` times ``steps`` steps; the arms
+    take turns within each repetition, in a rotating order."""
+    trainers = {arm.label: make(arm) for arm in arms if arm.label not in not_applicable}
+    for trainer in trainers.values():
+        for _ in range(warmup):
+            trainer.step()
+    sync(dev)
+    samples: dict[str, list[float]] = {arm.label: [] for arm in arms}
+    labels = list(trainers)
+    for rep in range(repeats):
+        # Rotate who goes first: no method always runs right after another's allocations.
+        for label in labels[rep % len(labels):] + labels[:rep % len(labels)]:
+            trainer = trainers[label]
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                trainer.step()
+            sync(dev)
+            samples[label].append((time.perf_counter() - t0) / steps)
+    return samples
 
 
-_FLAGS = {
-    "model": "--model", "model_kwargs": "--model-kw", "input_shape": "--input-shape",
-    "make_batch": "--make-batch", "input_shape/make_batch": "--input-shape/--make-batch",
-    "batch_size": "--batch-size", "outer_batch_size": "--outer-batch-size",
-    "device": "--device", "methods": "--methods", "repeats": "--repeats", "steps": "--steps",
-    "warmup": "--warmup", "threads": "--threads", "seed": "--seed",
-}
+def _set_ratios(results: list[MethodResult]) -> None:
+    base = results[0]
+    for r in results:
+        if r.not_applicable is not None:
+            continue
+        r.time_ratio = r.median_s / base.median_s
+        if r.peak_bytes is not None and base.peak_bytes:
+            r.memory_ratio = r.peak_bytes / base.peak_bytes
 
 
-def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
-    """Run :func:`bench` from parsed :func:`add_bench_arguments` options; print the table.
-
-    ``package.module:factory`` paths are imported from the current folder too, as with
-    ``python -m``. Returns the exit status: 0, or 2 on a rejected argument, reported as one
-    ``error:`` line naming it (through ``parser.error`` when ``parser`` is given).
-    """
-    if args.list_models:
-        for name, spec in BUILTIN_MODELS.items():
-            print(f"{name}: {spec.description}")
-        return 0
-    # A console script's sys.path starts at its own folder, not the caller's: put the
-    # current folder first, as `python -m` does, so `--model mymod:make` finds ./mymod.py.
-    if not {"", ".", os.getcwd()} & set(sys.path):
-        sys.path.insert(0, os.getcwd())
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.model)
-    out = args.out or f"bench-{safe}-{str(args.device).replace(':', '')}.json"
-    try:
-        result = bench(
-            args.model, device=args.device, methods=tuple(args.methods),
-            model_kwargs=dict(args.model_kw), input_shape=args.input_shape,
-            make_batch=args.make_batch, batch_size=args.batch_size,
-            outer_batch_size=args.outer_batch_size, repeats=args.repeats, steps=args.steps,
-            warmup=args.warmup, memory=args.memory, threads=args.threads, seed=args.seed,
-            out=out)
-    except (ValueError, TypeError) as exc:
-        message = " ".join(str(exc).split())
-        field, sep, rest = message.partition(": ")
-        if sep and field in _FLAGS:
-            message = f"argument {_FLAGS[field]}: {rest}"
-        if parser is not None:
-            parser.error(message)
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    try:
-        from rich.console import Console
-    except ImportError:  # rich comes with grokopt[race]; the table reads fine without it
-        print(result.format_table())
-        print(f"peak memory: {result.memory_method}")
-    else:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=max(console.width, 120))
-        console.print(result.rich_table())
-    print(f"wrote {result.path}")
-    return 0
+def _memory_method(memory: bool, dev: torch.device) -> str:
+    if not memory:
+        return "not measured"
+    if dev.type == "cuda":
+        return ("torch.cuda.max_memory_allocated from just before the model is built, "
+                f"over {_META_EVERY} steps")
+    return ("torch.profiler CPU allocation records (profile_memory=True): peak of live torch "
+            f"tensor bytes from just before the model is built, over {_META_EVERY} steps")

@@ -10,12 +10,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["main", "build_parser"]
+from .race.config import IMAGE_TASKS
+from .race.specs import parse_value
+from .tasks import MODULAR_TASKS, canonical_task
+
+__all__ = ["add_bench_arguments", "build_parser", "main", "run_bench"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -24,12 +30,11 @@ __all__ = ["main", "build_parser"]
 
 
 def _key_value(text: str) -> tuple[str, Any]:
-    from .race_methods import _parse_value
-
+    # The one KEY=VALUE type of every command: the value reads as in an arm spec.
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), _parse_value(value)
+    return key.strip(), parse_value(value)
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -67,9 +72,6 @@ _NON_NEGATIVE = _float_in(0, _INF, low_open=False, high_open=True, allowed="a fl
 
 
 def _task(text: str) -> str:
-    from .race_config import IMAGE_TASKS
-    from .tasks.modular import MODULAR_TASKS, canonical_task
-
     if text.strip() in IMAGE_TASKS:
         return text.strip()
     try:
@@ -249,7 +251,8 @@ def _add_leaderboard_parser(sub: Any) -> None:
 def _leaderboard_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rich.console import Console
 
-    from .race_leaderboard import leaderboard_rows, leaderboard_table, load_results, write_leaderboard
+    from .race.leaderboard import (leaderboard_rows, leaderboard_table, load_results,
+                                   write_leaderboard)
 
     try:
         results = load_results(args.results)
@@ -263,13 +266,127 @@ def _leaderboard_command(args: argparse.Namespace, parser: argparse.ArgumentPars
 
 
 def _add_bench_parser(sub: Any) -> None:
-    try:
-        from .bench import add_bench_arguments, run_from_args
-    except ImportError:  # the benchmark module is optional in a partial checkout
-        return
     p = sub.add_parser("bench", help="time and peak memory per training step of each method")
     add_bench_arguments(p)
-    p.set_defaults(func=lambda args: run_from_args(args, parser=p))
+    p.set_defaults(func=lambda args: run_bench(args, parser=p))
+
+
+# --------------------------------------------------------------------------------------------
+# grokopt bench
+# --------------------------------------------------------------------------------------------
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``grokopt bench`` options to ``parser``; pair with :func:`run_bench`.
+
+    Example:
+        >>> p = add_bench_arguments(argparse.ArgumentParser())
+        >>> args = p.parse_args(["--model", "omnigrok-mlp", "--methods", "grokfast", "--repeats", "3"])
+        >>> args.model, args.methods, args.repeats
+        ('omnigrok-mlp', ['grokfast'], 3)
+    """
+    from .bench import BUILTIN_MODELS, DEFAULT_METHODS
+    from .race import METHODS
+
+    parser.description = parser.description or (
+        "Time and peak memory per training step of each grokopt method, as ratios to the "
+        "baseline step, on a built-in model or your own; prints a table and writes JSON.")
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="decoder",
+                   help=f"built-in ({', '.join(BUILTIN_MODELS)}) or package.module:factory, "
+                        f"importable from the current folder (default: decoder)")
+    g.add_argument("--model-kw", dest="model_kw", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="factory keyword argument (repeatable)")
+    g.add_argument("--input-shape", dest="input_shape", type=int, nargs="+", default=None,
+                   metavar="N", help="your model: one sample's shape (random inputs, class targets)")
+    g.add_argument("--make-batch", dest="make_batch", default=None, metavar="MODULE:FN",
+                   help="your model, instead of --input-shape: fn(batch_size, generator) -> "
+                        "(inputs, targets)")
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=None,
+                   help="(default: the built-in model's, 64 for yours)")
+    g.add_argument("--outer-batch-size", dest="outer_batch_size", type=int, default=None,
+                   help="NeuralGrok's held-out batch (default: the built-in model's, 16 for "
+                        "yours)")
+    g.add_argument("--list-models", dest="list_models", action="store_true",
+                   help="list the built-in models and exit")
+    r = parser.add_argument_group("measurement")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    r.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                   help=f"arm specs as in a race, from {', '.join(METHODS)}; combine with '+', "
+                        f"add :KEY=VALUE,... (default: "
+                        f"{' '.join(DEFAULT_METHODS)})")
+    r.add_argument("--repeats", type=int, default=7, help="timed repetitions (default: 7)")
+    r.add_argument("--steps", type=int, default=8, help="steps per repetition (default: 8)")
+    r.add_argument("--warmup", type=int, default=4,
+                   help="untimed steps per method first (default: 4)")
+    r.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the peak-memory pass")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads, 1 is steadiest on a busy machine (default: torch's)")
+    r.add_argument("--seed", type=int, default=0,
+                   help="of the initial weights and the batches (default: 0)")
+    r.add_argument("--out", default=None, help="JSON path (default: bench-MODEL-DEVICE.json)")
+    return parser
+
+
+_BENCH_FLAGS = {
+    "model": "--model", "model_kwargs": "--model-kw", "input_shape": "--input-shape",
+    "make_batch": "--make-batch", "input_shape/make_batch": "--input-shape/--make-batch",
+    "batch_size": "--batch-size", "outer_batch_size": "--outer-batch-size",
+    "device": "--device", "methods": "--methods", "repeats": "--repeats", "steps": "--steps",
+    "warmup": "--warmup", "threads": "--threads", "seed": "--seed",
+}
+
+
+def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run :func:`grokopt.bench.bench` from parsed :func:`add_bench_arguments` options;
+    print the table.
+
+    ``package.module:factory`` paths are imported from the current folder too, as with
+    ``python -m``. Returns the exit status: 0, or 2 on a rejected argument, reported as one
+    ``error:`` line naming it (through ``parser.error`` when ``parser`` is given).
+    """
+    from .bench import BUILTIN_MODELS, bench
+
+    if args.list_models:
+        for name, spec in BUILTIN_MODELS.items():
+            print(f"{name}: {spec.description}")
+        return 0
+    # A console script's sys.path starts at its own folder, not the caller's: put the
+    # current folder first, as `python -m` does, so `--model mymod:make` finds ./mymod.py.
+    if not {"", ".", os.getcwd()} & set(sys.path):
+        sys.path.insert(0, os.getcwd())
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.model)
+    out = args.out or f"bench-{safe}-{str(args.device).replace(':', '')}.json"
+    try:
+        result = bench(
+            args.model, device=args.device, methods=tuple(args.methods),
+            model_kwargs=dict(args.model_kw), input_shape=args.input_shape,
+            make_batch=args.make_batch, batch_size=args.batch_size,
+            outer_batch_size=args.outer_batch_size, repeats=args.repeats, steps=args.steps,
+            warmup=args.warmup, memory=args.memory, threads=args.threads, seed=args.seed,
+            out=out)
+    except (ValueError, TypeError) as exc:
+        message = " ".join(str(exc).split())
+        field, rest = _leading_field(message)
+        if field in _BENCH_FLAGS:
+            message = f"argument {_BENCH_FLAGS[field]}: {rest}"
+        if parser is not None:
+            parser.error(message)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    try:
+        from rich.console import Console
+    except ImportError:  # rich comes with grokopt[race]; the table reads fine without it
+        print(result.format_table())
+        print(f"peak memory: {result.memory_method}")
+    else:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=max(console.width, 120))
+        console.print(result.rich_table())
+    print(f"wrote {result.path}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,17 +415,25 @@ def _refuse(parser: argparse.ArgumentParser, exc: BaseException, args: argparse.
             cfg: Any = None) -> NoReturn:
     """``parser.error`` with the flag of the field a library error names."""
     message = " ".join(str(exc).split())
-    field, sep, rest = message.partition(": ")
-    flag = _FLAGS.get(field) if sep else None
+    field, rest = _leading_field(message)
+    flag = _FLAGS.get(field)
     if field == "methods" and not hasattr(args, "methods"):
         flag = "--preset"  # the arms came from the preset (with --set and --wd applied)
         rest = f"{cfg.name if cfg is not None else args.preset}: {rest}"
     parser.error(f"argument {flag}: {rest}" if flag else message)
 
 
+def _leading_field(message: str) -> tuple[str, str]:
+    """``("steps", "must be ...")`` from ``"steps must be ..."`` or ``"steps: ..."``: library
+    errors start with the argument's name (grokopt/_checks.py's style, or "name: ...")."""
+    match = re.match(r"([\w/.]+)(?:: | (?=must ))", message)
+    if match is None:
+        return "", message
+    return match.group(1), message[match.end():]
+
+
 def _configs_from_args(args: argparse.Namespace) -> list[Any]:
     from .race import PRESETS
-    from .race_config import IMAGE_TASKS
 
     changes: dict[str, Any] = {k: getattr(args, k) for k in _FIELDS if hasattr(args, k)}
     for key in ("methods", "thresholds", "betas"):
@@ -496,7 +621,7 @@ def _run_configs(console: Any, args: argparse.Namespace, configs: list[Any]) -> 
             break
         finished.append(result.to_dict())
     if len(configs) > 1 and not interrupted:  # a preset of several tasks: one leaderboard
-        from .race_leaderboard import leaderboard_rows, leaderboard_table, write_leaderboard
+        from .race.leaderboard import leaderboard_rows, leaderboard_table, write_leaderboard
 
         console.print(leaderboard_table(leaderboard_rows(finished)))
         out = args.out if args.out is not None else Path("race-out") / args.preset

@@ -12,13 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from grokopt.bench import (
-    BUILTIN_MODELS,
-    BenchResult,
-    add_bench_arguments,
-    bench,
-    run_from_args,
-)
+from grokopt.bench import BUILTIN_MODELS, BenchResult, bench
+from grokopt.cli import add_bench_arguments, run_bench as run_from_args
 
 TINY = dict(model="grokopt.tasks.models:OmnigrokMLP",
             model_kwargs=dict(in_dim=6, hidden=(8,), num_classes=3), input_shape=(6,),
@@ -37,10 +32,10 @@ def result(tmp_path_factory) -> tuple[BenchResult, dict]:
     return res, json.loads(out.read_text())
 
 
-def test_plain_is_added_first_and_every_method_is_measured(result):
+def test_baseline_is_added_first_and_every_method_is_measured(result):
     res, _ = result
     assert [m.method for m in res.methods] == [
-        "plain", "grokfast", "neuralgrok", "grokalign", "grokfast+grokalign"]
+        "baseline", "grokfast", "neuralgrok", "grokalign", "grokfast+grokalign"]
     for m in res.methods:
         assert len(m.seconds_per_step) == 2 and all(t > 0 for t in m.seconds_per_step)
         assert m.q1_s <= m.median_s <= m.q3_s and m.iqr_s == pytest.approx(m.q3_s - m.q1_s)
@@ -55,7 +50,7 @@ def test_ratios_are_computed_from_the_recorded_times(result):
         xs = sorted(xs)
         return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
-    plain = rows["plain"]
+    plain = rows["baseline"]
     for m in rows.values():
         assert m["median_s"] == pytest.approx(median(m["seconds_per_step"]))
         assert m["time_ratio"] == pytest.approx(m["median_s"] / plain["median_s"])
@@ -67,7 +62,7 @@ def test_memory_counts_the_method_state(result):
     res, _ = result
     # One EMA tensor per parameter: exactly the parameters' bytes more, retained.
     n_params = res.config["parameters"]
-    extra = res["grokfast"].retained_bytes - res["plain"].retained_bytes
+    extra = res["grokfast"].retained_bytes - res["baseline"].retained_bytes
     assert extra == 4 * n_params
 
 
@@ -93,12 +88,12 @@ def test_rich_table_when_rich_is_there(result):
 def test_make_batch_callable_with_float_targets_trains_with_mse():
     res = bench(lambda: nn.Linear(6, 3), make_batch=tiny_batch, batch_size=4, repeats=1,
                 steps=1, warmup=0, memory=False, methods=("grokfast",))
-    assert [m.method for m in res.methods] == ["plain", "grokfast"]
+    assert [m.method for m in res.methods] == ["baseline", "grokfast"]
 
 
 def test_threads_are_restored():
     before = torch.get_num_threads()
-    bench(**{**TINY, "repeats": 1}, steps=1, methods=("plain",), memory=False, threads=1)
+    bench(**{**TINY, "repeats": 1}, steps=1, methods=("baseline",), memory=False, threads=1)
     assert torch.get_num_threads() == before
 
 
@@ -106,7 +101,7 @@ def test_threads_are_restored():
     (dict(device="tpu"), "device"),
     (dict(methods=("grokfast", "adam")), "methods"),
     (dict(methods=("grokfast+grokfast-ma",)), "methods"),
-    (dict(methods=("plain+grokfast",)), "methods"),
+    (dict(methods=("baseline+grokfast",)), "methods"),
     (dict(methods=("grokfast", "grokfast")), "methods"),
     (dict(methods="grokfast"), "methods"),
     (dict(repeats=0), "repeats"),
@@ -162,17 +157,17 @@ def test_a_method_that_cannot_apply_is_a_row_with_its_reason(factory, kw, why, m
     out = tmp_path / "b.json"
     res = bench(factory, **kw, methods=("grokalign", "grokfast", "grokfast+grokalign"),
                 repeats=2, steps=4, warmup=1, memory=memory, out=out)
-    assert [m.method for m in res.methods] == ["plain", "grokalign", "grokfast",
+    assert [m.method for m in res.methods] == ["baseline", "grokalign", "grokfast",
                                                "grokfast+grokalign"]
     for label in ("grokalign", "grokfast+grokalign"):
         row = res[label]
         assert why in row.not_applicable and row.seconds_per_step == []
         assert row.peak_bytes is None and row.memory_ratio is None
     # The rest is measured as if the inapplicable method had not been asked for.
-    for label in ("plain", "grokfast"):
+    for label in ("baseline", "grokfast"):
         row = res[label]
         assert row.not_applicable is None and len(row.seconds_per_step) == 2
-        assert row.time_ratio == pytest.approx(row.median_s / res["plain"].median_s)
+        assert row.time_ratio == pytest.approx(row.median_s / res["baseline"].median_s)
         assert (row.peak_bytes is not None) == memory
     data = json.loads(out.read_text())  # strict JSON: no NaN for the missing numbers
     rows = {m["method"]: m for m in data["methods"]}
@@ -184,11 +179,11 @@ def test_a_method_that_cannot_apply_is_a_row_with_its_reason(factory, kw, why, m
     assert "not applicable" in row_line and "grokalign: not applicable: " in text
 
 
-def test_a_model_whose_plain_step_fails_is_refused_naming_the_model():
+def test_a_model_whose_baseline_step_fails_is_refused_naming_the_model():
     def broken():
         return nn.Linear(5, 3)  # input_shape says 6 features
 
-    with pytest.raises(ValueError, match=r"^model: the plain training step of .* failed"):
+    with pytest.raises(ValueError, match=r"^model: the baseline training step of .* failed"):
         bench(broken, make_batch=tiny_batch, repeats=1, steps=1, memory=False,
               methods=("grokfast",))
 
@@ -216,7 +211,7 @@ def test_command_line_imports_a_model_from_the_current_folder(tmp_path, monkeypa
     assert rc == 0
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["config"]["parameters"] == 6 * 8 + 8 + 8 * 3 + 3
-    assert [m["method"] for m in data["methods"]] == ["plain", "grokfast"]
+    assert [m["method"] for m in data["methods"]] == ["baseline", "grokfast"]
 
 
 def test_builtin_models_build():
@@ -233,15 +228,20 @@ def test_command_line_round_trip(tmp_path, capsys):
         "--methods", "grokfast", "--repeats", "1", "--steps", "1", "--warmup", "0",
         "--no-memory", "--out", str(out)])
     assert run_from_args(args) == 0
-    assert json.loads(out.read_text())["config"]["methods"] == ["plain", "grokfast"]
+    assert json.loads(out.read_text())["config"]["methods"] == ["baseline", "grokfast"]
     assert "wrote" in capsys.readouterr().out
 
 
 def test_command_line_error_names_the_argument(capsys):
     parser = add_bench_arguments(argparse.ArgumentParser())
     assert run_from_args(parser.parse_args(["--methods", "bogus", "--no-memory"])) == 2
+    # The one registry's names, every one of them (the race's and bench's are the same).
+    from grokopt.race import METHODS
+
     assert capsys.readouterr().err.startswith(
-        "error: argument --methods: unknown method 'bogus' in 'bogus'; allowed: plain, ")
+        "error: argument --methods: unknown method 'bogus' in 'bogus'; allowed: "
+        + ", ".join(sorted(METHODS)) + "\n")
+    assert {"orthograd", "stablemax", "egd", "muon"} <= set(METHODS)
 
 
 @pytest.mark.parametrize("argv,flag", [

@@ -355,7 +355,7 @@ def test_thresholds_steps_and_stop_rule() -> None:
 
 
 def test_summary_mean_spread_and_speedup() -> None:
-    from grokopt.race import _summarise
+    from grokopt.race.report import summarise as _summarise
 
     cfg = RaceConfig(**{**TINY, "seeds": (0, 1)}, methods=("baseline", "grokfast"),
                      thresholds=(0.95,))

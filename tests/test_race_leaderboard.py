@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from grokopt.race_leaderboard import leaderboard_rows, load_results, write_leaderboard
+from grokopt.race.leaderboard import leaderboard_rows, load_results, write_leaderboard
 
 
 def _run(label, seed, s95, s99, secs_per_step=0.01, val=1.0):
@@ -92,7 +92,7 @@ def test_load_results_reads_a_file_or_its_folder(tmp_path):
 
 def test_a_preset_of_several_tasks_writes_a_leaderboard(tmp_path, monkeypatch):
     from grokopt.cli import main
-    from grokopt.race_config import PRESETS, Preset, RaceConfig
+    from grokopt.race import PRESETS, Preset, RaceConfig
 
     tiny = dict(p=11, model="mlp", model_kwargs={"dim": 8, "hidden": 16}, batch_size=16,
                 steps=4, eval_every=2, seeds=(0,), methods=("baseline", "grokfast"))

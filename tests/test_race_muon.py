@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import grokopt
-from grokopt.race_muon import MuonWithAuxiliary, muon_parameters
+from grokopt.race.muon import MuonWithAuxiliary, muon_parameters
 from grokopt.tasks.models import DecoderTransformer, EmbeddingMLP, OmnigrokMLP
 
 
@@ -118,7 +118,7 @@ def test_wrong_group_count_is_refused_before_anything_changes():
 
 
 def test_muon_arm_without_torch_muon_is_reported(monkeypatch):
-    from grokopt.race_methods import METHODS, parse_run_spec
+    from grokopt.race import METHODS, parse_run_spec
 
     monkeypatch.delattr(torch.optim, "Muon")
     assert "from torch 2.9 on" in METHODS["muon"].unavailable()

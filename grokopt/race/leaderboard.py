@@ -18,11 +18,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .tasks.digits import require_race_extra
+from .._extras import require_race_extra
+from .methods import BASELINE
 
 __all__ = ["leaderboard_rows", "leaderboard_table", "load_results", "write_leaderboard"]
 
-BASELINE = "baseline"
 
 
 def load_results(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:

@@ -1,15 +1,16 @@
-"""The race's method registry and arm specs (``"grokfast+grokalign:lamb=5,wd=0.01"``).
+"""THE method registry: every method the race, ``grokopt bench`` and docs/race.md's method
+table know, and the one training step they share.
 
 A method is a function ``apply(ctx, parts, params)`` that wraps the run's optimizer and/or
-adds loss terms and per-step hooks; combined methods apply in a fixed nesting order.
+adds loss terms and per-step hooks; combined methods apply in a fixed nesting order (the
+arm syntax that combines them is in ``specs.py``). Adding a method is one library file and
+one :func:`register_method` call here: it then appears in ``grokopt race --list-methods``,
+in ``grokopt bench --methods`` and must be listed in docs/race.md (a test holds that).
 """
 
 from __future__ import annotations
 
-import ast
 import inspect
-import importlib
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,21 +20,32 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from grokopt import (
+    EGD,
+    AmplifiedOptimizer,
+    GrokAlignLoss,
+    Grokfast,
+    OrthoGrad,
+    stablemax_cross_entropy,
+)
+
+from ..tasks import OmnigrokMLP
+from .muon import MuonWithAuxiliary, muon_parameters
+
 __all__ = [
+    "BASELINE",
     "METHODS",
     "Method",
     "MethodContext",
-    "RunSpec",
+    "PenaltyRoute",
     "TrainParts",
-    "hyperparameter_names",
-    "parse_run_spec",
+    "penalty_route",
     "register_method",
+    "training_step",
 ]
 
-
-# --------------------------------------------------------------------------------------------
-# Methods
-# --------------------------------------------------------------------------------------------
+#: The bare arm: the base optimizer alone, every speedup's denominator.
+BASELINE = "baseline"
 
 
 @dataclass
@@ -86,7 +98,8 @@ class Method:
 
     ``order`` fixes how combined methods nest (lower applies first, i.e. innermost), so
     ``grokfast+neuralgrok`` and ``neuralgrok+grokfast`` are the same arm. ``uses_outer``
-    methods train on the inner split and receive the held-out outer split.
+    methods train on the inner split and receive the held-out outer split. ``excludes``
+    names methods that cannot share an arm with this one (two filters of one gradient).
 
     Example:
         >>> def apply(ctx, parts, params):
@@ -103,6 +116,8 @@ class Method:
     summary: str = ""
     uses_outer: bool = False
     unavailable: Callable[[], str | None] = lambda: None
+    #: Methods this one cannot be combined with (checked both ways).
+    excludes: tuple[str, ...] = ()
 
 
 METHODS: dict[str, Method] = {}
@@ -118,56 +133,21 @@ def register_method(method: Method) -> Method:
     return method
 
 
-def _missing(name: str) -> Callable[[], str | None]:
-    def check() -> str | None:
-        import grokopt
-
-        if hasattr(grokopt, name):
-            return None
-        try:  # the module may exist before grokopt/__init__.py re-exports it
-            _import_grokopt_name(name)
-            return None
-        except (ImportError, AttributeError):
-            return f"grokopt.{name} is not available in this installation"
-
-    return check
-
-
-_NAME_MODULES = {
-    "Grokfast": "grokopt.grokfast",
-    "GrokAlignLoss": "grokopt.grokalign",
-    "AmplifiedOptimizer": "grokopt.neuralgrok",
-    "OrthoGrad": "grokopt.orthograd",
-    "EGD": "grokopt.egd",
-    "stablemax_cross_entropy": "grokopt.stablemax",
-}
-
-
-def _import_grokopt_name(name: str) -> Any:
-    import grokopt
-
-    if hasattr(grokopt, name):
-        return getattr(grokopt, name)
-    return getattr(importlib.import_module(_NAME_MODULES[name]), name)
-
-
 def _apply_baseline(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]) -> None:
     pass
 
 
 def _apply_grokfast(filter_name: str) -> Callable[[MethodContext, TrainParts, Mapping[str, Any]], None]:
     def apply(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]) -> None:
-        grokfast_cls = _import_grokopt_name("Grokfast")
-        parts.optimizer = grokfast_cls(parts.optimizer, filter=filter_name, **params)
+        parts.optimizer = Grokfast(parts.optimizer, filter=filter_name, **params)
 
     return apply
 
 
 def _apply_grokalign(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]) -> None:
-    loss_cls = _import_grokopt_name("GrokAlignLoss")
     gen = torch.Generator(device=ctx.device).manual_seed(10_007 * ctx.seed + 1)
     parts.generators["grokalign"] = gen
-    penalty = loss_cls(ctx.logits_from_penalty_input, generator=gen, **params)
+    penalty = GrokAlignLoss(ctx.logits_from_penalty_input, generator=gen, **params)
     if parts.forward is None:
         # One pass gives the logits and the penalty: no second task forward.
         parts.forward = penalty.forward_with_penalty
@@ -176,10 +156,9 @@ def _apply_grokalign(ctx: MethodContext, parts: TrainParts, params: Mapping[str,
 
 
 def _apply_neuralgrok(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]) -> None:
-    amp_cls = _import_grokopt_name("AmplifiedOptimizer")
     options = dict(params)
     options.setdefault("max_grad_norm", ctx.clip_grad_norm)
-    opt = amp_cls(parts.optimizer, **options)
+    opt = AmplifiedOptimizer(parts.optimizer, **options)
     parts.optimizer = opt
     if ctx.outer is None:
         raise ValueError("neuralgrok needs a held-out outer split (MethodContext.outer)")
@@ -194,13 +173,14 @@ def _apply_neuralgrok(ctx: MethodContext, parts: TrainParts, params: Mapping[str
 
 
 def _apply_orthograd(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]) -> None:
-    parts.optimizer = _import_grokopt_name("OrthoGrad")(parts.optimizer, **params)
+    parts.optimizer = OrthoGrad(parts.optimizer, **params)
 
 
 def _apply_stablemax(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]) -> None:
     if ctx.loss_fn is not torch.nn.functional.cross_entropy:
-        raise ValueError("stablemax replaces the cross-entropy loss; this race uses loss='mse'")
-    parts.loss_fn = _import_grokopt_name("stablemax_cross_entropy")
+        raise ValueError("stablemax replaces the cross-entropy loss, but this run trains "
+                         "with another loss (loss='mse' or float targets)")
+    parts.loss_fn = stablemax_cross_entropy
 
 
 def _apply_egd(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]) -> None:
@@ -208,7 +188,7 @@ def _apply_egd(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any])
     until = options.pop("until")
     if until is not None and not (isinstance(until, (int, float)) and 0 < until <= 1):
         raise ValueError(f"until: expected a validation accuracy in (0, 1] or none, got {until!r}")
-    opt = _import_grokopt_name("EGD")(parts.optimizer, **options)
+    opt = EGD(parts.optimizer, **options)
     parts.optimizer = opt
 
     def switch_off(step: int, val_acc: float) -> None:
@@ -223,10 +203,10 @@ def _apply_egd(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any])
 def _apply_muon(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]) -> None:
     if parts.optimizer is not ctx.base_optimizer:
         raise ValueError("muon replaces the base optimizer: list it first (innermost) in an arm")
-    from ._compat import muon
-    from .race_muon import MuonWithAuxiliary, muon_parameters
-
-    muon_cls = muon()  # TorchTooOldError, naming torch 2.9, where it is missing
+    reason = _muon_missing()
+    if reason:
+        raise RuntimeError(reason)
+    muon_cls = torch.optim.Muon  # type: ignore[attr-defined]
     options = dict(params)
     options["lr"] = options.pop("muon_lr")
     wd = options.pop("muon_wd")
@@ -240,24 +220,21 @@ def _apply_muon(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]
 
 
 def _muon_missing() -> str | None:
-    from ._compat import TorchTooOldError, muon
-
-    try:
-        muon()
-    except TorchTooOldError as exc:
-        return str(exc)
-    return None
+    if hasattr(torch.optim, "Muon"):
+        return None
+    return (f"torch.optim.Muon exists from torch 2.9 on; this is torch {torch.__version__} "
+            "(pip install 'torch>=2.9')")
 
 
-register_method(Method("baseline", _apply_baseline, summary="the base optimizer alone"))
+register_method(Method(BASELINE, _apply_baseline, summary="the base optimizer alone"))
 register_method(
     Method(
         "grokfast",
         _apply_grokfast("ema"),
         defaults={"alpha": 0.98, "lamb": 2.0},
         order=10,
+        excludes=("grokfast-ma",),
         summary="Grokfast EMA gradient filter (Lee et al. 2024)",
-        unavailable=_missing("Grokfast"),
     )
 )
 register_method(
@@ -267,7 +244,6 @@ register_method(
         defaults={"window": 100, "lamb": 5.0, "reduction": "mean", "warmup": True},
         order=10,
         summary="Grokfast moving-average gradient filter",
-        unavailable=_missing("Grokfast"),
     )
 )
 register_method(
@@ -279,7 +255,6 @@ register_method(
         summary="NeuralGrok learned gradient amplifier (Zhou et al. 2025); trains on the "
                 "inner split, meta-steps on the outer split",
         uses_outer=True,
-        unavailable=_missing("AmplifiedOptimizer"),
     )
 )
 register_method(
@@ -290,7 +265,6 @@ register_method(
         order=5,
         summary="OrthoGrad: step on the gradient part orthogonal to the weights "
                 "(Prieto et al. 2025)",
-        unavailable=_missing("OrthoGrad"),
     )
 )
 register_method(
@@ -299,7 +273,6 @@ register_method(
         _apply_stablemax,
         order=0,
         summary="StableMax cross-entropy instead of softmax's (Prieto et al. 2025)",
-        unavailable=_missing("stablemax_cross_entropy"),
     )
 )
 register_method(
@@ -310,7 +283,6 @@ register_method(
         order=5,
         summary="Egalitarian gradient descent: every 2-D gradient's singular values set to 1, "
                 "until validation accuracy reaches 'until' (Pasand and Dohmatob 2025)",
-        unavailable=_missing("EGD"),
     )
 )
 register_method(
@@ -335,174 +307,74 @@ register_method(
         defaults={"weight": 1e-3, "num_projections": 1, "estimator": "vjp"},
         order=0,
         summary="GrokAlign Jacobian-norm penalty (Walker et al. 2025)",
-        unavailable=_missing("GrokAlignLoss"),
     )
 )
 
 
 # --------------------------------------------------------------------------------------------
-# Run specs: "method[+method...][:key=value,...]"
+# What a Jacobian penalty differentiates, and the one training step
 # --------------------------------------------------------------------------------------------
-
-_TRAINING_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "wd": "weight_decay",
-                  "clip": "clip_grad_norm"}
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """One arm of a race, parsed from ``"grokfast+grokalign:lamb=5,wd=0.01"``.
+class PenaltyRoute:
+    """How a model's input reaches its logits, split where a Jacobian penalty looks.
 
-    ``params`` holds each component's resolved hyperparameters; ``training`` the per-arm
-    training overrides (``lr``, ``weight_decay``); ``applied_overrides`` the keys of the
-    race-wide overrides that set something in this arm.
-
-    Example:
-        >>> spec = parse_run_spec("grokfast:lamb=5,wd=0.01")
-        >>> spec.components, spec.params["grokfast"]["lamb"], spec.training
-        (('grokfast',), 5, {'weight_decay': 0.01})
+    ``prepare(x)`` is the penalty's input (token embeddings, or the float input) and
+    ``logits(prepare(x))`` the model's output; ``name`` is ``"embeddings"`` or ``"input"``.
     """
 
-    label: str
-    components: tuple[str, ...]
-    params: dict[str, dict[str, Any]]
-    training: dict[str, Any]
-    applied_overrides: tuple[str, ...] = field(default=(), compare=False)
-
-    @property
-    def uses_outer(self) -> bool:
-        return any(METHODS[c].uses_outer for c in self.components)
+    prepare: Callable[[Tensor], Tensor]
+    logits: Callable[[Tensor], Tensor]
+    name: str
 
 
-def _parse_value(text: str) -> Any:
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    try:
-        return ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return text.strip()
-
-
-def _split_assignments(text: str) -> list[tuple[str, Any]]:
-    out = []
-    # Commas inside parentheses belong to tuple values such as hidden=(128,128).
-    for item in re.split(r",(?![^()\[\]]*[)\]])", text):
-        if not item.strip():
-            continue
-        if "=" not in item:
-            raise ValueError(f"methods: {text!r}: expected key=value, got {item.strip()!r}")
-        key, value = item.split("=", 1)
-        out.append((key.strip(), _parse_value(value)))
-    return out
-
-
-def _check_training_value(key: str, value: Any) -> None:
-    # The base optimizer would refuse these only when the run is built, with torch's own
-    # words; checking here names the key and keeps a bad arm from reaching training.
-    real = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if key == "lr" and not (real and math.isfinite(value) and value > 0):
-        raise ValueError(f"lr: expected a positive float, got {value!r}")
-    if key == "weight_decay" and not (real and math.isfinite(value) and value >= 0):
-        raise ValueError(f"weight_decay: expected a float >= 0, got {value!r}")
-    if key == "clip_grad_norm" and not (value is None or (real and math.isfinite(value) and value > 0)):
-        raise ValueError(f"clip: expected a positive float or none, got {value!r}")
-
-
-def hyperparameter_names() -> list[str]:
-    """Every key an arm or ``--set`` accepts: training keys, each registered method's
-    hyperparameters bare and as ``method.name``.
+def penalty_route(model: nn.Module) -> PenaltyRoute:
+    """The one rule, for the race and ``grokopt bench`` alike: token models (with ``embed``
+    and ``forward_embeddings``) are differentiated w.r.t. their embeddings, as the GrokAlign
+    paper does; the Omnigrok MLP w.r.t. its flattened input through its bare
+    ``nn.Sequential`` (so GrokAlign takes its piecewise-linear path); any other model w.r.t.
+    its input.
 
     Example:
-        >>> {"lr", "wd", "lamb", "grokfast.lamb"} <= set(hyperparameter_names())
-        True
+        >>> from grokopt.tasks import EmbeddingMLP, OmnigrokMLP
+        >>> penalty_route(EmbeddingMLP(vocab_size=5, seq_len=3, num_classes=5)).name
+        'embeddings'
+        >>> mlp = OmnigrokMLP(4, (8,), 3)
+        >>> route = penalty_route(mlp)
+        >>> x = torch.randn(2, 4)
+        >>> route.name, torch.equal(route.logits(route.prepare(x)), mlp(x))
+        ('input', True)
     """
-    names = set(_TRAINING_KEYS)
-    for m in METHODS.values():
-        names.update(m.defaults)
-        names.update(f"{m.name}.{k}" for k in m.defaults)
-    return sorted(names)
+    if hasattr(model, "embed") and hasattr(model, "forward_embeddings"):
+        return PenaltyRoute(model.embed, model.forward_embeddings, "embeddings")
+    if isinstance(model, OmnigrokMLP):
+        return PenaltyRoute(lambda x: x.flatten(1), model.net, "input")
+    return PenaltyRoute(lambda x: x, model, "input")
 
 
-def parse_run_spec(text: str, global_overrides: Mapping[str, Any] | None = None) -> RunSpec:
-    """Parse an arm ``"name[+name...][:key=value,...]"`` into a :class:`RunSpec`.
-
-    Keys are a component's hyperparameter (``lamb``; ``grokfast.lamb`` when two components
-    share a name) or a training key (``lr``, ``weight_decay``/``wd``). ``global_overrides``
-    (from ``--set``) apply first; the arm's own keys win. An override key that no registered
-    method has is refused (``ValueError`` starting ``overrides:``); one that belongs to a
-    method outside this arm is skipped, and :attr:`RunSpec.applied_overrides` says which
-    applied. Errors in the arm's own text start with ``methods:``.
-
-    Example:
-        >>> spec = parse_run_spec("grokfast:alpha=0.9", {"lamb": 3, "grokalign.weight": 1.0})
-        >>> spec.params["grokfast"], spec.applied_overrides
-        ({'alpha': 0.9, 'lamb': 3}, ('lamb',))
+def training_step(parts: TrainParts, route: PenaltyRoute,
+                  loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor,
+                  step: int, clip: tuple[list[Tensor], float] | None = None) -> None:
+    """One optimizer step of the arm ``parts`` on the batch ``(x, y)``, then its
+    ``after_step`` hooks with the new step count ``step + 1``. ``clip`` is
+    ``(parameters, max_norm)`` to clip the gradient norm before the step, or None.
     """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"methods: expected a non-empty method spec, got {text!r}")
-    head, _, tail = text.strip().partition(":")
-    names = tuple(n.strip() for n in head.split("+"))
-    for n in names:
-        if n not in METHODS:
-            raise ValueError(f"methods: unknown method {n!r} in {text.strip()!r}; allowed: "
-                             f"{', '.join(sorted(METHODS))}")
-        reason = METHODS[n].unavailable()
-        if reason:
-            raise RuntimeError(f"methods: method {n!r} is registered but unavailable: {reason}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"methods: component repeated in {text!r}")
-    components = tuple(sorted(names, key=lambda n: (METHODS[n].order, names.index(n))))
-    params = {c: dict(METHODS[c].defaults) for c in components}
-    training: dict[str, Any] = {}
-    applied: list[str] = []
-
-    def assign(key: str, value: Any, strict: bool) -> bool:
-        where = f"methods: {text.strip()!r}: " if strict else "overrides: "
-        if key in _TRAINING_KEYS:
-            try:
-                _check_training_value(_TRAINING_KEYS[key], value)
-            except ValueError as exc:
-                raise ValueError(where + str(exc)) from None
-            training[_TRAINING_KEYS[key]] = value
-            return True
-        comp, dot, name = key.rpartition(".")
-        if dot:
-            if comp not in METHODS:
-                raise ValueError(f"{where}{key}: unknown method {comp!r}; allowed: "
-                                 f"{', '.join(sorted(METHODS))}")
-            if name not in METHODS[comp].defaults:
-                raise ValueError(
-                    f"{where}{key}: {comp} has no hyperparameter {name!r}; "
-                    f"allowed: {', '.join(METHODS[comp].defaults) or '(none)'}"
-                )
-            if comp not in params:
-                if strict:
-                    raise ValueError(f"{where}{key}: method {comp!r} is not part of this arm")
-                return False
-            params[comp][name] = value
-            return True
-        owners = [c for c in components if key in params[c]]
-        if len(owners) > 1:
-            raise ValueError(f"{where}{key}: ambiguous; write one of "
-                             + ", ".join(f"{c}.{key}" for c in owners))
-        if not owners:
-            if strict:
-                allowed = sorted({*_TRAINING_KEYS, *(k for c in components for k in params[c])})
-                raise ValueError(f"{where}{key}: not a hyperparameter of this arm; "
-                                 f"allowed: {', '.join(allowed)}")
-            if not any(key in m.defaults for m in METHODS.values()):
-                raise ValueError(f"{where}{key}: no method has this hyperparameter; allowed: "
-                                 f"{', '.join(hyperparameter_names())}")
-            return False
-        params[owners[0]][key] = value
-        return True
-
-    for key, value in (global_overrides or {}).items():
-        if assign(key, value, strict=False):
-            applied.append(key)
-    for key, value in _split_assignments(tail):
-        assign(key, value, strict=True)
-    return RunSpec(label=text.strip(), components=components, params=params, training=training,
-                   applied_overrides=tuple(applied))
+    inp = route.prepare(x)
+    loss_fn = parts.loss_fn or loss_fn
+    if parts.forward is not None:
+        logits, extra = parts.forward(inp)
+        loss = loss_fn(logits, y) + extra
+    else:
+        logits = route.logits(inp)
+        loss = loss_fn(logits, y)
+    for penalty in parts.penalties:
+        loss = loss + penalty(inp, logits)
+    opt = parts.optimizer
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
+    opt.step()
+    for hook in parts.after_step:
+        hook(step + 1, x, y)

@@ -1,4 +1,5 @@
-"""Race outputs: results.json, results.csv (every curve), race.png and the terminal table."""
+"""A race's results (:class:`RaceResult`, the per-arm summary) and its outputs:
+results.json, results.csv (every curve), race.png and the terminal table."""
 
 from __future__ import annotations
 
@@ -6,15 +7,93 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
 
-from .race_config import _tkey
-from .tasks.digits import require_race_extra
+from .._extras import require_race_extra
+from .config import RaceConfig, threshold_key
+from .methods import BASELINE
 
-if TYPE_CHECKING:
-    from .race import RaceResult
+__all__ = ["FORMAT_VERSION", "RaceResult", "plot_race", "results_table", "summarise",
+           "write_outputs"]
 
-__all__ = ["plot_race", "results_table", "write_outputs"]
+#: Version of results.json and checkpoint.pt.
+FORMAT_VERSION = 1
+
+# --------------------------------------------------------------------------------------------
+# The race
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RaceResult:
+    """What :func:`run_race` returns: per-run records, per-arm summary, files written.
+
+    Example:
+        >>> from grokopt import RaceConfig, run_race
+        >>> result = run_race(RaceConfig(task="a*b", p=7, methods=("baseline", "grokfast"),
+        ...                              steps=4, eval_every=2, seeds=(0,)))
+        >>> [row["label"] for row in result.summary], result.interrupted
+        (['baseline', 'grokfast'], False)
+    """
+
+    config: RaceConfig
+    runs: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    environment: dict[str, Any]
+    interrupted: bool = False
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "config": self.config.to_dict(),
+                "fingerprint": self.config.fingerprint(), "environment": self.environment,
+                "interrupted": self.interrupted, "summary": self.summary, "runs": self.runs}
+
+
+
+def summarise(cfg: RaceConfig, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def stats(values: list[float | None]) -> dict[str, Any]:
+        got = [v for v in values if v is not None]
+        return {
+            "mean": statistics.fmean(got) if got else None,
+            "std": statistics.stdev(got) if len(got) > 1 else (0.0 if got else None),
+            "n": len(got),
+        }
+
+    summary = []
+    for label in cfg.methods:
+        mine = [r for r in runs if r["label"] == label]
+        if not mine:
+            continue
+        row = {
+            "label": label,
+            "weight_decay": mine[0]["weight_decay"],
+            "lr": mine[0]["lr"],
+            "seeds": [r["seed"] for r in mine],
+            "grokked": sum(r["grokked"] for r in mine),
+            "steps_to": {k: stats([r["steps_to"][k] for r in mine]) for k in mine[0]["steps_to"]},
+            "seconds_to": {k: stats([r["seconds_to"][k] for r in mine]) for k in mine[0]["seconds_to"]},
+            "final_train_acc": stats([r["final_train_acc"] for r in mine]),
+            "final_val_acc": stats([r["final_val_acc"] for r in mine]),
+            "seconds_per_step": stats([r["seconds_per_step"] for r in mine]),
+            "published": cfg.published.get(label),
+        }
+        summary.append(row)
+    ref = next((s for s in summary if s["label"].split(":")[0] == BASELINE), None)
+    first = threshold_key(cfg.thresholds[0])
+    for row in summary:
+        row["speedup_steps"] = row["speedup_seconds"] = None
+        if ref is not None:
+            a, b = ref["steps_to"][first]["mean"], row["steps_to"][first]["mean"]
+            if a and b:
+                row["speedup_steps"] = a / b
+            a, b = ref["seconds_to"][first]["mean"], row["seconds_to"][first]["mean"]
+            if a and b:
+                row["speedup_seconds"] = a / b
+    return summary
+
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,8 +209,8 @@ def results_table(result: RaceResult) -> Any:
         table.add_column("published", justify="right", overflow="fold")
     for row in result.summary:
         cells = [row["label"], f"{row['weight_decay']:g}", f"{row['grokked']}/{n}"]
-        cells += [_fmt_stat(row["steps_to"][_tkey(t)], ".0f", n) for t in cfg.thresholds]
-        cells.append(_fmt_stat(row["seconds_to"][_tkey(cfg.thresholds[0])], ".1f", n))
+        cells += [_fmt_stat(row["steps_to"][threshold_key(t)], ".0f", n) for t in cfg.thresholds]
+        cells.append(_fmt_stat(row["seconds_to"][threshold_key(cfg.thresholds[0])], ".1f", n))
         sp_steps, sp_secs = row["speedup_steps"], row["speedup_seconds"]
         cells.append("-" if sp_steps is None else f"{sp_steps:.2f}x/{sp_secs:.2f}x"
                      if sp_secs else f"{sp_steps:.2f}x")

@@ -11,15 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["DigitsData", "load_digits_task", "require_race_extra"]
+from .._extras import require_race_extra
 
-
-def require_race_extra(module: str) -> None:
-    """Raise a clear ImportError when an optional dependency of the race is missing."""
-    raise ImportError(
-        f"grokopt's race needs the optional package {module!r}; "
-        "install it with: pip install grokopt[race]"
-    )
+__all__ = ["DigitsData", "load_digits_task"]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .digits import DigitsData, require_race_extra
+from .._extras import require_race_extra
+from .digits import DigitsData
 
 __all__ = ["load_mnist_task", "mnist_5k_path"]
 
