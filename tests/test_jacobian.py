@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import grokopt.jacobian as jacobian_module
+import grokopt._pl_chain as pl_chain
 from grokopt.jacobian import (
     is_piecewise_linear,
     jacobian_frobenius_norm,
@@ -97,7 +97,7 @@ def fast_flags(name):
 @pytest.fixture(params=[None, True, False], ids=["gram-by-cost", "gram", "no-gram"])
 def gram(request, monkeypatch):
     """The fast path's first-layer Gram form for the "vjp" estimate: by cost, forced, off."""
-    monkeypatch.setattr(jacobian_module, "_FORCE_GRAM", request.param)
+    monkeypatch.setattr(pl_chain, "FORCE_GRAM", request.param)
     return request.param
 
 

@@ -1,4 +1,8 @@
-"""Centroid diagnostics of GrokAlign (docs/methods.md), cheap enough to log every few steps.
+"""Grokking diagnostics cheap enough to log every few steps (docs/methods.md).
+
+The centroid diagnostics of GrokAlign, from one reverse pass of :func:`grokopt.jacobian.vjp`
+(or, for the PC1 share, from exact per-sample Jacobians), and NeuralGrok's Absolute Gradient
+Entropy of a model's gradients.
 
 For a piecewise-affine network the input Jacobian ``J_x`` is constant on the linear region
 around ``x``, and ``mu_x = J_x^T 1`` (the input gradient of the summed logits, one backward
@@ -15,34 +19,31 @@ pass) is that region's centroid. How to read them:
   averaged over the samples: near 1 each Jacobian is close to rank one (its rows align),
   ``1/min(C, d)`` when its singular values are all equal.
 
-All diagnostics are computed without a graph and leave the model's mode untouched; call them
-with the model in eval mode when it has dropout.
+* :func:`absolute_gradient_entropy`: ``-sum_i |g_i| ln |g_i|`` over all gradient entries.
+
+The centroid diagnostics are computed without a graph and leave the model's mode untouched;
+call them with the model in eval mode when it has dropout.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .jacobian import (
-    Model,
-    _check_input,
-    _check_model,
-    _check_output,
-    _grad_ready,
-    _higher_order_attention,
-    _pl_forward_record,
-    _pl_reverse,
-    _resolve_plan,
-    check_samples_independent,
-    is_piecewise_linear,
-    per_sample_jacobian,
-)
+from ._checks import check_batch, check_model
+from .jacobian import Model, is_piecewise_linear, per_sample_jacobian, vjp
 
-__all__ = ["CentroidStats", "centroid_alignment", "centroids", "jacobian_pc1_share"]
+__all__ = [
+    "CentroidStats",
+    "absolute_gradient_entropy",
+    "centroid_alignment",
+    "centroids",
+    "jacobian_pc1_share",
+]
 
 
 def centroids(model: Model, x: Tensor) -> Tensor:
@@ -51,7 +52,7 @@ def centroids(model: Model, x: Tensor) -> Tensor:
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from grokopt.centroids import centroids
+        >>> from grokopt.diagnostics import centroids
         >>> net = nn.Linear(2, 3, bias=False)
         >>> with torch.no_grad():
         ...     _ = net.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
@@ -59,29 +60,9 @@ def centroids(model: Model, x: Tensor) -> Tensor:
         tensor([[ 9., 12.],
                 [ 9., 12.]])
     """
-    _check_model(model)
-    _check_input(x)
-    check_samples_independent(model)
-    return _ones_vjp(model, x)[1].detach()
-
-
-def _ones_vjp(model: Model, x: Tensor) -> tuple[Tensor, Tensor]:
-    # The all-ones cotangent needs the output's shape, so the forward comes first and the
-    # reverse pass reuses it; no graph is kept for the parameters.
-    plan = _resolve_plan(model, None, x)
-    if plan is not None:
-        with torch.no_grad():
-            out, tape = _pl_forward_record(plan, x)
-            _check_output(out, x.shape[0])
-            return out, _pl_reverse(tape, torch.ones_like(out).unsqueeze(0))[0]
-    x_ = _grad_ready(x.detach())
-    with torch.enable_grad(), _higher_order_attention():
-        out = model(x_)
-        _check_output(out, x.shape[0])
-        (g,) = torch.autograd.grad(out, x_, torch.ones_like(out), allow_unused=True)
-    if g is None:
-        raise ValueError("the model output does not depend on x")
-    return out.detach(), g
+    # A constant cotangent of 1: its shape comes from the forward pass inside vjp. No graph
+    # is kept for the parameters.
+    return vjp(model, x, 1.0, create_graph=False)[1].detach()
 
 
 class CentroidStats(NamedTuple):
@@ -111,7 +92,7 @@ def centroid_alignment(model: Model, x: Tensor) -> CentroidStats:
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from grokopt.centroids import centroid_alignment
+        >>> from grokopt.diagnostics import centroid_alignment
         >>> net = nn.Linear(2, 3, bias=False)
         >>> with torch.no_grad():
         ...     _ = net.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
@@ -142,15 +123,15 @@ def jacobian_pc1_share(model: Model, x: Tensor) -> float:
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from grokopt.centroids import jacobian_pc1_share
+        >>> from grokopt.diagnostics import jacobian_pc1_share
         >>> net = nn.Linear(2, 3, bias=False)
         >>> with torch.no_grad():
         ...     _ = net.weight.copy_(torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]))
         >>> round(jacobian_pc1_share(net, torch.randn(4, 2)), 4)  # rank-one Jacobian
         1.0
     """
-    _check_model(model)
-    _check_input(x)
+    check_model("model", model)
+    check_batch("x", x)
     with torch.no_grad() if is_piecewise_linear(model) else torch.enable_grad():
         _, jac = per_sample_jacobian(model, x.detach())
     B = x.shape[0]
@@ -161,3 +142,67 @@ def jacobian_pc1_share(model: Model, x: Tensor) -> float:
     if not bool(defined.any()):
         return math.nan
     return float((s2[defined, 0] / total[defined]).mean())
+
+
+def _tensors(items: Tensor | nn.Module | Iterable[Tensor]) -> list[Tensor]:
+    if isinstance(items, nn.Module):
+        items = items.parameters()
+    elif isinstance(items, Tensor):
+        items = [items]
+    elif isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(
+            f"params_or_tensors must be a module, a tensor, or an iterable of tensors or "
+            f"parameters, got {type(items).__name__}"
+        )
+    out = []
+    for t in items:
+        if isinstance(t, nn.Parameter):
+            if t.grad is not None:
+                out.append(t.grad)
+        elif isinstance(t, Tensor):
+            out.append(t)
+        else:
+            raise TypeError(
+                f"params_or_tensors must hold tensors or parameters, got {type(t).__name__}"
+            )
+    return out
+
+
+def absolute_gradient_entropy(params_or_tensors: Tensor | nn.Module | Iterable[Tensor]) -> Tensor:
+    """Absolute Gradient Entropy, ``-sum_i |g_i| ln |g_i|`` over all entries (NeuralGrok).
+
+    One 0-d tensor over all entries together, on the first tensor's device, without a host
+    sync. Zero entries contribute 0. Sums in at least fp32 (fp64 inputs in fp64).
+
+    It is *not* scale invariant: ``AGE(s*g) = s*AGE(g) - s*ln(s)*sum|g|``, so compare it
+    between runs only at comparable gradient scales (for example after the same
+    normalisation).
+
+    Args:
+        params_or_tensors: an ``nn.Module`` (its parameters' gradients), parameters (their
+            ``.grad``; parameters without one are skipped), or plain tensors (used as they
+            are), or one tensor.
+
+    Example:
+        >>> import math, torch
+        >>> age = absolute_gradient_entropy([torch.tensor([0.5, -0.5])])
+        >>> math.isclose(age.item(), math.log(2), rel_tol=1e-6)
+        True
+        >>> absolute_gradient_entropy([torch.zeros(3)]).item()
+        0.0
+    """
+    tensors = [t.detach() for t in _tensors(params_or_tensors) if t.numel()]
+    if not tensors:
+        return torch.zeros(())
+    device = tensors[0].device
+    dtypes = {torch.promote_types(t.dtype, torch.float32) for t in tensors}
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, torch.promote_types(t.dtype, torch.float32)), []).append(t)
+    parts = []
+    for (_, dtype), ts in groups.items():
+        # One fused abs per group; xlogy has no multi-tensor kernel, but it is one pass.
+        mags = torch._foreach_abs([t.to(dtype) for t in ts])
+        parts.extend(torch.special.xlogy(m, m).sum().to(device=device, dtype=acc) for m in mags)
+    return 0.0 - torch.stack(parts).sum()  # not a negation: AGE of zeros is +0.0, not -0.0
