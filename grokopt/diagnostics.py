@@ -51,12 +51,9 @@ def centroids(model: Model, x: Tensor) -> Tensor:
 
     Example:
         >>> import torch
-        >>> from torch import nn
-        >>> from grokopt.diagnostics import centroids
-        >>> net = nn.Linear(2, 3, bias=False)
-        >>> with torch.no_grad():
-        ...     _ = net.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
-        >>> centroids(net, torch.randn(2, 2))
+        >>> from grokopt import centroids
+        >>> W = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+        >>> centroids(lambda x: x @ W.T, torch.randn(2, 2))  # J = W everywhere: its column sums
         tensor([[ 9., 12.],
                 [ 9., 12.]])
     """
@@ -91,12 +88,9 @@ def centroid_alignment(model: Model, x: Tensor) -> CentroidStats:
 
     Example:
         >>> import torch
-        >>> from torch import nn
-        >>> from grokopt.diagnostics import centroid_alignment
-        >>> net = nn.Linear(2, 3, bias=False)
-        >>> with torch.no_grad():
-        ...     _ = net.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
-        >>> stats = centroid_alignment(net, torch.tensor([[0.5, 1.0], [1.5, -0.5]]))
+        >>> from grokopt import centroid_alignment
+        >>> W = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+        >>> stats = centroid_alignment(lambda x: x @ W.T, torch.tensor([[0.5, 1.0], [1.5, -0.5]]))
         >>> [round(a, 5) for a in stats.alignment.tolist()]
         [0.98387, 0.31623]
     """
@@ -122,12 +116,9 @@ def jacobian_pc1_share(model: Model, x: Tensor) -> float:
 
     Example:
         >>> import torch
-        >>> from torch import nn
-        >>> from grokopt.diagnostics import jacobian_pc1_share
-        >>> net = nn.Linear(2, 3, bias=False)
-        >>> with torch.no_grad():
-        ...     _ = net.weight.copy_(torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]))
-        >>> round(jacobian_pc1_share(net, torch.randn(4, 2)), 4)  # rank-one Jacobian
+        >>> from grokopt import jacobian_pc1_share
+        >>> W = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+        >>> round(jacobian_pc1_share(lambda x: x @ W.T, torch.randn(4, 2)), 4)  # rank-one J = W
         1.0
     """
     check_model("model", model)

@@ -255,14 +255,11 @@ def jvp(model: Model, x: Tensor, tangents: Tensor, *, fast_path: bool | None = N
 
     Example:
         >>> import torch
-        >>> from torch import nn
         >>> from grokopt.jacobian import jvp
-        >>> net = nn.Linear(2, 3, bias=False)
-        >>> with torch.no_grad():
-        ...     _ = net.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
-        >>> out, tan = jvp(net, torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))
-        >>> tan
-        tensor([[1., 3., 5.]], grad_fn=<SelectBackward0>)
+        >>> W = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+        >>> out, tan = jvp(lambda x: x @ W.T, torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))
+        >>> tan  # J = W: the first column
+        tensor([[1., 3., 5.]])
     """
     check_model("model", model)
     check_batch("x", x)
@@ -304,15 +301,12 @@ def vjp(
 
     Example:
         >>> import torch
-        >>> from torch import nn
         >>> from grokopt.jacobian import vjp
-        >>> net = nn.Linear(2, 3, bias=False)
-        >>> with torch.no_grad():
-        ...     _ = net.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
-        >>> out, pulled = vjp(net, torch.zeros(1, 2), torch.tensor([[1.0, 0.0, -1.0]]))
-        >>> pulled.detach()
+        >>> W = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+        >>> out, pulled = vjp(lambda x: x @ W.T, torch.zeros(1, 2), torch.tensor([[1.0, 0.0, -1.0]]))
+        >>> pulled  # row 1 minus row 3 of J = W
         tensor([[-4., -4.]])
-        >>> vjp(net, torch.zeros(1, 2), 1.0)[1].detach()  # the same as torch.ones(1, 3)
+        >>> vjp(lambda x: x @ W.T, torch.zeros(1, 2), 1.0)[1]  # the same as torch.ones(1, 3)
         tensor([[ 9., 12.]])
     """
     check_model("model", model)
@@ -360,13 +354,18 @@ def per_sample_jacobian(
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from grokopt.jacobian import per_sample_jacobian
-        >>> net = nn.Sequential(nn.Linear(2, 3, bias=False))
-        >>> with torch.no_grad():
-        ...     _ = net[0].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
-        >>> out, jac = per_sample_jacobian(net, torch.randn(4, 2))
-        >>> jac.shape, float(jac[0].pow(2).sum())
-        (torch.Size([4, 3, 2]), 91.0)
+        >>> from grokopt import per_sample_jacobian
+        >>> net = nn.Sequential(nn.Linear(2, 3, bias=False), nn.ReLU())
+        >>> _ = nn.init.constant_(net[0].weight, 2.0)
+        >>> out, jac = per_sample_jacobian(net, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))
+        >>> jac.detach()  # W where the ReLU passes, 0 where it blocks
+        tensor([[[2., 2.],
+                 [2., 2.],
+                 [2., 2.]],
+        <BLANKLINE>
+                [[0., 0.],
+                 [0., 0.],
+                 [0., 0.]]])
     """
     check_model("model", model)
     check_batch("x", x)
@@ -455,80 +454,66 @@ def _unit_rows(v: Tensor, batch_dims: int = 2) -> Tensor:
     return (flat / flat.norm(dim=-1, keepdim=True).clamp_min(1e-8)).view_as(v)
 
 
-def _estimate(
-    model: Model,
-    x: Tensor,
-    estimator: str,
-    k: int,
-    squared: bool,
-    generator: torch.Generator | None,
-    probes: Tensor | None,
-    plan: pl.Plan | None,
-    logits: Tensor | None,
-) -> FrobeniusEstimate:
+class _Probing(NamedTuple):
+    """One validated :func:`jacobian_frobenius_norm` call, as the estimators read it."""
+
+    model: Model
+    x: Tensor
+    plan: pl.Plan | None  # None: the general path (or logits given)
+    k: int
+    generator: torch.Generator | None
+    probes: Tensor | None
+    logits: Tensor | None
+
+
+def _estimate(call: _Probing, estimator: str, squared: bool) -> FrobeniusEstimate:
     if estimator == "jvp":
-        out, sq = _jvp_sq_norms(model, x, k, generator, probes, plan)
-    elif estimator == "exact" and logits is None:
+        out, sq = _jvp_sq_norms(call)
+    elif estimator == "exact" and call.logits is None:
         # Reverse mode on the torch.func path whatever the shapes: forward mode would
         # inherit the layer-norm fault (see _check_forward_mode_safe).
-        mode = "auto" if plan is not None else "rev"
-        out, jac = per_sample_jacobian(model, x, mode=mode, fast_path=plan is not None)
-        sq = jac.reshape(x.shape[0], -1).pow(2).sum(-1)
+        mode = "auto" if call.plan is not None else "rev"
+        out, jac = per_sample_jacobian(call.model, call.x, mode=mode, fast_path=call.plan is not None)
+        sq = jac.reshape(call.x.shape[0], -1).pow(2).sum(-1)
     else:  # "vjp" ("auto" names it, kept so older calls keep working), or "exact" from logits
-        exact = estimator == "exact"
-        out, sq = _vjp_sq_norms(model, x, exact, k, generator, probes, plan, logits)
-        estimator = "exact" if exact else "vjp"
+        estimator = "exact" if estimator == "exact" else "vjp"
+        out, sq = _vjp_sq_norms(call, exact=estimator == "exact")
     norms = sq if squared else sq.clamp_min(_NORM_FLOOR).sqrt()
     return FrobeniusEstimate(out, norms, estimator)
 
 
-def _jvp_sq_norms(
-    model: Model,
-    x: Tensor,
-    k: int,
-    generator: torch.Generator | None,
-    probes: Tensor | None,
-    plan: pl.Plan | None,
-) -> tuple[Tensor, Tensor]:
+def _jvp_sq_norms(call: _Probing) -> tuple[Tensor, Tensor]:
     """``(model(x), (1/k) sum_i ||J u_i||^2)`` with Gaussian input probes ``u_i``."""
+    x, probes = call.x, call.probes
     if probes is not None:
         probes = _check_vectors(probes, x.shape, "probes")  # (B, *in) -> (1, B, *in)
-    if plan is not None:
-        z = _stack_with_probes(x, k, generator) if probes is None else torch.cat([x.unsqueeze(0), probes.to(x.dtype)])
-        out, jv = pl.jvp_stacked(plan, z)
+    if call.plan is not None:
+        z = _stack_with_probes(x, call.k, call.generator) if probes is None else torch.cat([x.unsqueeze(0), probes.to(x.dtype)])
+        out, jv = pl.jvp_stacked(call.plan, z)
     else:
         if probes is None:
-            probes = _draw((k,) + tuple(x.shape), x, generator)
-        out, jv = func_jvp(model, x, probes, refuse_layer_norm=True)
+            probes = _draw((call.k,) + tuple(x.shape), x, call.generator)
+        out, jv = func_jvp(call.model, x, probes, refuse_layer_norm=True)
     _check_output(out, x.shape[0])
     return out, jv.flatten(2).pow(2).sum(-1).mean(0)
 
 
-def _vjp_sq_norms(
-    model: Model,
-    x: Tensor,
-    exact: bool,
-    k: int,
-    generator: torch.Generator | None,
-    probes: Tensor | None,
-    plan: pl.Plan | None,
-    logits: Tensor | None,
-) -> tuple[Tensor, Tensor]:
+def _vjp_sq_norms(call: _Probing, exact: bool) -> tuple[Tensor, Tensor]:
     """``(model(x), (C/k) sum_i ||J^T v_i||^2)`` with unit output probes ``v_i``, or with
     ``exact`` the sum over all C basis vectors, from one forward pass (the caller's, when
     ``logits`` are given)."""
-    if logits is not None:
-        out, x_, tape = logits, x, None
+    if call.logits is not None:
+        out, x_, tape = call.logits, call.x, None
     else:
-        out, x_, tape = _forward_for_reverse(model, x, plan)
-    _check_output(out, x.shape[0])
+        out, x_, tape = _forward_for_reverse(call.model, call.x, call.plan)
+    _check_output(out, call.x.shape[0])
     if exact:
         cots, scale = _basis(out.shape, out), 1.0
     else:
-        if probes is None:
-            probes = _draw((k,) + tuple(out.shape), out, generator)
+        if call.probes is None:
+            probes = _draw((call.k,) + tuple(out.shape), out, call.generator)
         else:
-            probes = _check_vectors(probes, out.shape, "probes")
+            probes = _check_vectors(call.probes, out.shape, "probes")
         cots = _unit_rows(probes.to(out.dtype))
         scale = out[0].numel() / cots.shape[0]
     if tape is not None:
@@ -590,16 +575,13 @@ def jacobian_frobenius_norm(
 
     Example:
         >>> import torch
-        >>> from torch import nn
-        >>> from grokopt.jacobian import jacobian_frobenius_norm
-        >>> net = nn.Linear(2, 3, bias=False)
-        >>> with torch.no_grad():
-        ...     _ = net.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
-        >>> probe = torch.ones(1, 1, 3) / 3**0.5
-        >>> est = jacobian_frobenius_norm(net, torch.zeros(1, 2), probes=probe)
-        >>> round(float(est.norms.detach()), 4)
+        >>> from grokopt import jacobian_frobenius_norm
+        >>> W = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+        >>> probe = torch.ones(1, 1, 3) / 3**0.5  # sqrt(C) ||J^T v|| = ||(9, 12)|| = 15
+        >>> est = jacobian_frobenius_norm(lambda x: x @ W.T, torch.zeros(1, 2), probes=probe)
+        >>> round(float(est.norms), 4)
         15.0
-        >>> round(float(jacobian_frobenius_norm(net, torch.zeros(1, 2), estimator="exact").norms.detach()), 4)
+        >>> round(float(jacobian_frobenius_norm(lambda x: x @ W.T, torch.zeros(1, 2), estimator="exact").norms), 4)
         9.5394
     """
     _validate_call(model, x, estimator, num_projections, squared, generator, probes, logits, fast_path)
@@ -607,7 +589,8 @@ def jacobian_frobenius_norm(
     plan = _resolve_plan(model, fast_path, x) if logits is None else None
     state = generator.get_state() if generator is not None else None
     try:
-        return _estimate(model, x, estimator, num_projections, squared, generator, probes, plan, logits)
+        call = _Probing(model, x, plan, num_projections, generator, probes, logits)
+        return _estimate(call, estimator, squared)
     except BaseException:
         # A rejected call leaves the probe stream where it was.
         if generator is not None and state is not None:
