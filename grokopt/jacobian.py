@@ -82,7 +82,7 @@ _NORM_FLOOR = 1e-8
 
 def _check_output(out: object, batch: int, name: str = "model output") -> Tensor:
     if not isinstance(out, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(out).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {describe(out)}")
     if not out.is_floating_point():
         raise TypeError(f"{name} must be floating point, got dtype {out.dtype}")
     if out.dim() < 1 or out.shape[0] != batch:
@@ -95,7 +95,7 @@ def _check_output(out: object, batch: int, name: str = "model output") -> Tensor
 def _check_vectors(v: object, x_or_out_shape: torch.Size, name: str) -> Tensor:
     """Accept ``(B, *s)`` (one vector per sample) or ``(k, B, *s)``; return ``(k, B, *s)``."""
     if not isinstance(v, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {describe(v)}")
     if not v.is_floating_point():
         raise TypeError(f"{name} must be floating point, got dtype {v.dtype}")
     shape = tuple(x_or_out_shape)
