@@ -21,11 +21,10 @@ from ._compat import check_torch_floor as _check_torch_floor
 # the required version instead of an ImportError from deep inside a submodule.
 _check_torch_floor()
 
-from .centroids import CentroidStats, centroid_alignment, centroids, jacobian_pc1_share
+from .diagnostics import CentroidStats, absolute_gradient_entropy, centroid_alignment, centroids, jacobian_pc1_share
 from .egd import EGD, polar_factor
 from .grokalign import GrokAlignLoss
 from .grokfast import Grokfast, NonFiniteGradientError, grokfast_
-from .metrics import absolute_gradient_entropy
 from .neuralgrok import AmplifiedOptimizer, amplify_gradients, make_amplifier
 from .orthograd import OrthoGrad, orthogonalize_
 from .stablemax import StableMaxCrossEntropyLoss, log_stablemax, stablemax, stablemax_cross_entropy

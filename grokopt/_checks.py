@@ -117,3 +117,34 @@ def check_generator(name: str, value: Any) -> torch.Generator | None:
 
 
 __all__.append("check_generator")
+
+
+def check_model(name: str, value: Any) -> Any:
+    """A callable model (a map from a batch tensor to outputs); it is not called here."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable (a tensor -> logits map), got {describe(value)}")
+    return value
+
+
+def check_batch(name: str, value: Any) -> Tensor:
+    """A real floating-point tensor ``(batch, *features)`` with at least one sample and one
+    feature: the point an input Jacobian is taken at."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (batch, *features), "
+                        f"got {describe(value)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a real floating-point tensor (the Jacobian is taken "
+                        f"w.r.t. it; pass embeddings, not token ids), got dtype {value.dtype}")
+    shape = tuple(value.shape)
+    if value.dim() < 2:
+        raise ValueError(f"{name} must have shape (batch, *features) with at least 2 dims, "
+                         f"got shape {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one sample, got an empty batch of shape {shape}")
+    if value.numel() == 0:
+        raise ValueError(f"{name} must have at least one feature, got a zero-size feature "
+                         f"dimension in shape {shape}")
+    return value
+
+
+__all__ += ["check_batch", "check_model"]

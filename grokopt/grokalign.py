@@ -5,19 +5,11 @@ and makes the network grok sooner. See docs/methods.md and :mod:`grokopt.jacobia
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from .jacobian import (
-    Model,
-    _check_estimator,
-    _check_generator,
-    _check_model,
-    _check_positive_int,
-    jacobian_frobenius_norm,
-)
+from ._checks import check_bool, check_choice, check_float, check_generator, check_int, check_model
+from .jacobian import ESTIMATORS, Model, jacobian_frobenius_norm
 
 __all__ = ["GrokAlignLoss"]
 
@@ -87,14 +79,12 @@ class GrokAlignLoss(nn.Module):
         squared: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
-        _check_model(model)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"weight must be a finite real number >= 0, got {weight!r}")
-        _check_positive_int(num_projections, "num_projections")
-        _check_estimator(estimator)
-        if not isinstance(squared, bool):
-            raise TypeError(f"squared must be a bool, got {squared!r}")
-        _check_generator(generator)
+        check_model("model", model)
+        check_float("weight", weight, minimum=0.0)
+        check_int("num_projections", num_projections, minimum=1)
+        check_choice("estimator", estimator, ESTIMATORS)
+        check_bool("squared", squared)
+        check_generator("generator", generator)
         super().__init__()
         # Kept out of the module tree: the loss must not re-export (or re-save, or move) the
         # model's parameters.

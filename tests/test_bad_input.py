@@ -3,7 +3,8 @@ of grokopt.__all__. Each call must either succeed (and give a sane result) or ra
 ValueError/TypeError with a message naming the argument, and a rejected call must change no
 state (the caller's optimizer, parameters, filter state, generator).
 
-Classes that are results, not calls (CentroidStats, FrobeniusEstimate) and the exception type
+The Jacobian kernels jvp and vjp of grokopt.jacobian (public there, not re-exported) are
+fuzzed too. Classes that are results, not calls (CentroidStats, FrobeniusEstimate) and the exception type
 NonFiniteGradientError have nothing to validate; GradientTransform is fuzzed through its
 constructor, and every subclass's step through bad gradients.
 """
@@ -222,6 +223,9 @@ def _calls():
                                     dict(model=_net(), x=torch.randn(2, 3), estimator="vjp", num_projections=1,
                                          squared=False, generator=None, probes=None, logits=None, fast_path=None)),
         "per_sample_jacobian": (lambda a: grokopt.per_sample_jacobian(**a), dict(model=_net(), x=torch.randn(2, 3), mode="auto", fast_path=None)),
+        # Public in grokopt.jacobian, not re-exported at the top.
+        "jacobian.jvp": (lambda a: grokopt.jacobian.jvp(**a), dict(model=_net(), x=torch.randn(2, 3), tangents=torch.randn(2, 3), fast_path=None)),
+        "jacobian.vjp": (lambda a: grokopt.jacobian.vjp(**a), dict(model=_net(), x=torch.randn(2, 3), cotangents=1.0, create_graph=True, fast_path=None)),
         "centroids": (lambda a: grokopt.centroids(**a), dict(model=_net(), x=torch.randn(2, 3))),
         "centroid_alignment": (lambda a: grokopt.centroid_alignment(**a), dict(model=_net(), x=torch.randn(2, 3))),
         "jacobian_pc1_share": (lambda a: grokopt.jacobian_pc1_share(**a), dict(model=_net(), x=torch.randn(4, 3))),

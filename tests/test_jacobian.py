@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import grokopt.jacobian as jacobian_module
+import grokopt
+import grokopt._pl_chain as pl_chain
 from grokopt.jacobian import (
     is_piecewise_linear,
     jacobian_frobenius_norm,
@@ -97,7 +100,7 @@ def fast_flags(name):
 @pytest.fixture(params=[None, True, False], ids=["gram-by-cost", "gram", "no-gram"])
 def gram(request, monkeypatch):
     """The fast path's first-layer Gram form for the "vjp" estimate: by cost, forced, off."""
-    monkeypatch.setattr(jacobian_module, "_FORCE_GRAM", request.param)
+    monkeypatch.setattr(pl_chain, "FORCE_GRAM", request.param)
     return request.param
 
 
@@ -185,6 +188,47 @@ def test_vjp_matches_brute_force(name, k):
         torch.testing.assert_close(g, ref)
         for a, r in zip(param_grads(m, (g * R).sum()), ref_grads):
             torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("name", ["relu_bias", "flatten_clip", "tokens", "tanh"])
+@pytest.mark.parametrize("c", [1.0, -2.5, 3])
+@pytest.mark.parametrize("create_graph", [True, False])
+def test_vjp_with_a_constant_cotangent(name, c, create_graph):
+    """A number c stands for the cotangent c at every output: J^T (c 1), from brute force."""
+    m, shape = make_model(name)
+    x = batch(shape)
+    J = brute_jacobian(m, x)
+    B = x.shape[0]
+    ref = (c * J.reshape(B, -1, x[0].numel()).sum(1)).reshape(x.shape)
+    ref_grads = param_grads(m, ref.pow(2).sum())
+    for fast in fast_flags(name):
+        out, g = vjp(m, x, c, create_graph=create_graph, fast_path=fast)
+        torch.testing.assert_close(out, m(x))
+        torch.testing.assert_close(g, ref)
+        assert g.requires_grad == create_graph
+        if create_graph:
+            for a, r in zip(param_grads(m, g.pow(2).sum()), ref_grads):
+                torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("bad", [True, "1", [1.0], None])
+def test_vjp_refuses_other_cotangents_naming_them(bad):
+    m, shape = make_model("relu_bias")
+    with pytest.raises(TypeError, match="cotangents must be a tensor .* or a number"):
+        vjp(m, batch(shape), bad)
+
+
+def test_no_module_imports_another_modules_underscore_names():
+    """The Jacobian side shares code through public names (of private modules) only."""
+    root = Path(grokopt.__file__).parent
+    modules = {p.stem for p in root.glob("*.py")}
+    for stem in ["jacobian", "_pl_chain", "_func_path", "grokalign", "diagnostics"]:
+        tree = ast.parse((root / f"{stem}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                for alias in node.names:
+                    private = alias.name.startswith("_") and alias.name not in modules
+                    assert not private, f"{stem}.py imports {alias.name} from .{node.module or ''}"
 
 
 @pytest.mark.parametrize("name", ALL)
