@@ -107,7 +107,7 @@ class EGD(GradientTransform):
         if "egd_enabled" in options and not isinstance(options["egd_enabled"], bool):
             raise TypeError(f"enabled must be a bool, got {options['egd_enabled']!r}")
 
-    def _transform_gradients(self) -> bool:
+    def _transform_gradients(self) -> None:
         for group in self.param_groups:
             if not group["egd_enabled"]:
                 continue
@@ -120,4 +120,3 @@ class EGD(GradientTransform):
                         "not supported"
                     )
                 g.copy_(polar_factor(g, method=group["egd_method"], ns_steps=group["egd_ns_steps"]))
-        return True

@@ -12,9 +12,10 @@ state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch.optim import Optimizer
 
 from ._nonfinite import NonFiniteGradientError, all_finite, check_mode, screen_step
 from ._distributed import is_dtensor, local_shard
-from .wrapper import GradientTransform
+from .wrapper import SKIP_STEP, GradientTransform
 
 __all__ = ["Grokfast", "NonFiniteGradientError", "grokfast_"]
 
@@ -476,7 +477,7 @@ class Grokfast(GradientTransform):
         ...     model(torch.randn(8, 4)).pow(2).mean().backward()
         ...     opt.step()
         >>> sorted(opt.state[model.weight])
-        ['ema']
+        ['exp_avg', 'exp_avg_sq', 'grokfast_ema', 'step']
     """
 
     _prefix = "grokfast_"
@@ -521,28 +522,22 @@ class Grokfast(GradientTransform):
         merged = {**self._own_defaults(), **options} if hasattr(self, "defaults") else options
         _check_options(**{k[len(self._prefix):]: v for k, v in merged.items()})
 
-    def _transform_gradients(self) -> bool:
+    def _transform_gradients(self) -> Tensor | object | None:
         _check_lr(self.param_groups)
         groups = [(g, list(self._grads(g))) for g in self.param_groups]
         grads = [grad for _, pairs in groups for _, grad in pairs]
         if not grads:
-            return True
+            return None
         if self._skips_on_device(groups):
-            finite = all_finite(grads, exact=False)
-            self._filter(groups, finite)
             # The fused kernels read found_inf on the device and then leave parameters and
             # state (step counts included) as they were.
-            self.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
-            self.optimizer.grad_scale = None  # type: ignore[attr-defined]
-            try:
-                self._inner_step()
-            finally:
-                del self.optimizer.found_inf, self.optimizer.grad_scale  # type: ignore[attr-defined]
-            return False
+            finite = all_finite(grads, exact=False)
+            self._filter(groups, finite)
+            return ~finite
         if not screen_step(self, self.nonfinite):
-            return False
+            return SKIP_STEP
         self._filter(groups, None)
-        return True
+        return None
 
     def _skips_on_device(self, groups: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]]) -> bool:
         """Whether a "skip" step can leave every state unchanged without a host sync.
@@ -558,7 +553,7 @@ class Grokfast(GradientTransform):
             if pairs and group["grokfast_filter"] != "ema":
                 return False
             for p, _ in pairs:
-                if "ema" not in self.state.get(p, {}) or not inner.state.get(p):
+                if "ema" not in self.own_state.get(p, {}) or not inner.state.get(p):
                     return False
         return True
 
@@ -570,7 +565,7 @@ class Grokfast(GradientTransform):
                 continue
             grokfast_(
                 [grad for _, grad in pairs],
-                [self.state[p] for p, _ in pairs],
+                [self.own_state[p] for p, _ in pairs],
                 filter=group["grokfast_filter"],
                 alpha=group["grokfast_alpha"],
                 lamb=group["grokfast_lamb"],
@@ -582,7 +577,8 @@ class Grokfast(GradientTransform):
                 finite=finite,
             )
 
-    def _inner_step(self) -> None:
+    @contextlib.contextmanager
+    def _inner_step_context(self) -> Iterator[None]:
         saved = []
         for group in self.param_groups:
             if group["grokfast_normalize_lr"]:
@@ -592,7 +588,7 @@ class Grokfast(GradientTransform):
                 saved.append((group, lr))
                 group["lr"] = lr / (1 + lamb)
         try:
-            self._step_inner_optimizer()
+            yield
         finally:
             for group, lr in saved:
                 group["lr"] = lr  # the same object: a scheduler's in-place updates still land

@@ -25,6 +25,7 @@ chunks (exact, memory O(chunk x hidden), compute O(P x hidden^2)).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -36,7 +37,7 @@ from torch.optim import Optimizer
 
 from ._nonfinite import check_mode, screen_step
 from ._distributed import all_reduce_mean, is_dtensor, local_shard, shard_groups, unwrap_ddp
-from .wrapper import GradientTransform
+from .wrapper import SKIP_STEP, GradientTransform
 
 __all__ = ["AmplifiedOptimizer", "amplify_gradients", "make_amplifier"]
 
@@ -815,16 +816,16 @@ class AmplifiedOptimizer(GradientTransform):
 
     # ------------------------------------------------------------------ step
 
-    def _transform_gradients(self) -> bool:
+    def _transform_gradients(self) -> object | None:
         if not screen_step(self, self.nonfinite):
-            return False
+            return SKIP_STEP
         pairs = [(p, g, group["neuralgrok_c"]) for group in self.param_groups
                  for p, g in self._grads(group)]
         if self.g_hat == "last":
             for p, g, _ in pairs:
-                saved = self.state[p].get("last_grad")
+                saved = self.own_state[p].get("last_grad")
                 if saved is None or saved.shape != g.shape or saved.dtype != g.dtype:
-                    self.state[p]["last_grad"] = g.detach().clone()
+                    self.own_state[p]["last_grad"] = g.detach().clone()
                 else:
                     saved.copy_(g)
         if pairs:
@@ -836,7 +837,6 @@ class AmplifiedOptimizer(GradientTransform):
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p, _, _ in pairs], self.max_grad_norm)
         self._counters["steps"] += 1
-        return True
 
     # ------------------------------------------------------------------ meta-step
 
@@ -926,7 +926,7 @@ class AmplifiedOptimizer(GradientTransform):
             g_hats = [None if g is None else g.detach() for g in found]
             all_reduce_mean(g for g in g_hats if g is not None)
         else:
-            g_hats = [self.state.get(p, {}).get("last_grad") for p, _ in entries]
+            g_hats = [self.own_state.get(p, {}).get("last_grad") for p, _ in entries]
 
         chosen = [(p, group, g) for (p, group), g in zip(entries, g_hats) if g is not None]
         with torch.enable_grad():
@@ -1031,7 +1031,7 @@ class AmplifiedOptimizer(GradientTransform):
                 for p in params:
                     p.grad = None
             else:
-                g_hats = [self.state.get(p, {}).get("last_grad") for p in params]
+                g_hats = [self.own_state.get(p, {}).get("last_grad") for p in params]
             chosen = [(p, group, g) for (p, group), g in zip(entries, g_hats) if g is not None]
             cs = [group["neuralgrok_c"] for _, group, _ in chosen]
             lrs = [self._lookahead_step_size(group) for _, group, _ in chosen]
@@ -1106,18 +1106,52 @@ class AmplifiedOptimizer(GradientTransform):
         return ("neuralgrok_amplifier", "neuralgrok_meta_optimizer", "neuralgrok_counters")
 
     def _extra_state_dict(self) -> dict[str, Any]:
+        # Kept in a form that torch.distributed.checkpoint's flattened layout carries:
+        # str keys without ".", and tensors, ints and floats as leaves.
+        meta = self.meta_optimizer.state_dict()
+        started = bool(meta["state"])
+        if not started:
+            # torch.distributed.checkpoint loads only the entries its target already has,
+            # and a fresh meta-optimizer has none until its first step: show the entries
+            # it will have (taken from a copy stepped once), flagged as not started.
+            meta = {**meta, "state": _state_structure(self.meta_optimizer)}
         return {
-            "neuralgrok_amplifier": dict(self.amplifier.state_dict()),
-            "neuralgrok_meta_optimizer": self.meta_optimizer.state_dict(),
+            "neuralgrok_amplifier": {
+                k.replace(".", "/"): v for k, v in self.amplifier.state_dict().items()
+            },
+            "neuralgrok_meta_optimizer": {
+                "started": int(started),
+                "state": {str(i): dict(v) for i, v in meta["state"].items()},
+                "groups": {
+                    str(i): {k: v for k, v in g.items()
+                             if isinstance(v, (Tensor, int, float)) and k != "params"}
+                    for i, g in enumerate(meta["param_groups"])
+                },
+            },
             "neuralgrok_counters": dict(self._counters),
         }
 
-    def _check_extra_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def _meta_state_dict(self, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """The meta-optimizer's state_dict rebuilt from its saved form (see above): the
+        saved state and numeric hyperparameters over the live optimizer's groups."""
+        live = self.meta_optimizer.state_dict()
+        state = saved.get("state", {}) if saved.get("started", 1) else {}  # DCP drops empty dicts
+        groups = saved.get("groups", {})
+        return {
+            "state": {int(i): dict(v) for i, v in state.items()},
+            "param_groups": [{**g, **groups.get(str(i), {})}
+                             for i, g in enumerate(live["param_groups"])],
+        }
+
+    def _check_extra_state_dict(self, extra: Mapping[str, Any]) -> None:
         for key in self._extra_keys():
-            if key not in state_dict:
-                raise ValueError(f"state_dict is missing the key {key!r}")
-        saved = state_dict["neuralgrok_amplifier"]
-        own = self.amplifier.state_dict()
+            if key not in extra:
+                raise ValueError(
+                    f"state_dict lacks {key!r} (NeuralGrok's amplifier, meta-optimizer and "
+                    f"counters, kept in the state of the first parameter that requires grad)"
+                )
+        saved = extra["neuralgrok_amplifier"]
+        own = {k.replace(".", "/"): v for k, v in self.amplifier.state_dict().items()}
         if not isinstance(saved, Mapping) or set(saved) != set(own):
             raise ValueError(
                 f"state_dict's neuralgrok_amplifier has keys "
@@ -1130,18 +1164,21 @@ class AmplifiedOptimizer(GradientTransform):
                     f"state_dict's neuralgrok_amplifier[{k!r}] does not match this amplifier's "
                     f"shape {tuple(v.shape)}"
                 )
-        meta = state_dict["neuralgrok_meta_optimizer"]
-        groups = self.meta_optimizer.param_groups
+        meta = extra["neuralgrok_meta_optimizer"]
+        n_params = len([p for g in self.meta_optimizer.param_groups for p in g["params"]])
         if (
-            not isinstance(meta, Mapping) or "state" not in meta or "param_groups" not in meta
-            or len(meta["param_groups"]) != len(groups)
-            or any(len(s["params"]) != len(g["params"]) for s, g in zip(meta["param_groups"], groups))
+            not isinstance(meta, Mapping) or not set(meta) <= {"started", "state", "groups"}
+            or not isinstance(meta.get("state", {}), Mapping)
+            or not isinstance(meta.get("groups", {}), Mapping)
+            or any(not str(i).isdigit() or int(i) >= n_params for i in meta.get("state", {}))
+            or any(not str(i).isdigit() or int(i) >= len(self.meta_optimizer.param_groups)
+                   for i in meta.get("groups", {}))
         ):
             raise ValueError(
                 "state_dict's neuralgrok_meta_optimizer does not fit this meta-optimizer "
-                "(different parameter groups)"
+                "(different parameters or groups)"
             )
-        counters = state_dict["neuralgrok_counters"]
+        counters = extra["neuralgrok_counters"]
         if (
             not isinstance(counters, Mapping) or set(counters) != set(self._counters)
             or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counters.values())
@@ -1151,16 +1188,33 @@ class AmplifiedOptimizer(GradientTransform):
                 f"{sorted(self._counters)}, got {counters!r}"
             )
 
-    def _load_extra_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.amplifier.load_state_dict(state_dict["neuralgrok_amplifier"])
-        self.meta_optimizer.load_state_dict(state_dict["neuralgrok_meta_optimizer"])
-        self._counters = dict(state_dict["neuralgrok_counters"])
+    def _load_extra_state_dict(self, extra: Mapping[str, Any]) -> None:
+        self.amplifier.load_state_dict(
+            {k.replace("/", "."): v for k, v in extra["neuralgrok_amplifier"].items()}
+        )
+        self.meta_optimizer.load_state_dict(self._meta_state_dict(extra["neuralgrok_meta_optimizer"]))
+        self._counters = dict(extra["neuralgrok_counters"])
 
     def __repr__(self) -> str:
         base = super().__repr__()
         head, _, rest = base.partition(",\n")
         return (f"{head}, meta_every={self.meta_every}, g_hat={self.g_hat!r}, "
                 f"lookahead_lr={self.lookahead_lr!r}, path={self.path!r},\n{rest}")
+
+
+def _state_structure(optimizer: Optimizer) -> dict[int, dict[str, Any]]:
+    """The per-parameter state ``optimizer`` will hold after its first step: a copy of it,
+    stepped once with zero gradients and learning rate 0, gives the entries' names, shapes
+    and types (their values are not used)."""
+    probe = copy.deepcopy(optimizer)
+    for group in probe.param_groups:
+        if "lr" in group:
+            group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], Tensor) else 0.0
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    with torch.no_grad():
+        probe.step()
+    return probe.state_dict()["state"]
 
 
 def _check_scalar(name: str, loss: Any) -> None:

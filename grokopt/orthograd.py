@@ -150,10 +150,9 @@ class OrthoGrad(GradientTransform):
         if "orthograd_eps" in options:
             _check_eps(options["orthograd_eps"])
 
-    def _transform_gradients(self) -> bool:
+    def _transform_gradients(self) -> None:
         for group in self.param_groups:
             pairs = list(self._grads(group))
             if pairs:
                 orthogonalize_([p.detach() for p, _ in pairs], [g for _, g in pairs],
                                eps=group["orthograd_eps"], foreach=self.foreach)
-        return True

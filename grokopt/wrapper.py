@@ -2,9 +2,10 @@
 
 A wrapper is a real :class:`torch.optim.Optimizer` (so LR schedulers accept it and step
 hooks fire) that *shares* the inner optimizer's ``param_groups`` instead of copying them,
-keeps its own per-parameter state in ``self.state`` (never in the inner optimizer's state,
-which would make lazy optimizers such as Adam skip their own initialisation), and writes one
-``state_dict`` in the standard torch format with its own tensors under namespaced keys.
+stores its own per-parameter state apart from the inner optimizer's (which lazy optimizers
+such as Adam must find empty at their first step), shows both through one ``state`` view, and
+writes one ``state_dict`` in the standard torch format with its own entries under namespaced
+keys.
 
 Wrappers nest: ``AmplifiedOptimizer(Grokfast(AdamW(...)))`` works because every level shares
 the same group dicts and every level strips its own keys from a state_dict on the way in.
@@ -12,62 +13,215 @@ the same group dicts and every level strips its own keys from a state_dict on th
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-import io
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["GradientTransform"]
+__all__ = ["SKIP_STEP", "GradientTransform"]
 
 # A state_dict's top-level key listing the wrappers, outermost first, that produced it.
 _STACK_KEY = "grokopt_stack"
-# torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and
-# "param_groups" (every key of each group, though), so a wrapper's top-level keys would be
-# lost. They are also mirrored under this key of the first param group, serialised with
-# torch.save to one bytes value: a group then still holds only plain values (comparable
-# with ==, which tensors are not), and DCP saves it as one object. load_state_dict lifts
-# them back (weights_only) when the top level lacks them. Cost: the top-level entries
-# (a few hundred KB for a default amplifier with its Adam state) are stored twice.
-_MIRROR_KEY = "grokopt_top_level"
 
 
-class _WrapperState(defaultdict):
-    """A wrapper's per-parameter state whose truth value means "this optimizer has state".
+class _Skip:
+    """The type of :data:`SKIP_STEP`."""
 
-    torch.distributed.checkpoint initialises an optimizer whose ``state`` is empty by calling
-    ``step()`` once with zero gradients. A wrapper may keep no per-parameter state of its
-    own (AmplifiedOptimizer with g_hat="recompute") while its inner optimizer does; judged by
-    its own dict alone it would look fresh at every save, and that zero step would advance
-    the inner optimizer (Adam's step count and moments) and the wrapper's counters.
+    def __repr__(self) -> str:
+        return "SKIP_STEP"
+
+
+#: What :meth:`GradientTransform._transform_gradients` returns to skip the step: nothing was
+#: changed and the inner optimizer must not step.
+SKIP_STEP = _Skip()
+
+# Every wrapper's key prefix, to tell a wrapper's entries from an inner optimizer's.
+_PREFIXES: dict[str, str] = {}
+
+
+class _ParamStateView(MutableMapping):
+    """One parameter's state across a wrapper stack: the inner optimizer's entries as they
+    are, this wrapper's under ``f"{prefix}{name}"``, and, on the stack's anchor parameter,
+    the wrapper-wide entries (see :meth:`GradientTransform._extra_state_dict`).
+
+    Reads and writes go to where each entry is stored, so the usual "move the optimizer
+    state to a device" loop (``state[k] = v.to(device)``) reaches every entry.
     """
 
-    def __init__(self, owner: GradientTransform | None = None, *args: Any) -> None:
-        super().__init__(dict, *args)
+    __slots__ = ("_owner", "_param")
+
+    def __init__(self, owner: GradientTransform, param: Tensor) -> None:
+        self._owner = owner
+        self._param = param
+
+    def _inner(self) -> Any:
+        return self._owner.optimizer.state
+
+    def _own(self) -> dict[str, Any]:
+        return self._owner.own_state.get(self._param, {})
+
+    def _wide(self) -> tuple[str, ...]:
+        return self._owner._extra_keys() if self._owner._is_anchor(self._param) else ()
+
+    def __getitem__(self, key: str) -> Any:
+        prefix = self._owner._prefix
+        if isinstance(key, str) and key.startswith(prefix):
+            name = key[len(prefix):]
+            own = self._own()
+            if name in own:
+                return own[name]
+            if key in self._wide():
+                return self._owner._extra_state_dict()[key]
+            raise KeyError(key)
+        inner = self._inner()
+        if self._param in inner:
+            return inner[self._param][key]
+        raise KeyError(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        prefix = self._owner._prefix
+        if isinstance(key, str) and key.startswith(prefix):
+            if key in self._wide():
+                raise TypeError(
+                    f"{key!r} is {type(self._owner).__name__}'s wrapper-wide state, shown "
+                    f"here for checkpointing; change it through load_state_dict"
+                )
+            self._owner.own_state[self._param][key[len(prefix):]] = value
+        else:
+            self._inner()[self._param][key] = value
+
+    def __delitem__(self, key: str) -> None:
+        prefix = self._owner._prefix
+        if isinstance(key, str) and key.startswith(prefix) and key[len(prefix):] in self._own():
+            del self._owner.own_state[self._param][key[len(prefix):]]
+            return
+        inner = self._inner()
+        if self._param not in inner or key not in inner[self._param]:
+            raise KeyError(key)
+        del inner[self._param][key]
+
+    def __iter__(self) -> Iterator[str]:
+        inner = self._inner()
+        if self._param in inner:
+            yield from inner[self._param]
+        prefix = self._owner._prefix
+        for name in self._own():
+            yield prefix + name
+        yield from self._wide()
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+class _StateView(MutableMapping):
+    """A wrapper's ``state``: ``state[p]`` is a :class:`_ParamStateView` over every optimizer
+    of the stack; keys that are not parameters (``opt.state["my_counter"] = 3``) are the
+    wrapper's own, as in torch.
+
+    Its truth value means "this optimizer has training state": DCP initialises an optimizer
+    whose ``state`` is empty by stepping it once with zero gradients, which must not happen
+    to one that has state only in its counters (NeuralGrok with a stateless inner optimizer).
+    """
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: GradientTransform) -> None:
         self._owner = owner
 
-    def __bool__(self) -> bool:
-        if len(self):
-            return True
-        owner = self.__dict__.get("_owner")
-        return owner is not None and owner._has_state()
+    def _is_param(self, key: Any) -> bool:
+        return isinstance(key, Tensor) and id(key) in self._owner._param_ids()
 
-    def __reduce__(self) -> Any:
-        # The owner is re-attached by GradientTransform.__setstate__; keeping it out of the
-        # reduce arguments avoids a reference cycle through the pickled arguments.
-        return (_WrapperState, (), None, None, iter(self.items()))
+    def __getitem__(self, key: Any) -> Any:
+        if self._is_param(key):
+            return _ParamStateView(self._owner, key)
+        if isinstance(key, Tensor):
+            # torch's state is a defaultdict: an unknown tensor gets a fresh dict.
+            return self._owner.own_state[key]
+        return self._owner.own_state[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self._is_param(key):
+            if not isinstance(value, Mapping):
+                raise TypeError(
+                    f"state[param] must be a dict of that parameter's entries, got "
+                    f"{type(value).__name__}"
+                )
+            view = _ParamStateView(self._owner, key)
+            for k in list(view):
+                if k not in value and k not in view._wide():
+                    del view[k]
+            for k, v in value.items():
+                view[k] = v
+            return
+        self._owner.own_state[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        if self._is_param(key):
+            found = False
+            if key in self._owner.own_state:
+                del self._owner.own_state[key]
+                found = True
+            inner = self._owner.optimizer.state
+            if key in inner:
+                del inner[key]
+                found = True
+            if not found:
+                raise KeyError(key)
+            return
+        del self._owner.own_state[key]
+
+    def _param_keys(self) -> list[Tensor]:
+        own, inner = self._owner.own_state, self._owner.optimizer.state
+        seen: set[int] = set()
+        out = []
+        for group in self._owner.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen and (p in own or p in inner):
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self._param_keys()
+        ids = self._owner._param_ids()
+        for key in self._owner.own_state:
+            if not (isinstance(key, Tensor) and id(key) in ids):
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, key: Any) -> bool:
+        if self._is_param(key):
+            return key in self._owner.own_state or key in self._owner.optimizer.state
+        return key in self._owner.own_state
+
+    def __bool__(self) -> bool:
+        return bool(self._owner.own_state) or self._owner._has_state()
+
+    def __repr__(self) -> str:
+        return repr({k: dict(v) if isinstance(v, MutableMapping) else v for k, v in self.items()})
 
 
 class GradientTransform(Optimizer):
     """Base class: transform ``p.grad`` in :meth:`step`, then step the inner optimizer.
 
-    Subclasses set ``_prefix`` (the namespace of their keys in param groups and state) and
-    ``_hyperparameters`` (defaults of their per-group hyperparameters, keyed without the
-    prefix), and implement :meth:`_validate_group` and :meth:`_transform_gradients`.
+    Subclasses set ``_prefix`` (the namespace of their keys in param groups and state),
+    pass the defaults of their per-group hyperparameters (keyed without the prefix) to
+    ``__init__``, and implement :meth:`_validate_group` (called when a group's options
+    change, not at every step) and :meth:`_transform_gradients` (which returns ``None`` to
+    step, :data:`SKIP_STEP` to skip, or a device-side ``found_inf``; only the base class
+    steps the inner optimizer). A subclass keeps its per-parameter entries in
+    ``self.own_state[p]`` (a dict, keys without the prefix); ``state[p]`` shows them with
+    the prefix beside the inner optimizer's.
 
     Hyperparameters live in each param group under ``f"{prefix}{name}"`` (for example
     ``group["grokfast_lamb"]``). The prefix is needed because the inner optimizer owns the
@@ -113,7 +267,6 @@ class GradientTransform(Optimizer):
     """
 
     _prefix: str = ""
-    _hyperparameters: dict[str, Any] = {}
 
     def __init__(
         self,
@@ -155,15 +308,53 @@ class GradientTransform(Optimizer):
         for group in optimizer.param_groups:
             self._validate_group({**options, **_own_keys(group, self._prefix)})
         self._ready = False
+        # This wrapper's own per-parameter entries (unprefixed) and its non-parameter keys;
+        # the inner optimizer's stay in its own state, where lazy optimizers look for them.
+        self.own_state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+        # id(group) -> (group, option values) last validated; see _check_groups.
+        self._checked: dict[int, tuple[dict[str, Any], list[Any]]] = {}
         # Optimizer.__init__ installs the step-hook machinery and calls add_param_group for
         # each group; during construction that only fills in this wrapper's defaults.
         super().__init__(list(optimizer.param_groups), options)
-        self.state = _WrapperState(self, self.state)
         self._ready = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls._prefix:
+            _PREFIXES.setdefault(cls._prefix, cls.__name__)
+
+    @property  # type: ignore[override]
+    def state(self) -> _StateView:
+        """Every per-parameter entry of the stack: ``state[p]`` holds the inner optimizer's
+        entries as they are and this wrapper's under ``f"{prefix}{name}"`` (for example
+        ``state[p]["exp_avg"]`` and ``state[p]["grokfast_ema"]``); writes go to where each
+        entry is stored."""
+        return _StateView(self)
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        # Optimizer.__init__ assigns a fresh defaultdict; the storage is own_state.
+        if self.__dict__.get("_ready", False):
+            raise AttributeError(
+                f"{type(self).__name__}.state is a view of the stack's state; change entries "
+                f"through it or load a state_dict"
+            )
+
     def _has_state(self) -> bool:
-        """Whether this optimizer holds training state (see :class:`_WrapperState`)."""
+        """Whether this optimizer holds training state beyond its per-parameter entries."""
         return bool(self.optimizer.state)
+
+    def _param_ids(self) -> set[int]:
+        return {id(p) for group in self.param_groups for p in group["params"]}
+
+    def _anchor(self) -> Tensor | None:
+        """The parameter whose state entry also carries the wrapper-wide state: the first
+        one that requires grad (DCP keeps state only for those), else the first one."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        return next((p for p in params if p.requires_grad), params[0] if params else None)
+
+    def _is_anchor(self, param: Tensor) -> bool:
+        return bool(self._extra_keys()) and self._anchor() is param
 
     # ------------------------------------------------------------------ param groups
 
@@ -218,9 +409,8 @@ class GradientTransform(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._fill_defaults()
+        self._check_groups()
         for group in self.param_groups:
-            self._validate_group(_own_keys(group, self._prefix))
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(
@@ -231,12 +421,42 @@ class GradientTransform(Optimizer):
         restore = self.restore_grad and not self.__dict__.get("_nested", False)
         users = self._swap_in_scratch() if restore else []
         try:
-            if self._transform_gradients():
-                self._inner_step()
+            found_inf = self._transform_gradients()
+            if isinstance(found_inf, bool):
+                raise TypeError(
+                    f"{type(self).__name__}._transform_gradients returned {found_inf!r}; it "
+                    f"must return None (step the inner optimizer), SKIP_STEP (skip the step) "
+                    f"or a 0-d bool tensor found_inf"
+                )
+            if found_inf is not SKIP_STEP:
+                self._inner_step(found_inf)
         finally:
             for p, g in users:
                 p.grad = g
         return loss
+
+    def _check_groups(self) -> None:
+        """Fill in missing defaults and validate each group's options once per change.
+
+        A group's options are validated when they differ from the values last validated
+        (a scheduler may change them between steps), so an unchanged group costs one
+        comparison per option, not a validation, per step. Tensor values compare by
+        identity: a 0-d tensor changed in place is the caller's to keep valid.
+        """
+        self._fill_defaults()
+        checked = self._checked
+        live = set()
+        for group in self.param_groups:
+            values = [v for k, v in group.items() if k.startswith(self._prefix)]
+            live.add(id(group))
+            last = checked.get(id(group))
+            if (last is not None and last[0] is group and len(last[1]) == len(values)
+                    and all(_same_value(a, b) for a, b in zip(last[1], values))):
+                continue
+            self._validate_group(_own_keys(group, self._prefix))
+            checked[id(group)] = (group, values)
+        for key in [k for k in checked if k not in live]:
+            del checked[key]
 
     def _swap_in_scratch(self) -> list[tuple[Tensor, Tensor]]:
         """Point every ``p.grad`` at a copy; return the user's (param, grad) pairs.
@@ -250,21 +470,39 @@ class GradientTransform(Optimizer):
             p.grad = g.clone()
         return users
 
-    def _transform_gradients(self) -> bool:
-        """Transform ``p.grad`` in place for every parameter; return False to skip the step."""
+    def _transform_gradients(self) -> Tensor | _Skip | None:
+        """Transform ``p.grad`` in place for every parameter, and say how the step goes on.
+
+        Returns ``None`` to step the inner optimizer, :data:`SKIP_STEP` to skip the step
+        (nothing may have changed), or a 0-d bool tensor ``found_inf`` on the gradients'
+        device: the inner optimizer (a fused torch optimizer, which reads it on the
+        device) then steps with it, and leaves parameters and state unchanged where it is
+        true. Only this base class steps the inner optimizer.
+        """
         raise NotImplementedError
 
-    def _inner_step(self) -> None:
-        """Step the inner optimizer (subclasses may adjust its groups around the call).
+    def _inner_step_context(self) -> contextlib.AbstractContextManager[None]:
+        """A context around the inner step (a subclass may adjust the groups in it)."""
+        return contextlib.nullcontext()
 
-        Overrides step it through :meth:`_step_inner_optimizer`, never
-        ``self.optimizer.step()``, which would fire torch's global step hooks a second time.
-        """
-        self._step_inner_optimizer()
+    def _inner_step(self, found_inf: Tensor | None = None) -> None:
+        """Step the inner optimizer, with a device-side ``found_inf`` when one is given."""
+        with self._inner_step_context():
+            if found_inf is None:
+                self._step_inner_optimizer()
+                return
+            inner = self.optimizer
+            inner.found_inf = found_inf.float()  # type: ignore[attr-defined]
+            inner.grad_scale = None  # type: ignore[attr-defined]
+            try:
+                self._step_inner_optimizer()
+            finally:
+                del inner.found_inf, inner.grad_scale  # type: ignore[attr-defined]
 
     def _step_inner_optimizer(self) -> None:
         """``self.optimizer.step()`` without torch's global step hooks (they fired for this
-        wrapper's own step); the inner optimizer's own hooks still run."""
+        wrapper's own step); the inner optimizer's own hooks still run. Private to this
+        class: subclasses return what the step needs from :meth:`_transform_gradients`."""
         inner = self.optimizer
         nested = isinstance(inner, GradientTransform)
         if nested:
@@ -301,10 +539,15 @@ class GradientTransform(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state_dict with this wrapper's state merged in.
 
-        Standard torch format: ``state`` keyed by parameter index (this wrapper's tensors
-        under ``f"{prefix}{name}"`` keys beside the inner optimizer's), ``param_groups``
-        with ``params`` lists, plus ``grokopt_stack`` naming the wrappers. Entries of
-        ``state`` under keys that are not parameters are passed through as they are;
+        Standard torch format: ``state`` keyed by parameter index, each entry holding what
+        ``state[p]`` shows (the inner optimizer's entries and this wrapper's under
+        ``f"{prefix}{name}"``; a wrapper with state of its own that belongs to no parameter,
+        such as NeuralGrok's amplifier, keeps it in the entry of its anchor parameter, the
+        first that requires grad), ``param_groups`` with ``params`` lists and this
+        wrapper's prefixed hyperparameters, plus ``grokopt_stack`` naming the wrappers.
+        That layout survives torch.distributed.checkpoint in both its nested and its
+        flattened form, which keep only ``state`` and ``param_groups``. Entries of ``state``
+        under keys that are not parameters are passed through as they are;
         ``f"{prefix}state_keys"`` lists those of this wrapper, so that loading gives them
         back to it. The state_dict hooks registered on this wrapper run as in torch.
         """
@@ -315,11 +558,12 @@ class GradientTransform(Optimizer):
         indices = set(index_of.values())
         state = {k: dict(v) if k in indices else v for k, v in inner["state"].items()}
         own_keys = []
-        for key, entries in self.state.items():
+        for key, entries in self.own_state.items():
             if isinstance(key, Tensor) and id(key) in index_of:
-                state.setdefault(index_of[id(key)], {}).update(
-                    {self._prefix + k: v for k, v in entries.items()}
-                )
+                if entries:
+                    state.setdefault(index_of[id(key)], {}).update(
+                        {self._prefix + k: v for k, v in entries.items()}
+                    )
                 continue
             if isinstance(key, Tensor):
                 raise ValueError(
@@ -335,6 +579,12 @@ class GradientTransform(Optimizer):
                 )
             state[key] = entries
             own_keys.append(key)
+        extra = self._extra_state_dict()
+        if extra:
+            anchor = self._anchor()
+            if anchor is None:
+                raise ValueError(f"{type(self).__name__} has no parameters to save state with")
+            state.setdefault(index_of[id(anchor)], {}).update(extra)
         out = {k: v for k, v in inner.items() if k not in ("state", "param_groups")}
         # Groups that lack this wrapper's keys (see _fill_defaults) are saved with the
         # values that their next step would use.
@@ -343,14 +593,6 @@ class GradientTransform(Optimizer):
         out[_STACK_KEY] = [type(self).__name__, *inner.get(_STACK_KEY, [])]
         if own_keys:
             out[self._state_keys_key()] = own_keys
-        out.update(self._extra_state_dict())
-        top = {k: v for k, v in out.items() if k not in ("state", "param_groups")}
-        groups = [{k: v for k, v in g.items() if k != _MIRROR_KEY} for g in out["param_groups"]]
-        if groups:
-            buffer = io.BytesIO()
-            torch.save(top, buffer)
-            groups[0][_MIRROR_KEY] = buffer.getvalue()
-        out["param_groups"] = groups
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, out)
             if result is not None:
@@ -361,19 +603,31 @@ class GradientTransform(Optimizer):
         """The top-level key listing this wrapper's non-parameter ``state`` keys."""
         return f"{self._prefix}state_keys"
 
+    def _stack_prefixes(self) -> set[str]:
+        prefixes = set()
+        opt: Optimizer = self
+        while isinstance(opt, GradientTransform):
+            prefixes.add(opt._prefix)
+            opt = opt.optimizer
+        return prefixes
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict produced by :meth:`state_dict` of the same wrapper stack.
 
-        Everything is checked before anything changes: a state from another wrapper, a
-        different number of groups or parameters, missing keys or wrongly shaped tensors
-        raise ``ValueError`` and leave this optimizer (and the inner one) untouched. The
-        load hooks registered on this wrapper run as in torch: the pre hooks get a shallow
-        copy of ``state_dict`` and may return another one to load instead, the post hooks
-        run once everything is loaded. ``state`` entries under keys that are not parameter
-        indices go back to this wrapper when its state_dict listed them as its own, else to
-        the inner optimizer, as they are; an int key of the inner optimizer's that is not a
-        parameter index is refused, though, as state saved for more parameters than there
-        are (torch would keep it).
+        Also one carried by torch.distributed.checkpoint (``set_optimizer_state_dict``, in
+        the nested or the flattened layout), which drops ``grokopt_stack``: the wrapper's
+        prefixed hyperparameters in the param groups then identify it.
+
+        Everything is checked before anything changes: a state from another wrapper or a
+        plain optimizer, a different number of groups or parameters, missing keys or
+        wrongly shaped tensors raise ``ValueError`` and leave this optimizer (and the inner
+        one) untouched. The load hooks registered on this wrapper run as in torch: the pre
+        hooks get a shallow copy of ``state_dict`` and may return another one to load
+        instead, the post hooks run once everything is loaded. ``state`` entries under keys
+        that are not parameter indices go back to this wrapper when its state_dict listed
+        them as its own, else to the inner optimizer, as they are; an int key of the inner
+        optimizer's that is not a parameter index is refused, though, as state saved for
+        more parameters than there are (torch would keep it).
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -390,10 +644,17 @@ class GradientTransform(Optimizer):
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing the key {key!r}")
-        _refuse_flattened(state_dict)
-        state_dict = _lift_mirror(state_dict)
-        stack = list(state_dict.get(_STACK_KEY, []))
-        if not stack or stack[0] != type(self).__name__:
+        saved_groups = state_dict["param_groups"]
+        if not isinstance(saved_groups, (list, tuple)) or not all(
+            isinstance(g, Mapping) for g in saved_groups
+        ):
+            raise ValueError("state_dict's 'param_groups' must be a list of dicts")
+        stack = state_dict.get(_STACK_KEY)
+        ours = any(k.startswith(self._prefix) for g in saved_groups for k in g
+                   if isinstance(k, str))
+        if (stack is not None and (not stack or stack[0] != type(self).__name__)) or (
+            stack is None and not ours
+        ):
             plain = (
                 f"; to add {type(self).__name__} to a run saved with the bare optimizer, load "
                 f"this state_dict into the inner optimizer instead, before or after wrapping "
@@ -402,11 +663,9 @@ class GradientTransform(Optimizer):
             ) if not stack else ""
             raise ValueError(
                 f"state_dict was not produced by {type(self).__name__} (its wrapper stack is "
-                f"{stack or 'a plain optimizer'}); load it into the optimizer that saved it "
-                f"(torch.distributed.checkpoint with flatten_optimizer_state_dict=True also "
-                f"loses the wrapper's keys: use the default nested layout){plain}"
+                f"{list(stack) if stack else 'a plain optimizer'}); load it into the "
+                f"optimizer that saved it{plain}"
             )
-        saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"state_dict has {len(saved_groups)} parameter groups, this optimizer has "
@@ -432,8 +691,11 @@ class GradientTransform(Optimizer):
                 f"state_dict's {self._state_keys_key()!r} must list keys of its 'state' that "
                 f"are not parameter indices, got {own_keys!r}"
             )
+        stack_prefixes = self._stack_prefixes()
+        wide_keys = set(self._extra_keys())
         inner_state: dict[Any, Any] = {}
         own_state: dict[Any, Any] = {}
+        wide: dict[str, Any] = {}
         for index, entries in state_dict["state"].items():
             if index in own_keys:
                 own_state[index] = entries  # passed through as it is, as torch does
@@ -448,8 +710,29 @@ class GradientTransform(Optimizer):
                 # Not a parameter and not this wrapper's: the inner optimizer's, as it is.
                 inner_state[index] = entries
                 continue
-            own = {k[len(self._prefix):]: v for k, v in entries.items() if k.startswith(self._prefix)}
-            rest = {k: v for k, v in entries.items() if not k.startswith(self._prefix)}
+            own, rest = {}, {}
+            for k, v in entries.items():
+                if k in wide_keys:
+                    wide[k] = v
+                    continue
+                if isinstance(v, Mapping) and not v:
+                    raise ValueError(
+                        f"state_dict's state[{index!r}][{k!r}] is an empty placeholder: the "
+                        f"checkpoint lacks this entry (torch.distributed.checkpoint's "
+                        f"flattened layout rebuilds entries from the live optimizer's key "
+                        f"names; the optimizer that saved it had a different configuration)"
+                    )
+                foreign = _PREFIXES.get(next(
+                    (q for q in _PREFIXES if isinstance(k, str) and k.startswith(q)), ""))
+                if isinstance(k, str) and k.startswith(self._prefix):
+                    own[k[len(self._prefix):]] = v
+                elif foreign and not any(k.startswith(q) for q in stack_prefixes):
+                    raise ValueError(
+                        f"state_dict's state[{index!r}] holds {k!r}, an entry of {foreign}, "
+                        f"which is not in this optimizer's wrapper stack"
+                    )
+                else:
+                    rest[k] = v
             if rest:
                 inner_state[index] = rest
             if own:
@@ -460,20 +743,20 @@ class GradientTransform(Optimizer):
                     k: v.to(device=p.device) if isinstance(v, Tensor) else v
                     for k, v in own.items()
                 }
-        self._check_extra_state_dict(state_dict)
+        self._check_extra_state_dict(wide)
 
         inner_sd = {
             k: v for k, v in state_dict.items()
             if k not in ("state", _STACK_KEY, self._state_keys_key())
-            and k not in self._extra_keys()
         }
         inner_sd["state"] = inner_state
-        if stack[1:]:
+        if stack and stack[1:]:
             inner_sd[_STACK_KEY] = stack[1:]
         self.optimizer.load_state_dict(inner_sd)
-        self.state.clear()
-        self.state.update(own_state)
-        self._load_extra_state_dict(state_dict)
+        self.own_state.clear()
+        self.own_state.update(own_state)
+        self._checked.clear()
+        self._load_extra_state_dict(wide)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -481,17 +764,25 @@ class GradientTransform(Optimizer):
         """Raise ValueError if a loaded per-parameter state does not fit ``param``."""
 
     def _extra_keys(self) -> tuple[str, ...]:
-        """Top-level state_dict keys owned by this wrapper (beyond per-parameter state)."""
+        """Names (prefixed) of this wrapper's wrapper-wide state: state that belongs to no
+        parameter. It is kept in the anchor parameter's entry (see :meth:`state_dict`)."""
         return ()
 
     def _extra_state_dict(self) -> dict[str, Any]:
+        """The wrapper-wide state, ``{name: value}`` for each of :meth:`_extra_keys`.
+
+        Each value must survive torch.distributed.checkpoint's flattened layout: a tensor,
+        an int, a float, or a dict of those (nested dicts allowed) with ``str`` keys that
+        contain no ``"."``.
+        """
         return {}
 
-    def _check_extra_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Validate this wrapper's top-level keys before anything is loaded."""
+    def _check_extra_state_dict(self, extra: Mapping[str, Any]) -> None:
+        """Validate the wrapper-wide entries found in a state_dict (some may be missing)
+        before anything is loaded."""
 
-    def _load_extra_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load this wrapper's top-level keys (called after everything was validated)."""
+    def _load_extra_state_dict(self, extra: Mapping[str, Any]) -> None:
+        """Load the wrapper-wide entries (called after everything was validated)."""
 
     # ------------------------------------------------------------------ pickling
 
@@ -501,14 +792,16 @@ class GradientTransform(Optimizer):
         # and the step() an LR scheduler patches onto the instance.
         return {
             k: v for k, v in self.__dict__.items()
-            if not k.startswith("_optimizer_") and k not in ("step", "_opt_called", "_nested")
+            if not k.startswith("_optimizer_")
+            and k not in ("step", "_opt_called", "_nested", "_checked")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("restore_grad", True)  # pickled before the option existed
-        if isinstance(self.__dict__.get("state"), _WrapperState):
-            self.state._owner = self
+        self.__dict__.setdefault("_checked", {})
+        if "state" in self.__dict__:  # pickled before the state view: it was the own state
+            self.own_state = defaultdict(dict, self.__dict__.pop("state"))
 
     def __repr__(self) -> str:
         inner = repr(self.optimizer).replace("\n", "\n  ")
@@ -576,59 +869,6 @@ def _refuse_undrivable(optimizer: Optimizer, wrapper: str) -> None:
         )
 
 
-def _refuse_flattened(state_dict: Mapping[str, Any]) -> None:
-    """Refuse what DCP's flattened layout hands back, naming the cause.
-
-    With ``StateDictOptions(flatten_optimizer_state_dict=True)``, set_optimizer_state_dict
-    rebuilds each parameter's state from the key names of the *live* optimizer's
-    ``state[p]``; a wrapper's ``state[p]`` names only its own entries, unprefixed, so the
-    rebuilt state holds an empty dict under each of those names and nothing else (the
-    inner optimizer's entries are lost), and the top-level keys are dropped. Those empty
-    placeholders are the signature looked for here.
-    """
-    state = state_dict.get("state")
-    if not isinstance(state, Mapping):
-        return
-    for entries in state.values():
-        if isinstance(entries, Mapping) and any(
-            isinstance(v, Mapping) and not v for v in entries.values()
-        ):
-            raise ValueError(
-                "state_dict holds empty placeholders where per-parameter state should be: "
-                "it was rebuilt by torch.distributed.checkpoint with "
-                "flatten_optimizer_state_dict=True, which cannot carry a wrapper's state "
-                "(it rebuilds entries from the live optimizer's key names). Save and load "
-                "with the default nested layout, StateDictOptions("
-                "flatten_optimizer_state_dict=False); nothing was changed"
-            )
-
-
-def _lift_mirror(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The state_dict with the mirrored top-level keys restored (where the top level lacks
-    them, as after torch.distributed.checkpoint) and the mirror removed from the groups."""
-    groups = state_dict["param_groups"]
-    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in groups):
-        raise ValueError("state_dict's 'param_groups' must be a list of dicts")
-    mirror = groups[0].get(_MIRROR_KEY) if groups else None
-    out = dict(state_dict)
-    if mirror is not None and _STACK_KEY not in out:
-        try:
-            lifted = torch.load(io.BytesIO(mirror), weights_only=True, map_location="cpu")
-        except Exception as exc:
-            raise ValueError(
-                f"state_dict's param_groups[0][{_MIRROR_KEY!r}] (the wrapper state kept "
-                f"for torch.distributed.checkpoint) is unreadable: {type(exc).__name__}: {exc}"
-            ) from exc
-        if not isinstance(lifted, dict):
-            raise ValueError(
-                f"state_dict's param_groups[0][{_MIRROR_KEY!r}] holds a "
-                f"{type(lifted).__name__}, expected a dict of the wrapper's top-level keys"
-            )
-        out.update(lifted)
-    out["param_groups"] = [{k: v for k, v in g.items() if k != _MIRROR_KEY} for g in groups]
-    return out
-
-
 def _param_indices(groups: list[dict[str, Any]]) -> dict[int, int]:
     """``id(param)`` to its index in a state_dict, numbered as torch's state_dict does."""
     index_of: dict[int, int] = {}
@@ -642,3 +882,15 @@ def _param_indices(groups: list[dict[str, Any]]) -> dict[int, int]:
 
 def _own_keys(group: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k.startswith(prefix)}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether a group option still holds the value last validated."""
+    if a is b:
+        return True
+    if isinstance(a, Tensor) or isinstance(b, Tensor) or type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # a value whose == does not give a bool: validate again
+        return False

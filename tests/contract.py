@@ -98,17 +98,46 @@ def assert_same_params(a: nn.Module, b: nn.Module) -> None:
 def state_tensors(opt: Optimizer) -> dict[str, torch.Tensor]:
     """Every tensor of a state_dict's per-parameter state, flattened to 'index/key' names,
     for exact comparison (entries under keys that are not parameter indices are left out)."""
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+
+    def add(name: str, value: Any) -> None:
+        if isinstance(value, dict):  # a wrapper-wide entry (NeuralGrok's amplifier...)
+            for k, v in value.items():
+                add(f"{name}/{k}", v)
+        elif isinstance(value, torch.Tensor):
+            out[name] = value.detach().clone()
+        else:
+            out[name] = torch.tensor(value)
+
     sd = opt.state_dict()
     indices = {i for group in sd["param_groups"] for i in group["params"]}
     for index, entries in sd["state"].items():
-        if index not in indices:
-            continue
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                out[f"{index}/{key}"] = value.detach().clone()
-            else:
-                out[f"{index}/{key}"] = torch.tensor(value)
+        if index in indices:
+            for key, value in entries.items():
+                add(f"{index}/{key}", value)
+    return out
+
+
+WIDE_KEYS = ("neuralgrok_amplifier", "neuralgrok_meta_optimizer", "neuralgrok_counters")
+
+
+def wide(sd: dict[str, Any]) -> dict[str, Any]:
+    """The wrapper-wide entries of a state_dict (NeuralGrok's amplifier, meta-optimizer and
+    counters), which sit in the state of the anchor parameter (the first that requires
+    grad): that entry itself, so changes to it reach the state_dict."""
+    found = [entries for entries in sd["state"].values()
+             if isinstance(entries, dict) and any(k in entries for k in WIDE_KEYS)]
+    assert len(found) == 1, f"expected the wrapper-wide entries in one parameter's state, got {len(found)}"
+    return found[0]
+
+
+def per_param(sd: dict[str, Any]) -> dict[Any, dict[str, Any]]:
+    """A state_dict's per-parameter entries without the wrapper-wide ones (empty left out)."""
+    out = {}
+    for index, entries in sd["state"].items():
+        rest = {k: v for k, v in entries.items() if k not in WIDE_KEYS}
+        if rest:
+            out[index] = rest
     return out
 
 

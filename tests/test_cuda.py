@@ -127,7 +127,7 @@ def test_gradscaler_fp16_skips_the_filter_with_the_step(fused):
     scaler.step(opt)
     scaler.update()
     for p, g, b in zip(model.parameters(), scaled, before):
-        ema = opt.state[p]["ema"]
+        ema = opt.state[p]["grokfast_ema"]
         torch.testing.assert_close(ema, g.float() / scale, rtol=1e-6, atol=0)
         assert not torch.equal(p.detach(), b)
 

@@ -93,14 +93,30 @@ def _corruptions(opt, sd):
     variant("one parameter fewer", lambda d: d["param_groups"][0]["params"].pop())
     variant("extra group", lambda d: d["param_groups"].append(dict(d["param_groups"][0], params=[])))
     variant("unknown index", lambda d: d["state"].update({77: dict(d["state"][0])}))
-    variant("no wrapper stack", lambda d: (d.pop("grokopt_stack"), d["param_groups"][0].pop("grokopt_top_level")))
 
-    def reshape(d):
+    def unwrapped(d):  # what a plain optimizer saved: no stack, no wrapper keys in the groups
+        d.pop("grokopt_stack")
+        for g in d["param_groups"]:
+            for k in [k for k in g if k.split("_")[0] in ("grokfast", "neuralgrok", "orthograd", "egd")]:
+                del g[k]
+
+    variant("no wrapper stack nor group keys", unwrapped)
+
+    def reshape_in(entries):
+        for k, v in list(entries.items()):
+            if isinstance(v, dict) and reshape_in(v):
+                return True
+            if isinstance(v, torch.Tensor) and v.dim():
+                entries[k] = torch.zeros(*v.shape[:-1], v.shape[-1] + 1)
+                return True
+        return False
+
+    def reshape(d):  # a per-parameter wrapper tensor, else one of the wrapper-wide ones
         for entries in d["state"].values():
-            for k, v in list(entries.items()):
-                if k.startswith(("grokfast_", "neuralgrok_")) and isinstance(v, torch.Tensor) and v.dim():
-                    entries[k] = torch.zeros(*v.shape[:-1], v.shape[-1] + 1)
-                    return
+            own = {k: v for k, v in entries.items() if k.startswith(("grokfast_", "neuralgrok_"))}
+            if reshape_in(own):
+                entries.update(own)
+                return
         raise AssertionError("no wrapper tensor to reshape")
 
     if any(k.startswith(("grokfast_", "neuralgrok_")) for e in sd["state"].values() for k in e):

@@ -207,12 +207,12 @@ def test_low_precision_state_is_fp32_and_never_aliases_grad():
     opt = Grokfast(torch.optim.SGD(model.parameters(), lr=0.1))
     train(model, opt, make_batches(2, dtype=torch.bfloat16))
     for p in model.parameters():
-        assert opt.state[p]["ema"].dtype == torch.float32
+        assert opt.state[p]["grokfast_ema"].dtype == torch.float32
     model = make_model(0)
     opt = Grokfast(torch.optim.SGD(model.parameters(), lr=0.1))
     train(model, opt, make_batches(1))
     for p in model.parameters():
-        assert opt.state[p]["ema"].data_ptr() != p.grad.data_ptr()
+        assert opt.state[p]["grokfast_ema"].data_ptr() != p.grad.data_ptr()
 
 
 # ---------------------------------------------------------------- after_step, normalize_lr
@@ -329,8 +329,8 @@ def test_after_step_counts_live_in_the_state_and_survive_a_reload(filt):
     train(model_c, opt_c, batches[3:])
     for p, q in zip(model_a.parameters(), model_c.parameters()):
         assert torch.equal(p, q)
-    started = "ema" if filt == "ema" else "ma_buffer"
-    assert all(set(opt_c.state[p]) >= {started} and "step" not in opt_c.state[p]
+    started = "grokfast_ema" if filt == "ema" else "grokfast_ma_buffer"
+    assert all(set(opt_c.state[p]) >= {started} and "grokfast_step" not in opt_c.state[p]
                for p in model_c.parameters())
 
 
@@ -670,7 +670,7 @@ def test_sparse_gradients_are_rejected():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
-    assert "ema" not in opt.state[emb.weight]
+    assert "grokfast_ema" not in opt.state[emb.weight]
 
 
 # ---------------------------------------------------------------- bad input
@@ -838,7 +838,7 @@ def test_error_mode_decides_finiteness_exactly(grad, finite):
     opt = Grokfast(torch.optim.SGD([param, other], lr=0.0))
     if finite:
         opt.step()
-        assert "ema" in opt.state[other]
+        assert "grokfast_ema" in opt.state[other]
     else:
         with pytest.raises(NonFiniteGradientError):
             opt.step()

@@ -92,7 +92,7 @@ def assert_same_run(net, ref_net, opt, ref_opt):
     for p, q in zip(net.parameters(), ref_net.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
     for p, q in zip(net.parameters(), ref_net.parameters()):
-        torch.testing.assert_close(opt.state[p]["ema"], ref_opt.state[q]["ema"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["grokfast_ema"], ref_opt.state[q]["grokfast_ema"], rtol=1e-5, atol=1e-6)
     assert opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"])
 
 

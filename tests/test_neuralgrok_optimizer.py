@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from contract import make_batches, make_model
+from contract import make_batches, make_model, per_param, wide
 from grokopt import Grokfast, grokfast_
 from grokopt.neuralgrok import AmplifiedOptimizer, amplify_gradients, make_amplifier
 
@@ -445,13 +445,13 @@ def test_state_dict_round_trip_between_a_step_and_its_meta_step(g_hat):
     for p, q in zip(model_a.parameters(), model_c.parameters()):
         assert torch.equal(p, q)
     sa, sc = opt_a.state_dict(), opt_c.state_dict()
-    assert sa["neuralgrok_counters"] == sc["neuralgrok_counters"] == {
+    assert wide(sa)["neuralgrok_counters"] == wide(sc)["neuralgrok_counters"] == {
         "steps": 9, "meta_steps": 4, "last_meta_at": 8}
-    for k, v in sa["neuralgrok_amplifier"].items():
-        assert torch.equal(v, sc["neuralgrok_amplifier"][k])
-    for i, entries in sa["neuralgrok_meta_optimizer"]["state"].items():
+    for k, v in wide(sa)["neuralgrok_amplifier"].items():
+        assert torch.equal(v, wide(sc)["neuralgrok_amplifier"][k])
+    for i, entries in wide(sa)["neuralgrok_meta_optimizer"]["state"].items():
         for k, v in entries.items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(sc["neuralgrok_meta_optimizer"]["state"][i][k]))
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(wide(sc)["neuralgrok_meta_optimizer"]["state"][i][k]))
     if g_hat == "last":
         assert all("neuralgrok_last_grad" in s for s in sa["state"].values())
 
@@ -470,9 +470,9 @@ def test_bad_state_dict_is_rejected_and_changes_nothing():
         return sd
 
     bad = [
-        corrupt(lambda sd: sd["neuralgrok_amplifier"].update({"0.weight": torch.zeros(3, 3)})),
-        corrupt(lambda sd: sd.pop("neuralgrok_meta_optimizer")),
-        corrupt(lambda sd: sd.update(neuralgrok_counters={"steps": -1, "meta_steps": 0, "last_meta_at": 0})),
+        corrupt(lambda sd: wide(sd)["neuralgrok_amplifier"].update({"0/weight": torch.zeros(3, 3)})),
+        corrupt(lambda sd: wide(sd).pop("neuralgrok_meta_optimizer")),
+        corrupt(lambda sd: wide(sd).update(neuralgrok_counters={"steps": -1, "meta_steps": 0, "last_meta_at": 0})),
         corrupt(lambda sd: sd["state"][0].update(neuralgrok_last_grad=torch.zeros(2))),
     ]
     other_model, other = setup(g_hat="last", path="pwl", seed=3)
@@ -481,11 +481,11 @@ def test_bad_state_dict_is_rejected_and_changes_nothing():
         with pytest.raises(ValueError, match="state_dict"):
             other.load_state_dict(sd)
         after = other.state_dict()
-        assert after["neuralgrok_counters"] == other_before["neuralgrok_counters"]
-        for k, v in after["neuralgrok_amplifier"].items():
-            assert torch.equal(v, other_before["neuralgrok_amplifier"][k])
-        assert after["state"] == {} and after["neuralgrok_meta_optimizer"]["state"] == {}
-    assert opt.state_dict()["neuralgrok_counters"] == snapshot["neuralgrok_counters"]
+        assert wide(after)["neuralgrok_counters"] == wide(other_before)["neuralgrok_counters"]
+        for k, v in wide(after)["neuralgrok_amplifier"].items():
+            assert torch.equal(v, wide(other_before)["neuralgrok_amplifier"][k])
+        assert per_param(after) == {} and wide(after)["neuralgrok_meta_optimizer"]["started"] == 0
+    assert wide(opt.state_dict())["neuralgrok_counters"] == wide(snapshot)["neuralgrok_counters"]
 
 
 # ---------------------------------------------------------------- bad input

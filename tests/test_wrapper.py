@@ -27,9 +27,8 @@ class CountingScale(GradientTransform):
         for group in self.param_groups:
             for p, g in self._grads(group):
                 g.mul_(group["scale_factor"])
-                state = self.state[p]
+                state = self.own_state[p]
                 state["count"] = state.get("count", torch.zeros(())) + 1
-        return True
 
 
 def _nested(order, params):
@@ -177,7 +176,7 @@ def test_groups_without_the_wrappers_keys_get_its_defaults_not_a_key_error():
     assert (saved["grokfast_lamb"], saved["grokfast_after_step"]) == (1.5, 1)
     train(model, opt, make_batches(2))
     assert opt.param_groups[0]["grokfast_lamb"] == 1.5
-    assert set(opt.state[model[0].weight]) == {"ema"}
+    assert set(opt.state[model[0].weight]) == {"grokfast_ema", "exp_avg", "exp_avg_sq", "step"}
 
 
 def test_loading_a_plain_state_dict_into_the_wrapper_names_the_upgrade_path():
