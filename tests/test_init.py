@@ -179,13 +179,7 @@ def test_tools_reach_the_library_only_through_the_public_namespace() -> None:
 
 # Library modules that still import another module's underscore names on this branch; the
 # jacobian split (issue 12) removes them. strict: once fixed, the entry must go.
-_PENDING = {"grokopt.grokalign", "grokopt.centroids"}
-
-
-@pytest.mark.parametrize("module", [
-    pytest.param(m, marks=pytest.mark.xfail(m in _PENDING, strict=True,
-                                            reason="private names of jacobian.py, being split"))
-    for m in sorted(MODULES)])
+@pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_module_imports_another_modules_underscore_names(module: str) -> None:
     private = [f"from {target} import {name}" for target, name in _imports(module)
                if name is not None and name.startswith("_") and target.startswith("grokopt")
