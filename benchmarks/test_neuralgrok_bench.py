@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from _common import THREADS
-from grokopt.neuralgrok import AmplifiedOptimizer
+from grokopt import AmplifiedOptimizer
 
 P_LARGE = 50 * 1000 * 1000
 HIDDEN = (128, 128)
@@ -110,7 +110,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     from torch import nn
-    from grokopt.neuralgrok import AmplifiedOptimizer, amplify_gradients
+    from grokopt import AmplifiedOptimizer, amplify_gradients
 
     torch.set_num_threads(int(sys.argv[1]))
 

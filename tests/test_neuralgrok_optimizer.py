@@ -11,7 +11,7 @@ from torch import nn
 
 from contract import make_batches, make_model
 from grokopt import Grokfast, grokfast_
-from grokopt.neuralgrok import AmplifiedOptimizer, amplify_gradients, make_amplifier
+from grokopt import AmplifiedOptimizer, amplify_gradients, make_amplifier
 
 F64 = torch.float64
 mse = nn.functional.mse_loss
