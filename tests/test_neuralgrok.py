@@ -64,7 +64,7 @@ def test_step_is_inner_optimizer_on_amplified_gradients(path, c):
                 p.grad.copy_(c * u / u.norm())
         ref_opt.step()
     # Per step the amplified gradients agree to ~10 ulp of their O(1) entries (fp64, see
-    # test_neuralgrok.py); 3 steps of lr 0.3 keep the parameters within 1e-12 of each other.
+    # test_gphi.py); 3 steps of lr 0.3 keep the parameters within 1e-12 of each other.
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
