@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from grokopt.amplifier import make_amplifier, piecewise_plan, piecewise_table
+from grokopt.amplifier import make_amplifier, piecewise_plan
 from grokopt.gphi import amplify_gradients, amplify_gradients_vjp
+from test_amplifier import rounding_bound
 
 PATHS = ["pwl", "exact"]
 F64 = torch.float64
@@ -109,68 +110,6 @@ def test_inputs_are_not_changed_and_outputs_keep_dtype_and_shape():
 
 
 # ---------------------------------------------------------------- the piecewise-linear path
-
-
-def rounding_bound(amp: nn.Module, x_max: float, dtype: torch.dtype) -> float:
-    """A priori bound on |f_pwl(x) - f_exact(x)| for |x| <= x_max, both in ``dtype``.
-
-    Both paths evaluate the same affine piece of the ReLU MLP. Evaluating Linear layers
-    y = W h + b in floating point errs by at most gamma_n (|W||h| + |b|) (Higham, Thm 3.5),
-    ReLU is 1-Lipschitz and exact, so a whole forward errs by at most gamma_N * M(x), N the
-    summed fan-ins (+1 each), M(x) = M(0) + M_s |x| the network with |W|, |b| and no
-    activation (M_s: its slope). The pwl path evaluates value and slope at an interval's
-    midpoint m (|m| <= x_max) and extrapolates with three more roundings, so it errs by at
-    most gamma_{N+3} (M(0) + 3 M_s x_max); the exact path by less. A point next to a kink
-    can be given the neighbouring piece when the kink itself is off by rounding, which costs
-    at most the same again. Hence 4 gamma_{N+3} (M(0) + 3 M_s x_max).
-    """
-    u = torch.finfo(dtype).eps / 2
-    linears = [m for m in amp if isinstance(m, nn.Linear)]
-    n = sum(m.in_features + 1 for m in linears) + 3
-    gamma = n * u / (1 - n * u)
-    m0 = torch.zeros(1, dtype=F64)
-    ms = torch.ones(1, dtype=F64)
-    for m in linears:
-        w = m.weight.detach().double().abs()
-        m0 = w @ m0 + m.bias.detach().double().abs()
-        ms = w @ ms
-    return 4 * gamma * (m0.item() + 3 * ms.item() * x_max)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-@pytest.mark.parametrize("scale", [1e-4, 1e-1, 30.0])
-def test_pwl_gains_equal_the_mlp_within_the_rounding_bound(dtype, scale):
-    torch.manual_seed(3)
-    amp = make_amplifier((128, 128), dtype=dtype)
-    x = torch.randn(20_000, dtype=dtype) * scale
-    kinks, a, s = piecewise_table(piecewise_plan(amp), x.min().item(), x.max().item(), dtype, x.device)
-    with torch.no_grad():
-        fast = torch.addcmul(a[torch.searchsorted(kinks, x)], s[torch.searchsorted(kinks, x)], x)
-        exact = amp(x[:, None])[:, 0]
-    bound = rounding_bound(amp, x.abs().max().item(), dtype)
-    err = (fast - exact).abs().max().item()
-    assert err <= bound, (err, bound)
-    # A ReLU MLP (128, 128) has at most 128 + 129 * 128 kinks on the whole line.
-    assert kinks.numel() <= 128 + 129 * 128
-
-
-def test_kinks_are_where_the_mlp_bends():
-    """Brute force on a fine grid: the second difference of the MLP is non-zero exactly
-    in grid cells that contain a computed kink."""
-    amp = amp64((6, 5), seed=4)
-    lo, hi = -3.0, 3.0
-    kinks, _, _ = piecewise_table(piecewise_plan(amp), lo, hi, F64, torch.device("cpu"))
-    grid = torch.linspace(lo, hi, 60_001, dtype=F64)
-    with torch.no_grad():
-        f = amp(grid[:, None])[:, 0]
-    bend = (f[2:] - 2 * f[1:-1] + f[:-2]).abs() > 1e-9
-    h = grid[1] - grid[0]
-    near = torch.zeros_like(bend)
-    for k in kinks:
-        near |= (grid[1:-1] - k).abs() < h
-    assert torch.equal(bend & ~near, torch.zeros_like(bend))  # every bend is a found kink
-    for k in kinks:  # and every found kink bends (no spurious ones)
-        assert bend[((grid[1:-1] - k).abs() < h)].any()
 
 
 @pytest.mark.parametrize("chunk", [None, 7])  # 7: the pwl backward recomputes in many chunks
@@ -271,3 +210,54 @@ def test_written_out_hypergradient_equals_autograd(path, eps):
     scale = max(e.abs().max().item() for e in expected)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-13 * scale)
+
+
+def tied_max_amplifier():
+    """f(x) = -relu(x) + 0 * relu(-x): every x <= 0 attains max f = 0, on a piece whose slope
+    (-w, w the zero weight) still moves with the weights, so the share of the max's
+    derivative that each tied entry gets reaches the hypergradient."""
+    amp = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        amp[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        amp[0].bias.zero_()
+        amp[2].weight.copy_(torch.tensor([[-1.0, 0.0]]))
+        amp[2].bias.zero_()
+    return amp
+
+
+@pytest.mark.parametrize("c", [0.3, 1.0])
+@pytest.mark.parametrize("eps", [1e-2, 0.5])
+def test_tied_maxima_share_the_max_path_evenly_on_every_route(c, eps):
+    """Several entries, at different x, tie for max f. The pwl path's Function and
+    amplify_gradients_vjp must give autograd's hypergradient through the exact path (its
+    max() shares the gradient evenly among ties), for a written-out G_phi as well. The
+    path through max f matters only through eps, hence the large eps values; the gradient
+    is small next to them (norm ~0.2)."""
+    amp = tied_max_amplifier()
+    g = torch.tensor([-0.1, -0.05, -0.02, 0.03, 0.08, -0.15], dtype=F64)
+    v = torch.tensor([0.3, -1.0, 0.5, 2.0, -0.7, 1.1], dtype=F64)
+    params = list(amp.parameters())
+
+    f = amp(g[:, None])[:, 0]  # written out: docs/methods.md with eps
+    u = torch.exp(f - f.max()) * g
+    written = torch.autograd.grad((c * u / (u.norm() + eps) * v).sum(), params)
+    for path in PATHS:
+        out, = amplify_gradients([g], amp, c=c, eps=eps, path=path, chunk_size=4)
+        got = torch.autograd.grad((out * v).sum(), params)
+        vjp = amplify_gradients_vjp([g], [v], amp, c=c, eps=eps, path=path, chunk_size=4)
+        for a, b, e in zip(got, vjp, written):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(b, e, rtol=1e-12, atol=1e-15)
+    # the test has teeth: giving the whole max term to one tied entry moves the zero weight's
+    # hypergradient by a fraction of itself
+    assert written[2][0, 1].abs().item() > 1e-3
+
+
+def test_vjp_rejects_cotangents_of_other_shapes_by_name():
+    amp = make_amplifier((4,))
+    with pytest.raises(ValueError, match=r"cotangents must be tensors of the gradients' shapes \[\(2,\)\], got \[\(3,\)\]"):
+        amplify_gradients_vjp([torch.ones(2)], [torch.ones(3)], amp)
+    with pytest.raises(TypeError, match="cotangents must be a sequence of tensors, got Tensor"):
+        amplify_gradients_vjp([torch.ones(2)], torch.ones(2), amp)
+    with pytest.raises(ValueError, match="path must be one of"):
+        amplify_gradients_vjp([torch.ones(2)], [torch.ones(2)], amp, path="fast")
