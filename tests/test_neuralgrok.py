@@ -601,3 +601,40 @@ def test_default_amplifier_is_the_papers_mlp_on_the_parameters_device_in_fp32():
     assert isinstance(meta, torch.optim.Adam)
     assert (meta.defaults["lr"], meta.defaults["betas"], meta.defaults["weight_decay"]) == (1e-4, (0.9, 0.98), 1e-3)
     assert "meta_every=4" in repr(opt) and "lookahead_lr='base'" in repr(opt)
+
+
+@pytest.mark.parametrize("kw, error, message", [
+    (dict(c="big"), TypeError, "c must be a finite float > 0, got str: 'big'"),
+    (dict(c=0.0), ValueError, "c must be a finite float > 0, got 0.0"),
+    (dict(eps=-1.0), ValueError, "eps must be a finite float >= 0, got -1.0"),
+    (dict(meta_lr=float("inf")), ValueError, "meta_lr must be a finite float > 0, got inf"),
+    (dict(max_grad_norm=0), ValueError, "max_grad_norm must be a finite float > 0, got 0"),
+    (dict(meta_every=1.5), TypeError, "meta_every must be an int >= 1, got float: 1.5"),
+    (dict(chunk_size="8"), TypeError, "chunk_size must be an int >= 1 or None, got str: '8'"),
+    (dict(g_hat="fresh"), ValueError, r"g_hat must be one of \('recompute', 'last'\), got 'fresh'"),
+    (dict(path="fast"), ValueError, r"path must be one of \('auto', 'pwl', 'exact'\), got 'fast'"),
+    (dict(meta_optimizer="adam"), TypeError,
+     r"meta_optimizer must be a torch.optim.Optimizer over the amplifier's parameters, or None, got str: 'adam'"),
+])
+def test_constructor_errors_say_argument_allowed_values_and_value(kw, error, message):
+    model = make_model()
+    inner = torch.optim.Adam(model.parameters())
+    before = copy.deepcopy(inner.state_dict())
+    with pytest.raises(error, match=message):
+        AmplifiedOptimizer(inner, hidden=(4,), **kw)
+    assert inner.state_dict() == before
+
+
+def test_a_loss_that_is_not_a_tensor_is_a_type_error_and_changes_nothing():
+    model, opt = setup(g_hat="recompute", path="pwl")
+    batches = make_batches(2, dtype=F64)
+    outer, inner = losses(*batches)
+    one_step(model, opt, batches[0])
+    before = snapshot(model, opt)
+    with pytest.raises(TypeError, match="outer_loss must return a scalar tensor, got float: 3.0"):
+        opt.meta_step(model, lambda fwd: 3.0, inner)
+    with pytest.raises(TypeError, match="inner_loss must return a scalar tensor, got NoneType: None"):
+        opt.meta_step(model, outer, lambda m: None)
+    with pytest.raises(ValueError, match="outer_loss must return a loss computed from the forward it is given"):
+        opt.meta_step(model, lambda fwd: torch.ones((), dtype=F64), inner)
+    assert_same(before, snapshot(model, opt))
