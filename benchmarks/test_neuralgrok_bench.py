@@ -99,6 +99,8 @@ def test_training_step(benchmark, impl):
                                 machine="2-core x86-64 CPU, no GPU")
     rounds = 2 if impl == "paper-per-element" else 8
     benchmark.pedantic(four_steps, rounds=rounds, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing was timed
+        return
     mean = benchmark.stats.stats.mean / 4
     _MEANS[impl] = mean
     benchmark.extra_info["seconds_per_step"] = mean
