@@ -82,7 +82,7 @@ from _common import (
 )
 from grokopt import Grokfast, GrokAlignLoss, grokfast_
 from grokopt.jacobian import jacobian_frobenius_norm
-from grokopt.neuralgrok import AmplifiedOptimizer, make_amplifier
+from grokopt import AmplifiedOptimizer, make_amplifier
 from grokopt.tasks.models import DecoderTransformer, OmnigrokMLP
 
 po = pytest.importorskip("pytorch_optimizer", reason="the [bench] extra is not installed")

@@ -25,7 +25,9 @@ from .diagnostics import CentroidStats, absolute_gradient_entropy, centroid_alig
 from .egd import EGD, polar_factor
 from .grokalign import GrokAlignLoss
 from .grokfast import Grokfast, NonFiniteGradientError, grokfast_
-from .neuralgrok import AmplifiedOptimizer, amplify_gradients, make_amplifier
+from .amplifier import make_amplifier
+from .gphi import amplify_gradients
+from .neuralgrok import AmplifiedOptimizer
 from .orthograd import OrthoGrad, orthogonalize_
 from .stablemax import StableMaxCrossEntropyLoss, log_stablemax, stablemax, stablemax_cross_entropy
 from .jacobian import (

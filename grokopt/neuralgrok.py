@@ -1,573 +1,40 @@
-"""NeuralGrok: a learned per-element gain on the gradient, trained by a one-step lookahead.
+"""NeuralGrok's optimizer: steps on amplified gradients and learns the amplifier by meta-steps.
 
-The method is described in docs/methods.md. For each gradient tensor ``g`` the amplifier
-(a small MLP on one scalar) gives ``f = MLP(g)`` elementwise; the transform is
-
-    G_phi(g) = c * (w * g) / (||w * g|| + eps),    w = exp(f - max f)
-
-(``w`` is the softmax of ``f`` without its normaliser, which the renormalisation cancels).
-The amplifier is trained every ``meta_every`` steps on a held-out batch by the exact gradient
-of the outer loss at the lookahead parameters ``theta - lr * G_phi(g_hat)`` (``lr`` the base
-learning rate by default).
-
-Cost. The paper runs the MLP on every one of the P gradient entries (P x sum(hidden) floats of
-activations, several plain steps of compute). A ReLU MLP of one scalar is a continuous
-*piecewise-linear* function with at most ``h1 + (h1 + 1) * h2`` kinks, so this module finds
-the kinks inside ``[min g, max g]``, evaluates one affine piece (intercept, slope) per interval
-with the MLP, and then looks every entry up: ``f = a[k] + s[k] * g`` with ``k`` from a binary
-search. That is the *same function* (not an approximation), its work is O(P log K) elementwise
-plus a P-independent O(K * hidden^2), and the pieces are differentiable in the amplifier's
-weights, so the meta-step's hypergradient is exact as well (see :func:`amplify_gradients`).
-Amplifiers that are not ``Linear``/``ReLU``/``LeakyReLU`` stacks use the per-element path in
-chunks (exact, memory O(chunk x hidden), compute O(P x hidden^2)).
+:class:`AmplifiedOptimizer` replaces each gradient by G_phi(g) (:mod:`grokopt.gphi`, with the
+amplifier of :mod:`grokopt.amplifier`) before the inner optimizer's step, and trains the
+amplifier every ``meta_every`` steps on a held-out batch by the exact gradient of the outer
+loss at the lookahead parameters ``theta - lr * G_phi(g_hat)`` (``lr`` the base learning rate
+by default). The method is described in docs/methods.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._checks import check_choice, check_float, check_int, check_type, describe
+from ._distributed import all_reduce_mean, is_dtensor, local_shard, unwrap_ddp
 from ._nonfinite import check_mode, screen_step
-from ._distributed import all_reduce_mean, is_dtensor, local_shard, shard_groups, unwrap_ddp
+from .amplifier import check_amplifier, make_amplifier
+from .gphi import CHUNK_SIZE, PATHS, amplify_gradients, amplify_gradients_vjp, piecewise_plan_for
 from .wrapper import SKIP_STEP, GradientTransform
 
-__all__ = ["AmplifiedOptimizer", "amplify_gradients", "make_amplifier"]
+__all__ = ["AmplifiedOptimizer"]
 
-_PATHS = ("auto", "pwl", "exact")
 _G_HAT = ("recompute", "last")
 _LOOKAHEAD_LR = ("base", "scheduled")
-_CHUNK = 1 << 18
 
 Forward = Callable[..., Any]
 
 
-# ---------------------------------------------------------------------------- amplifier
-
-
-def make_amplifier(
-    hidden: Sequence[int] = (128, 128),
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> nn.Sequential:
-    """The paper's amplifier: ``Linear(1, h1)-ReLU-...-Linear(hn, 1)``, PyTorch default init.
-
-    Example:
-        >>> amp = make_amplifier((16, 16))
-        >>> amp(torch.zeros(5, 1)).shape
-        torch.Size([5, 1])
-    """
-    if not isinstance(hidden, Sequence) or isinstance(hidden, str):
-        raise TypeError(f"hidden must be a sequence of positive ints, got {type(hidden).__name__}: {hidden!r}")
-    hidden = tuple(hidden)
-    if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-        raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    if device is not None:
-        # An int, an unknown string or an absent accelerator fails here with the argument's
-        # name instead of inside nn.Linear.
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, TypeError, ValueError) as exc:
-            raise ValueError(f"device {device!r} is not usable here: {exc}") from exc
-    layers: list[nn.Module] = []
-    width = 1
-    for h in hidden:
-        layers += [nn.Linear(width, h, device=device, dtype=dtype), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, 1, device=device, dtype=dtype))
-    return nn.Sequential(*layers)
-
-
-def _piecewise_plan(amplifier: nn.Module) -> list[tuple[str, Any]] | None:
-    """The amplifier as [("linear", module) | ("act", negative_slope)], or None if it is not
-    a stack the piecewise-linear path can represent exactly."""
-    plan: list[tuple[str, Any]] = []
-
-    def walk(m: nn.Module) -> bool:
-        if type(m) is nn.Sequential:
-            return all(walk(child) for child in m)
-        if type(m) is nn.Linear:
-            plan.append(("linear", m))
-        elif type(m) is nn.ReLU:
-            plan.append(("act", 0.0))
-        elif type(m) is nn.LeakyReLU:
-            plan.append(("act", float(m.negative_slope)))
-        elif type(m) is not nn.Identity:
-            return False
-        return True
-
-    if not walk(amplifier) or not plan or plan[0][0] != "linear":
-        return None
-    return plan
-
-
-def _dual(plan: list[tuple[str, Any]], x: Tensor) -> tuple[Tensor, Tensor]:
-    """Values and d/dx of the (sub)network at points x (K,), shape (K, width) each.
-
-    The activation pattern is read off the values at x, so on an interval where no unit
-    changes sign this is the network's exact affine piece, differentiable in its weights.
-    """
-    h = x[:, None]
-    d = torch.ones_like(h)
-    for kind, layer in plan:
-        if kind == "linear":
-            h = nn.functional.linear(h, layer.weight, layer.bias)
-            d = nn.functional.linear(d, layer.weight)
-        else:
-            # Built in h's dtype: a float32 0.1 would be off by 1e-9 in an fp64 network.
-            gain = torch.where(h.detach() > 0, h.new_ones(()), h.new_full((), layer))
-            h = h * gain
-            d = d * gain
-    return h, d
-
-
-def _piecewise_table(
-    plan: list[tuple[str, Any]], lo: float, hi: float, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Kinks (sorted, inside (lo, hi)), and intercept and slope of each of the K pieces.
-
-    Kinks come layer by layer: once all kinks of the layers below are known, every unit of
-    the next activation is affine on each interval, so its zero there is one division.
-    """
-    with torch.no_grad():
-        kinks = torch.empty(0, dtype=dtype, device=device)
-        ends = torch.tensor([lo, hi], dtype=dtype, device=device)
-        for i, (kind, _) in enumerate(plan):
-            if kind != "act":
-                continue
-            edges = torch.cat([ends[:1], kinks, ends[1:]])
-            mids = (edges[:-1] + edges[1:]) / 2
-            z, dz = _dual(plan[:i], mids)
-            roots = mids[:, None] - z / dz  # dz == 0 gives inf/nan, dropped by the test below
-            inside = (roots > edges[:-1, None]) & (roots < edges[1:, None])
-            kinks = torch.unique(torch.cat([kinks, roots[inside]]))  # sorted
-        edges = torch.cat([ends[:1], kinks, ends[1:]])
-        mids = (edges[:-1] + edges[1:]) / 2
-    value, slope = _dual(plan, mids)
-    value, slope = value[:, 0], slope[:, 0]
-    return kinks, value - slope * mids, slope
-
-
-def _lookup(x: Tensor, kinks: Tensor, intercept: Tensor, slope: Tensor) -> Tensor:
-    k = torch.searchsorted(kinks, x)  # int64: index_select is ~2x faster than with int32
-    return torch.addcmul(intercept.index_select(0, k), slope.index_select(0, k), x)
-
-
-class _PiecewiseAmplify(torch.autograd.Function):
-    """G_phi of one flat tensor on the pwl path, differentiable in the pieces' (intercept,
-    slope), keeping nothing P-sized for backward but the gradient itself.
-
-    Autograd would save the indices, gathered slopes, w and u of every entry (about 35 bytes
-    per entry at fp32, 1.8 GB at 50M parameters); backward recomputes them chunk by chunk
-    from g and the K pieces instead, so its memory is O(chunk) beyond its input and output.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, intercept: Tensor, slope: Tensor, kinks: Tensor, g: Tensor,
-                c: float, eps: float, work: torch.dtype, chunk: int) -> Tensor:
-        y = torch.empty(g.numel(), dtype=work, device=intercept.device)
-        for part, out in zip(g.split(chunk), y.split(chunk)):
-            out.copy_(_lookup(part.to(intercept.dtype), kinks, intercept, slope))
-        top = y.argmax()
-        m = y[top].clone()
-        for part, out in zip(g.split(chunk), y.split(chunk)):
-            out.sub_(m).exp_().mul_(part.to(work))
-        n = torch.linalg.vector_norm(y)
-        y.mul_(c / (n + eps))
-        ctx.save_for_backward(intercept, slope, kinks, g, m, n, top)
-        ctx.c, ctx.eps, ctx.work, ctx.chunk = c, eps, work, chunk
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
-        intercept, slope, kinks, g, m, n, top = ctx.saved_tensors
-        c, eps, work, chunk = ctx.c, ctx.eps, ctx.work, ctx.chunk
-
-        def pieces(part: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            x = part.to(intercept.dtype)
-            k = torch.searchsorted(kinks, x)
-            f = torch.addcmul(intercept.index_select(0, k), slope.index_select(0, k), x).to(work)
-            return x, k, f.sub_(m).exp_().mul_(part.to(work))  # u = w * g
-
-        # y = c u / (n + eps), n = ||u||:  dL/du = c/(n+eps) (gy - u (u.gy) / (n (n+eps)))
-        dot = sum((pieces(part)[2] * gp).sum() for part, gp in zip(g.split(chunk), gy.split(chunk)))
-        coef = torch.where(n > 0, dot / (n * (n + eps)), torch.zeros_like(n))
-        scale = c / (n + eps)
-        grad_a = torch.zeros_like(intercept)
-        grad_s = torch.zeros_like(slope)
-        total = torch.zeros((), dtype=work, device=gy.device)
-        for part, gp in zip(g.split(chunk), gy.split(chunk)):
-            x, k, u = pieces(part)
-            df = (gp - u * coef).mul_(scale).mul_(u)  # du/df = u
-            total += df.sum()
-            grad_a.index_add_(0, k, df.to(grad_a.dtype))
-            grad_s.index_add_(0, k, (df * x).to(grad_s.dtype))
-        # u = exp(f - max f) g: the max moves with the pieces too (it matters through eps).
-        x_top = g.reshape(-1)[top].to(intercept.dtype)
-        k_top = torch.searchsorted(kinks, x_top.reshape(1))
-        grad_a.index_add_(0, k_top, (-total).reshape(1).to(grad_a.dtype))
-        grad_s.index_add_(0, k_top, (-total * x_top).reshape(1).to(grad_s.dtype))
-        return grad_a, grad_s, None, None, None, None, None, None
-
-
-def _amplifier_dtype_device(amplifier: nn.Module, fallback: Tensor) -> tuple[torch.dtype, torch.device]:
-    for p in amplifier.parameters():
-        return p.dtype, p.device
-    return torch.float32, fallback.device
-
-
-def _check_amplifier(amplifier: Any, device: torch.device) -> None:
-    if not isinstance(amplifier, nn.Module):
-        raise TypeError(f"amplifier must be an nn.Module, got {type(amplifier).__name__}")
-    dtype, dev = _amplifier_dtype_device(amplifier, torch.empty(0, device=device))
-    probe = torch.linspace(-1.0, 1.0, 3, dtype=dtype, device=dev)[:, None]
-    with torch.no_grad():
-        try:
-            out = amplifier(probe)
-        except Exception as exc:
-            raise ValueError(
-                f"amplifier must map a (n, 1) tensor to a (n, 1) tensor; calling it on a "
-                f"(3, 1) tensor raised {type(exc).__name__}: {exc}"
-            ) from exc
-    if not isinstance(out, Tensor) or tuple(out.shape) != (3, 1):
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"amplifier must map a (n, 1) tensor to a (n, 1) tensor (one gain per gradient "
-            f"entry); on a (3, 1) input it returned {shape}"
-        )
-
-
-# ---------------------------------------------------------------------------- transform
-
-
-def amplify_gradients(
-    grads: Sequence[Tensor],
-    amplifier: nn.Module,
-    *,
-    c: float | Sequence[float] = 1.0,
-    eps: float = 1e-12,
-    path: str = "auto",
-    chunk_size: int | None = _CHUNK,
-) -> list[Tensor]:
-    """G_phi (docs/methods.md) for each tensor; new tensors, the inputs are not changed.
-
-    ``f = amplifier(g)`` elementwise, ``w = exp(f - max f)`` and ``c * w*g / (||w*g|| + eps)``,
-    in the wider of fp32 and the amplifier's dtype, returned in each gradient's dtype. An
-    all-zero gradient gives zeros. While grad mode is on, the result is differentiable in
-    the amplifier's parameters (the gradients themselves are treated as constants).
-
-    Paths (the same function, up to rounding):
-
-    - ``"pwl"``: the amplifier is a ``Linear``/``ReLU``/``LeakyReLU`` stack, hence exactly
-      piecewise linear in its input. Its kinks inside ``[min g, max g]`` and one
-      (intercept, slope) per piece are computed from the weights, and each entry is looked up
-      by binary search. No P x hidden activations exist at any time.
-    - ``"exact"``: the MLP on every entry (the paper's way); without grad mode it runs in
-      chunks of ``chunk_size`` entries so that its memory is O(chunk_size x hidden).
-    - ``"auto"``: ``"pwl"`` when the amplifier allows it, else ``"exact"``.
-
-    Args:
-        grads: gradient tensors (any float dtype).
-        amplifier: a module mapping (n, 1) to (n, 1).
-        c: target norm per tensor, one float or one per tensor.
-        eps: added to the norm; keeps an all-zero gradient at zero.
-        path: ``"auto"``, ``"pwl"`` or ``"exact"``.
-        chunk_size: entries per chunk of the no-grad paths (None: all at once).
-
-    Example:
-        >>> amp = make_amplifier((8,))
-        >>> g = torch.tensor([3.0, -4.0])
-        >>> out, = amplify_gradients([g], amp, c=2.0)
-        >>> round(out.norm().item(), 5)
-        2.0
-    """
-    if path not in _PATHS:
-        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if not isinstance(amplifier, nn.Module):
-        raise TypeError(f"amplifier must be an nn.Module, got {type(amplifier).__name__}")
-    if isinstance(grads, Tensor) or not isinstance(grads, Iterable):
-        raise TypeError(f"grads must be a sequence of tensors, got {type(grads).__name__}")
-    grads = list(grads)
-    for i, g in enumerate(grads):
-        if not isinstance(g, Tensor) or not g.is_floating_point():
-            got = f"{g.dtype} tensor" if isinstance(g, Tensor) else type(g).__name__
-            raise TypeError(f"grads[{i}] must be a floating-point tensor, got {got}")
-    cs = list(c) if isinstance(c, Sequence) and not isinstance(c, str) else [c] * len(grads)
-    if len(cs) != len(grads):
-        raise ValueError(f"c has {len(cs)} entries for {len(grads)} gradients")
-    for value in cs:
-        _check_positive("c", value)
-    _check_positive("eps", eps, allow_zero=True)
-    if not grads:
-        return []
-    plan = _piecewise_plan(amplifier)
-    if path == "pwl" and plan is None:
-        raise ValueError(
-            "path='pwl' needs an amplifier built only from nn.Linear, nn.ReLU, nn.LeakyReLU "
-            "and nn.Identity (in nn.Sequential); use path='exact' or 'auto' for this one"
-        )
-    use_pwl = plan is not None and path != "exact"
-    amp_dtype, amp_device = _amplifier_dtype_device(amplifier, grads[0])
-    differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in amplifier.parameters())
-    if any(is_dtensor(g) for g in grads):
-        if differentiable:
-            raise NotImplementedError(
-                "amplify_gradients is not differentiable for sharded (DTensor, e.g. FSDP2) "
-                "gradients (its per-tensor max and norm span the ranks); call it under "
-                "torch.no_grad() (as step() does). AmplifiedOptimizer.meta_step computes the "
-                "hypergradient for sharded parameters in its own way"
-            )
-        return _amplify_sharded(grads, amplifier, cs, eps, plan if use_pwl else None,
-                                chunk_size, amp_dtype, amp_device)
-
-    table = None
-    if use_pwl:
-        nonempty = [g.detach() for g in grads if g.numel()]
-        if nonempty:
-            bounds = torch.stack([torch.stack(torch.aminmax(g)).to(amp_dtype) for g in nonempty])
-            lo, hi = bounds[:, 0].min().item(), bounds[:, 1].max().item()
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                lo = hi = 0.0  # inf/NaN entries make the output NaN below, as in the paper
-            table = _piecewise_table(plan, lo, hi, amp_dtype, amp_device)  # type: ignore[arg-type]
-
-    def gains(x: Tensor) -> Tensor:
-        if table is not None:
-            if chunk_size is None:
-                return _lookup(x, *table)
-            return torch.cat([_lookup(part, *table) for part in x.split(chunk_size)])
-        if differentiable or chunk_size is None:
-            return amplifier(x[:, None]).reshape(-1)
-        return torch.cat([amplifier(part[:, None]).reshape(-1) for part in x.split(chunk_size)])
-
-    out = []
-    for g, c_i in zip(grads, cs):
-        g = g.detach()
-        if g.numel() == 0:
-            out.append(torch.zeros_like(g))
-            continue
-        work = torch.promote_types(torch.promote_types(g.dtype, torch.float32), amp_dtype)
-        if differentiable and table is not None:
-            kinks, intercept, slope = table
-            y = _PiecewiseAmplify.apply(intercept, slope, kinks, g.reshape(-1).to(amp_device),
-                                        c_i, eps, work, chunk_size or _CHUNK)
-            out.append(y.view(g.shape).to(device=g.device, dtype=g.dtype))
-            continue
-        x = g.reshape(-1).to(device=amp_device, dtype=amp_dtype)
-        f = gains(x).to(work)
-        gw = g.reshape(-1).to(device=amp_device, dtype=work)
-        if differentiable:
-            u = torch.exp(f - f.max()) * gw
-            y = u * (c_i / (torch.linalg.vector_norm(u) + eps))
-        else:
-            # In place: the only P-sized temporaries are f (and a cast of g if needed).
-            y = f.sub_(f.max()).exp_().mul_(gw)
-            y.mul_(c_i / (torch.linalg.vector_norm(y) + eps))
-        out.append(y.view(g.shape).to(device=g.device, dtype=g.dtype))
-    return out
-
-
-def _reduce_per_tensor(values: Tensor, groups: list[tuple[Any, ...]], op: Any) -> Tensor:
-    """All-reduce ``values[i]`` over ``groups[i]``, one collective per distinct group set."""
-    buckets: dict[tuple[Any, ...], list[int]] = {}
-    for i, gs in enumerate(groups):
-        if gs:
-            buckets.setdefault(gs, []).append(i)
-    for gs, idx in buckets.items():
-        part = values[idx]  # advanced indexing: a contiguous copy, safe to reduce in place
-        for group in gs:
-            dist.all_reduce(part, op=op, group=group)
-        values[idx] = part
-    return values
-
-
-def _sharded_table(
-    grads: list[Tensor], locals_: list[Tensor], groups: list[tuple[Any, ...]],
-    plan: list[tuple[str, Any]] | None, amp_dtype: torch.dtype, amp_device: torch.device,
-) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The piecewise table over the *global* range of the gradients, as in the unsharded
-    run (differentiable in the amplifier while grad mode is on)."""
-    if plan is None:
-        return None
-    lo = torch.full((len(grads),), math.inf, dtype=torch.float64)
-    hi = torch.full((len(grads),), -math.inf, dtype=torch.float64)
-    for i, x in enumerate(locals_):
-        if x.numel():
-            a, b = torch.aminmax(x.to(amp_dtype))
-            lo[i], hi[i] = a.item(), b.item()
-    lo = _reduce_per_tensor(lo, groups, dist.ReduceOp.MIN)
-    hi = _reduce_per_tensor(hi, groups, dist.ReduceOp.MAX)
-    nonempty = [i for i, g in enumerate(grads) if g.numel()]
-    if not nonempty:
-        return None
-    low, high = lo[nonempty].min().item(), hi[nonempty].max().item()
-    if not (math.isfinite(low) and math.isfinite(high)):
-        low = high = 0.0  # inf/NaN entries make the output NaN, as in the paper
-    return _piecewise_table(plan, low, high, amp_dtype, amp_device)
-
-
-def _amplify_sharded(
-    grads: list[Tensor], amplifier: nn.Module, cs: list[float], eps: float,
-    plan: list[tuple[str, Any]] | None, chunk_size: int | None,
-    amp_dtype: torch.dtype, amp_device: torch.device,
-) -> list[Tensor]:
-    """G_phi for gradients of which some are DTensors (FSDP2 shards), equal to the unsharded
-    result up to rounding.
-
-    The transform is elementwise except for three reductions over each whole tensor: the
-    range [min g, max g] that the piecewise table must cover, max f, and ||w*g||. Each is
-    computed on the local shard and all-reduced over the mesh dimensions the tensor is
-    sharded along; everything else runs on the local shard. Plain tensors in the list
-    simply take no collective. Every rank must call this with the same list of tensors (as
-    step() under FSDP2 does), since the collectives are matched by order.
-    """
-    from torch.distributed.tensor import DTensor
-
-    locals_ = [(g.to_local() if is_dtensor(g) else g).detach().reshape(-1) for g in grads]
-    groups = [shard_groups(g) for g in grads]
-    table = _sharded_table(grads, locals_, groups, plan, amp_dtype, amp_device)
-
-    def gains(x: Tensor) -> Tensor:
-        if x.numel() == 0:
-            return x.new_empty(0)
-        parts = x.split(chunk_size) if chunk_size is not None else (x,)
-        if table is not None:
-            return torch.cat([_lookup(part, *table) for part in parts])
-        return torch.cat([amplifier(part[:, None]).reshape(-1) for part in parts])
-
-    fs, works = [], []
-    maxima = torch.full((len(grads),), -math.inf, dtype=torch.float64)
-    for i, (g, x) in enumerate(zip(grads, locals_)):
-        work = torch.promote_types(torch.promote_types(g.dtype, torch.float32), amp_dtype)
-        f = gains(x.to(device=amp_device, dtype=amp_dtype)).to(work)
-        if f.numel():
-            maxima[i] = f.max().item()
-        fs.append(f)
-        works.append(work)
-    maxima = _reduce_per_tensor(maxima, groups, dist.ReduceOp.MAX)
-    squares = torch.zeros(len(grads), dtype=torch.float64)
-    us = []
-    for i, (x, f, work) in enumerate(zip(locals_, fs, works)):
-        u = f.sub_(maxima[i].to(work)).exp_().mul_(x.to(device=amp_device, dtype=work))
-        squares[i] = u.pow(2).sum().item() if u.numel() else 0.0
-        us.append(u)
-    norms = _reduce_per_tensor(squares, groups, dist.ReduceOp.SUM).sqrt()
-    out = []
-    for i, (g, u) in enumerate(zip(grads, us)):
-        local = g.to_local() if is_dtensor(g) else g
-        y = u.mul_(cs[i] / (norms[i].item() + eps)).view(local.shape)
-        y = y.to(device=local.device, dtype=local.dtype)
-        if is_dtensor(g):
-            y = DTensor.from_local(y, g.device_mesh, g.placements, run_check=False,  # type: ignore[attr-defined]
-                                   shape=g.shape, stride=g.stride())
-        out.append(y)
-    return out
-
-
-def _amplify_vjp_sharded(
-    grads: list[Tensor], upstream: list[Tensor], amplifier: nn.Module, cs: list[float],
-    eps: float, plan: list[tuple[str, Any]] | None, chunk_size: int | None,
-) -> list[Tensor]:
-    """d/dphi of sum_i <upstream_i, G_phi(grads_i)> for sharded (DTensor) gradients: the
-    hypergradient of the meta-step under FSDP2, equal to the unsharded one up to rounding.
-
-    Autograd cannot differentiate through the cross-shard max and norm, so the gradient on
-    each entry's gain ``f`` is written out (``u = exp(f - m) g``, ``N = ||u||``,
-    ``y = c u / (N + eps)``, ``v`` the upstream):
-
-        dL/du = c/(N+eps) v - c (u.v) / ((N+eps)^2 N) u,    dL/df = dL/du * u,
-
-    plus the path through ``m = max f`` (it matters only through ``eps``): ``dL/dm =
-    -sum dL/df``, shared evenly among the entries that attain the max, as autograd's max
-    does. The global dot products, max and tie count are all-reduced over the mesh
-    dimensions each tensor is split along; autograd then carries ``dL/df`` from the local
-    entries to the amplifier's weights, and those partial hypergradients are summed over the
-    same groups. Plain tensors in the list are replicated: their part is not summed.
-    """
-    amp_params = list(amplifier.parameters())
-    if not grads:
-        return [torch.zeros_like(p) for p in amp_params]
-    amp_dtype, amp_device = _amplifier_dtype_device(amplifier, grads[0])
-    locals_ = [local_shard(g).detach().reshape(-1) for g in grads]
-    ups = [local_shard(v).detach().reshape(-1) for v in upstream]
-    groups = [shard_groups(g) for g in grads]
-    n = len(grads)
-    with torch.enable_grad():
-        table = _sharded_table(grads, locals_, groups, plan, amp_dtype, amp_device)
-        fs = []
-        for x in locals_:
-            xa = x.to(device=amp_device, dtype=amp_dtype)
-            if table is not None:
-                fs.append(_lookup(xa, *table))
-            elif x.numel() == 0:
-                fs.append(xa)
-            else:
-                parts = xa.split(chunk_size) if chunk_size is not None else (xa,)
-                fs.append(torch.cat([amplifier(part[:, None]).reshape(-1) for part in parts]))
-    works = [torch.promote_types(torch.promote_types(g.dtype, torch.float32), amp_dtype) for g in grads]
-    with torch.no_grad():
-        fds = [f.detach().to(w) for f, w in zip(fs, works)]
-        maxima = torch.tensor([f.max().item() if f.numel() else -math.inf for f in fds], dtype=torch.float64)
-        maxima = _reduce_per_tensor(maxima, groups, dist.ReduceOp.MAX)
-        us = [torch.exp(f - maxima[i].to(w)) * x.to(device=amp_device, dtype=w)
-              for i, (f, x, w) in enumerate(zip(fds, locals_, works))]
-        vs = [v.to(device=amp_device, dtype=w) for v, w in zip(ups, works)]
-        sums = torch.tensor([[u.pow(2).sum().item(), (u * v).sum().item()] for u, v in zip(us, vs)],
-                            dtype=torch.float64).reshape(n, 2)
-        sums = _reduce_per_tensor(sums, groups, dist.ReduceOp.SUM)
-        gfs, ties = [], []
-        for i, (u, v, f) in enumerate(zip(us, vs, fds)):
-            norm, dot = sums[i, 0].sqrt().item(), sums[i, 1].item()
-            coef = cs[i] * dot / ((norm + eps) ** 2 * norm) if norm > 0 else 0.0
-            gfs.append((v * (cs[i] / (norm + eps)) - u * coef) * u)
-            ties.append(f == maxima[i].to(f.dtype))
-        extra = torch.tensor([[-gf.sum().item(), float(t.sum().item())] for gf, t in zip(gfs, ties)],
-                             dtype=torch.float64).reshape(n, 2)
-        extra = _reduce_per_tensor(extra, groups, dist.ReduceOp.SUM)
-        for i, (gf, t) in enumerate(zip(gfs, ties)):
-            if extra[i, 1] > 0:
-                gf.add_(t.to(gf.dtype) * (extra[i, 0].item() / extra[i, 1].item()))
-    # One backward per set of reduction groups (normally two: the sharded and the plain).
-    buckets: dict[tuple[Any, ...], list[int]] = {}
-    for i, gs in enumerate(groups):
-        buckets.setdefault(gs, []).append(i)
-    total = [torch.zeros_like(p) for p in amp_params]
-    for gs, idx in buckets.items():
-        with torch.enable_grad():
-            objective = sum((fs[i].to(works[i]) * gfs[i]).sum() for i in idx if fs[i].requires_grad)
-        if not isinstance(objective, Tensor):
-            continue
-        parts = torch.autograd.grad(objective, amp_params, retain_graph=True, allow_unused=True)
-        for t, part in zip(total, parts):
-            if part is None:
-                continue
-            part = part.contiguous()
-            for group in gs:
-                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
-            t.add_(part)
-    return total
-
-
-# ---------------------------------------------------------------------------- optimizer
-
-
 def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}: {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+    check_float(name, value, minimum=0, min_open=not allow_zero)
 
 
 _BufferSnapshot = list[tuple[nn.Module, str, Tensor | None, Tensor | None]]
@@ -602,6 +69,21 @@ def _buffers_restored(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         _restore_buffers(saved)
+
+
+class _Lookahead(NamedTuple):
+    """The lookahead of one meta-step: ``theta' = theta - lr * G_phi(g_hat)`` per parameter."""
+
+    params: list[Tensor]
+    g_hats: list[Tensor]
+    cs: list[float]
+    lrs: list[float | Tensor]
+    steps: list[Tensor]  # G_phi(g_hat)
+
+    def points(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """(parameter, theta'), one at a time (a DTensor's theta' as its local shard)."""
+        for p, step, lr in zip(self.params, self.steps, self.lrs):
+            yield p, (local_shard(p.detach()) - lr * local_shard(step)).to(p.dtype)
 
 
 class AmplifiedOptimizer(GradientTransform):
@@ -729,7 +211,7 @@ class AmplifiedOptimizer(GradientTransform):
         lookahead_lr: str = "base",
         eps: float = 1e-12,
         path: str = "auto",
-        chunk_size: int | None = _CHUNK,
+        chunk_size: int | None = CHUNK_SIZE,
         max_grad_norm: float | None = None,
         nonfinite: str = "error",
         restore_grad: bool = True,
@@ -737,16 +219,11 @@ class AmplifiedOptimizer(GradientTransform):
         if not isinstance(optimizer, Optimizer):
             super().__init__(optimizer, {})  # the base class's TypeError names the argument
         check_mode(nonfinite)
-        if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
-            raise ValueError(f"meta_every must be an int >= 1, got {meta_every!r}")
-        if g_hat not in _G_HAT:
-            raise ValueError(f"g_hat must be one of {_G_HAT}, got {g_hat!r}")
-        if not isinstance(lookahead_lr, str) or lookahead_lr not in _LOOKAHEAD_LR:
-            raise ValueError(f"lookahead_lr must be one of {_LOOKAHEAD_LR}, got {lookahead_lr!r}")
-        if path not in _PATHS:
-            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        check_int("meta_every", meta_every, minimum=1)
+        check_choice("g_hat", g_hat, _G_HAT)
+        check_choice("lookahead_lr", lookahead_lr, _LOOKAHEAD_LR)
+        check_choice("path", path, PATHS)
+        check_int("chunk_size", chunk_size, minimum=1, allow_none=True)
         _check_positive("c", c)
         _check_positive("eps", eps, allow_zero=True)
         _check_positive("meta_lr", meta_lr)
@@ -756,30 +233,27 @@ class AmplifiedOptimizer(GradientTransform):
         device = params[0].device if params else torch.device("cpu")
         if amplifier is None:
             amplifier = make_amplifier(hidden, device=device)
-        _check_amplifier(amplifier, device)
-        if path == "pwl" and _piecewise_plan(amplifier) is None:
-            raise ValueError(
-                "path='pwl' needs an amplifier built only from nn.Linear, nn.ReLU, "
-                "nn.LeakyReLU and nn.Identity; use path='exact' or 'auto' for this amplifier"
-            )
+        check_amplifier(amplifier, device)
+        piecewise_plan_for(amplifier, path)
         amp_params = list(amplifier.parameters())
         if meta_optimizer is None:
             if not amp_params:
-                raise ValueError("amplifier has no parameters to learn; give one with parameters")
+                raise ValueError(
+                    "amplifier must have parameters to learn (or pass a meta_optimizer), got "
+                    "one with none"
+                )
             meta_optimizer = torch.optim.Adam(
                 amp_params, lr=meta_lr, betas=(0.9, 0.98), weight_decay=1e-3
             )
-        elif not isinstance(meta_optimizer, Optimizer):
-            raise TypeError(
-                f"meta_optimizer must be a torch.optim.Optimizer or None, got "
-                f"{type(meta_optimizer).__name__}"
-            )
         else:
+            check_type("meta_optimizer", meta_optimizer, Optimizer,
+                       "a torch.optim.Optimizer over the amplifier's parameters, or None")
             owned = {id(p) for g in meta_optimizer.param_groups for p in g["params"]}
             if owned != {id(p) for p in amp_params}:
                 raise ValueError(
-                    "meta_optimizer must optimise exactly the amplifier's parameters, "
-                    "e.g. torch.optim.Adam(amplifier.parameters())"
+                    f"meta_optimizer must optimise exactly the amplifier's parameters, e.g. "
+                    f"torch.optim.Adam(amplifier.parameters()), got one over {len(owned)} "
+                    f"tensors for the amplifier's {len(amp_params)}"
                 )
         super().__init__(optimizer, {"c": c}, restore_grad=restore_grad)
         self.amplifier = amplifier
@@ -911,34 +385,62 @@ class AmplifiedOptimizer(GradientTransform):
             )
         return module, names, entries
 
+    def _g_hats(
+        self, module: nn.Module, entries: list[tuple[Tensor, dict[str, Any]]],
+        inner_loss: Callable[[Forward], Tensor] | None,
+    ) -> list[Tensor | None]:
+        """What the lookahead steps along, per (parameter, group): the gradient of
+        ``inner_loss`` at the current parameters, averaged over ranks, or without
+        ``inner_loss`` the raw gradient that the last step stored (None where there is
+        none). Every buffer and every ``.grad`` are left as they were."""
+        params = [p for p, _ in entries]
+        if inner_loss is None:
+            return [self.own_state.get(p, {}).get("last_grad") for p in params]
+        with torch.enable_grad(), _buffers_restored(module):
+            loss = inner_loss(module)
+            _check_scalar("inner_loss", loss)
+            if any(is_dtensor(p) for p in params):
+                # FSDP2 reduce-scatters the sharded gradients in hooks that only an
+                # ordinary backward runs.
+                saved = [p.grad for p in params]
+                try:
+                    for p in params:
+                        p.grad = None
+                    loss.backward()
+                    found = [p.grad for p in params]
+                finally:
+                    for p, g in zip(params, saved):
+                        p.grad = g
+            else:
+                found = list(torch.autograd.grad(loss, params, allow_unused=True))
+        g_hats = [None if g is None else g.detach() for g in found]
+        # FSDP2 averaged the sharded gradients; the others are averaged here, since
+        # autograd.grad bypasses DDP's own averaging.
+        all_reduce_mean(g for g in g_hats if g is not None and not is_dtensor(g))
+        return g_hats
+
+    def _lookahead(
+        self, entries: list[tuple[Tensor, dict[str, Any]]], g_hats: list[Tensor | None],
+    ) -> _Lookahead:
+        """G_phi(g_hat) with each group's c and lookahead lr, for every parameter that has
+        a g_hat; differentiable in the amplifier while grad mode is on."""
+        chosen = [(p, group, g) for (p, group), g in zip(entries, g_hats) if g is not None]
+        g_list = [g for _, _, g in chosen]
+        cs = [group["neuralgrok_c"] for _, group, _ in chosen]
+        steps = amplify_gradients(g_list, self.amplifier, c=cs, eps=self.eps, path=self.path,
+                                  chunk_size=self.chunk_size)
+        lrs = [self._lookahead_step_size(group) for _, group, _ in chosen]
+        return _Lookahead([p for p, _, _ in chosen], g_list, cs, lrs, steps)
+
     def _meta_loss_plain(
         self, module: nn.Module, names: dict[int, str],
         entries: list[tuple[Tensor, dict[str, Any]]], outer_loss: Callable[[Forward], Tensor],
         inner_loss: Callable[[Forward], Tensor] | None,
     ) -> Tensor:
-        if inner_loss is not None:
-            with torch.enable_grad(), _buffers_restored(module):
-                loss_in = inner_loss(module)
-                _check_scalar("inner_loss", loss_in)
-                found = torch.autograd.grad(
-                    loss_in, [p for p, _ in entries], allow_unused=True
-                )
-            g_hats = [None if g is None else g.detach() for g in found]
-            all_reduce_mean(g for g in g_hats if g is not None)
-        else:
-            g_hats = [self.own_state.get(p, {}).get("last_grad") for p, _ in entries]
-
-        chosen = [(p, group, g) for (p, group), g in zip(entries, g_hats) if g is not None]
+        g_hats = self._g_hats(module, entries, inner_loss)
         with torch.enable_grad():
-            moved = amplify_gradients(
-                [g for _, _, g in chosen], self.amplifier,
-                c=[group["neuralgrok_c"] for _, group, _ in chosen],
-                eps=self.eps, path=self.path, chunk_size=self.chunk_size,
-            )
             params = {n: p.detach() for n, p in module.named_parameters()}
-            for (p, group, _), step in zip(chosen, moved):
-                lr = self._lookahead_step_size(group)
-                params[names[id(p)]] = (p.detach() - lr * step).to(p.dtype)
+            params.update((names[id(p)], ahead) for p, ahead in self._lookahead(entries, g_hats).points())
             # The forwards update copies of the buffers, never the module's own: restoring
             # those afterwards would bump the version of tensors this graph saved.
             params.update((n, b.clone()) for n, b in module.named_buffers())
@@ -1008,47 +510,30 @@ class AmplifiedOptimizer(GradientTransform):
         is written into the shards in place (no grad), one ordinary forward/backward of the
         module gives ``grad L_outer(theta')`` (averaged over ranks by FSDP2, as the
         reference's mean over the combined batch), the parameters are restored exactly, and
-        :func:`_amplify_vjp_sharded` does the product with cross-shard reductions.
-        g_hat is recomputed the same way (one ordinary backward). Every parameter's
+        :func:`~grokopt.gphi.amplify_gradients_vjp` does the product with cross-shard
+        reductions. g_hat is recomputed the same way (one ordinary backward). Every parameter's
         ``.grad`` and every buffer are put back as they were.
         """
         params = [p for p, _ in entries]
         saved = [p.grad for p in params]
         buffers = _snapshot_buffers(module)  # unsharded: each rank keeps its own copy
+        g_hats = self._g_hats(module, entries, inner_loss)
         originals: list[tuple[Tensor, Tensor]] = []
         try:
-            for p in params:
-                p.grad = None
-            if inner_loss is not None:
-                with torch.enable_grad():
-                    loss_in = inner_loss(module)
-                    _check_scalar("inner_loss", loss_in)
-                    loss_in.backward()
-                g_hats = [None if p.grad is None else p.grad.detach() for p in params]
-                # FSDP2 averaged the sharded gradients; parameters it does not manage
-                # are averaged here, as under DDP.
-                all_reduce_mean(g for g in g_hats if g is not None and not is_dtensor(g))
-                for p in params:
-                    p.grad = None
-            else:
-                g_hats = [self.own_state.get(p, {}).get("last_grad") for p in params]
-            chosen = [(p, group, g) for (p, group), g in zip(entries, g_hats) if g is not None]
-            cs = [group["neuralgrok_c"] for _, group, _ in chosen]
-            lrs = [self._lookahead_step_size(group) for _, group, _ in chosen]
-            g_list = [g for _, _, g in chosen]
             with torch.no_grad():
-                moved = amplify_gradients(g_list, self.amplifier, c=cs, eps=self.eps,
-                                          path=self.path, chunk_size=self.chunk_size)
-                for (p, _, _), step, lr in zip(chosen, moved, lrs):
+                look = self._lookahead(entries, g_hats)
+                for p, ahead in look.points():
                     local = local_shard(p)
                     originals.append((local, local.clone()))
-                    local.copy_((local - lr * local_shard(step)).to(p.dtype))
+                    local.copy_(ahead)
+            for p in params:
+                p.grad = None
             with torch.enable_grad():
                 loss = outer_loss(module)
                 _check_scalar("outer_loss", loss)
                 loss.backward()
             outer_grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach()
-                           for p, _, _ in chosen]
+                           for p in look.params]
             all_reduce_mean(g for g in outer_grads if not is_dtensor(g))
         finally:
             with torch.no_grad():
@@ -1057,10 +542,9 @@ class AmplifiedOptimizer(GradientTransform):
             for p, g in zip(params, saved):
                 p.grad = g
             _restore_buffers(buffers)
-        plan = _piecewise_plan(self.amplifier) if self.path != "exact" else None
-        upstream = [g * -lr for g, lr in zip(outer_grads, lrs)]
-        grads = _amplify_vjp_sharded(g_list, upstream, self.amplifier, cs, self.eps, plan,
-                                     self.chunk_size)
+        upstream = [g * -lr for g, lr in zip(outer_grads, look.lrs)]
+        grads = amplify_gradients_vjp(look.g_hats, upstream, self.amplifier, c=look.cs,
+                                      eps=self.eps, path=self.path, chunk_size=self.chunk_size)
         return loss, grads
 
     def maybe_meta_step(
@@ -1218,11 +702,12 @@ def _state_structure(optimizer: Optimizer) -> dict[int, dict[str, Any]]:
 
 
 def _check_scalar(name: str, loss: Any) -> None:
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"{name} must return a scalar tensor, got {got}")
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{name} must return a scalar tensor, got {describe(loss)}")
+    if loss.numel() != 1:
+        raise ValueError(f"{name} must return a scalar tensor, got a tensor of shape {tuple(loss.shape)}")
     if not loss.requires_grad:
         raise ValueError(
-            f"{name} returned a loss that does not depend on the model's parameters; "
-            f"compute it from the forward it is given"
+            f"{name} must return a loss computed from the forward it is given (one that "
+            f"depends on the model's parameters), got a tensor that does not require grad"
         )

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _dist import launch  # noqa: E402
 from contract import make_batches, make_model  # noqa: E402
 
-from grokopt.neuralgrok import AmplifiedOptimizer, make_amplifier  # noqa: E402
+from grokopt import AmplifiedOptimizer, make_amplifier  # noqa: E402
 
 mse = nn.functional.mse_loss
 WORLD = 2

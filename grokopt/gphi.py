@@ -1,0 +1,425 @@
+"""NeuralGrok's transform G_phi and its one vector-Jacobian product.
+
+For each gradient tensor ``g`` the amplifier gives ``f = amplifier(g)`` elementwise and
+
+    G_phi(g) = c * (w * g) / (||w * g|| + eps),    w = exp(f - max f)
+
+(``w`` is the softmax of ``f`` without its normaliser, which the renormalisation cancels);
+see docs/methods.md. :func:`amplify_gradients` computes it for plain tensors and for sharded
+(DTensor, e.g. FSDP2) ones; :func:`amplify_gradients_vjp` gives its derivative in the
+amplifier's weights without an autograd graph through the transform. Both that function and
+the autograd Function of the piecewise-linear path use one written-out vector-Jacobian
+product, :func:`_gphi_vjp`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ._checks import check_choice, check_float, check_int, check_type, describe
+from ._distributed import is_dtensor, local_shard, shard_groups
+from .amplifier import (
+    Gains,
+    PiecewiseTable,
+    amplifier_dtype_device,
+    piecewise_plan,
+    piecewise_table,
+)
+
+__all__ = ["CHUNK_SIZE", "PATHS", "amplify_gradients", "amplify_gradients_vjp", "piecewise_plan_for"]
+
+PATHS = ("auto", "pwl", "exact")
+CHUNK_SIZE = 1 << 18
+"""Default entries per chunk of the no-grad paths and of the vector-Jacobian product."""
+
+Groups = tuple[Any, ...]
+
+
+def piecewise_plan_for(amplifier: nn.Module, path: str) -> list[tuple[str, Any]] | None:
+    """The amplifier's piecewise plan if ``path`` uses the table, else None; ValueError if
+    ``path="pwl"`` asks for a table that this amplifier does not have."""
+    if path == "exact":
+        return None
+    plan = piecewise_plan(amplifier)
+    if plan is None and path == "pwl":
+        raise ValueError(
+            "path must be 'auto' or 'exact' for this amplifier (path='pwl' needs one built only "
+            "from nn.Linear, nn.ReLU, nn.LeakyReLU and nn.Identity, in nn.Sequential), got 'pwl'"
+        )
+    return plan
+
+
+def _check_arguments(grads: Any, amplifier: Any, c: Any, eps: Any, path: Any,
+                     chunk_size: Any) -> tuple[list[Tensor], list[float]]:
+    check_choice("path", path, PATHS)
+    check_int("chunk_size", chunk_size, minimum=1, allow_none=True)
+    check_type("amplifier", amplifier, nn.Module, "an nn.Module mapping (n, 1) to (n, 1)")
+    if isinstance(grads, Tensor) or not isinstance(grads, Iterable):
+        raise TypeError(f"grads must be a sequence of tensors, got {describe(grads)}")
+    grads = list(grads)
+    for i, g in enumerate(grads):
+        if not isinstance(g, Tensor) or not g.is_floating_point():
+            got = f"a {g.dtype} tensor" if isinstance(g, Tensor) else describe(g)
+            raise TypeError(f"grads[{i}] must be a floating-point tensor, got {got}")
+    cs = list(c) if isinstance(c, Sequence) and not isinstance(c, str) else [c] * len(grads)
+    if len(cs) != len(grads):
+        raise ValueError(
+            f"c must be a float or a sequence of {len(grads)} floats (one per gradient), got "
+            f"{len(cs)} values"
+        )
+    for value in cs:
+        check_float("c", value, minimum=0, min_open=True)
+    check_float("eps", eps, minimum=0)
+    return grads, cs
+
+
+def _work_dtype(g: Tensor, amp_dtype: torch.dtype) -> torch.dtype:
+    """The wider of fp32, the gradient's dtype and the amplifier's."""
+    return torch.promote_types(torch.promote_types(g.dtype, torch.float32), amp_dtype)
+
+
+def _reduce(values: list[Tensor], groups: list[Groups], op: Any) -> list[Tensor]:
+    """All-reduce ``values[i]`` (small tensors) over each process group in ``groups[i]``, one
+    collective per distinct set of groups; untouched (and no host sync) when no tensor is
+    sharded. The collectives run on fp64 host copies."""
+    if not any(groups):
+        return values
+    stacked = torch.stack([v.detach().to(device="cpu", dtype=torch.float64) for v in values])
+    buckets: dict[Groups, list[int]] = {}
+    for i, gs in enumerate(groups):
+        if gs:
+            buckets.setdefault(gs, []).append(i)
+    for gs, idx in buckets.items():
+        part = stacked[idx]  # advanced indexing: a contiguous copy, safe to reduce in place
+        for group in gs:
+            dist.all_reduce(part, op=op, group=group)
+        stacked[idx] = part
+    return [s.to(device=v.device, dtype=v.dtype) for s, v in zip(stacked, values)]
+
+
+def _table(plan: list[tuple[str, Any]] | None, grads: list[Tensor], locals_: list[Tensor],
+           groups: list[Groups], dtype: torch.dtype, device: torch.device) -> PiecewiseTable | None:
+    """The piecewise table over the range of all gradients, over every shard (as in the
+    unsharded run); differentiable in the amplifier while grad mode is on."""
+    nonempty = [i for i, g in enumerate(grads) if g.numel()]
+    if plan is None or not nonempty:
+        return None
+    # min and -max, so that one MIN reduction serves both ends
+    ends = [torch.stack(torch.aminmax(x.detach())).to(device=device, dtype=dtype) * torch.tensor(
+                [1.0, -1.0], dtype=dtype, device=device) if x.numel()
+            else torch.full((2,), math.inf, dtype=dtype, device=device) for x in locals_]
+    ends = _reduce(ends, groups, dist.ReduceOp.MIN)
+    lo, neg_hi = torch.stack([ends[i] for i in nonempty]).amin(0).tolist()
+    hi = -neg_hi
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        lo = hi = 0.0  # inf/NaN entries make the output NaN, as in the paper
+    return piecewise_table(plan, lo, hi, dtype, device)
+
+
+# ---------------------------------------------------------------------------- the transform
+
+
+def amplify_gradients(
+    grads: Sequence[Tensor],
+    amplifier: nn.Module,
+    *,
+    c: float | Sequence[float] = 1.0,
+    eps: float = 1e-12,
+    path: str = "auto",
+    chunk_size: int | None = CHUNK_SIZE,
+) -> list[Tensor]:
+    """G_phi (docs/methods.md) for each tensor; new tensors, the inputs are not changed.
+
+    ``f = amplifier(g)`` elementwise, ``w = exp(f - max f)`` and ``c * w*g / (||w*g|| + eps)``,
+    in the wider of fp32 and the amplifier's dtype, returned in each gradient's dtype. An
+    all-zero gradient gives zeros. While grad mode is on, the result is differentiable in
+    the amplifier's parameters (the gradients themselves are treated as constants).
+
+    Paths (the same function, up to rounding):
+
+    - ``"pwl"``: the amplifier is a ``Linear``/``ReLU``/``LeakyReLU`` stack, hence exactly
+      piecewise linear in its input. Its kinks inside ``[min g, max g]`` and one
+      (intercept, slope) per piece are computed from the weights, and each entry is looked up
+      by binary search. No P x hidden activations exist at any time.
+    - ``"exact"``: the MLP on every entry (the paper's way); without grad mode it runs in
+      chunks of ``chunk_size`` entries so that its memory is O(chunk_size x hidden).
+    - ``"auto"``: ``"pwl"`` when the amplifier allows it, else ``"exact"``.
+
+    Args:
+        grads: gradient tensors (any float dtype).
+        amplifier: a module mapping (n, 1) to (n, 1).
+        c: target norm per tensor, one float or one per tensor.
+        eps: added to the norm; keeps an all-zero gradient at zero.
+        path: ``"auto"``, ``"pwl"`` or ``"exact"``.
+        chunk_size: entries per chunk of the no-grad paths (None: all at once).
+
+    Example:
+        >>> from grokopt import make_amplifier
+        >>> amp = make_amplifier((8,))
+        >>> g = torch.tensor([3.0, -4.0])
+        >>> out, = amplify_gradients([g], amp, c=2.0)
+        >>> round(out.norm().item(), 5)
+        2.0
+    """
+    grads, cs = _check_arguments(grads, amplifier, c, eps, path, chunk_size)
+    if not grads:
+        return []
+    plan = piecewise_plan_for(amplifier, path)
+    amp_dtype, amp_device = amplifier_dtype_device(amplifier, grads[0])
+    differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in amplifier.parameters())
+    if any(is_dtensor(g) for g in grads):
+        if differentiable:
+            raise NotImplementedError(
+                "amplify_gradients is not differentiable for sharded (DTensor, e.g. FSDP2) "
+                "gradients (its per-tensor max and norm span the ranks); call it under "
+                "torch.no_grad() (as step() does), or use amplify_gradients_vjp for its "
+                "derivative (as AmplifiedOptimizer.meta_step does)"
+            )
+        return _amplify_sharded(grads, amplifier, cs, eps, plan, chunk_size, amp_dtype, amp_device)
+
+    detached = [g.detach() for g in grads]
+    table = _table(plan, grads, detached, [()] * len(grads), amp_dtype, amp_device)
+    # With autograd on, chunks would all be kept for backward anyway.
+    gains = Gains(amplifier, table, None if differentiable and table is None else chunk_size,
+                  amp_dtype, amp_device)
+    out = []
+    for g, c_i in zip(detached, cs):
+        if g.numel() == 0:
+            out.append(torch.zeros_like(g))
+            continue
+        work = _work_dtype(g, amp_dtype)
+        if differentiable and table is not None:
+            y = _PiecewiseAmplify.apply(table.intercept, table.slope, table.kinks,
+                                        g.reshape(-1).to(amp_device), c_i, eps, work,
+                                        chunk_size or CHUNK_SIZE)
+            out.append(y.view(g.shape).to(device=g.device, dtype=g.dtype))
+            continue
+        f = gains(g.reshape(-1)).to(work)
+        gw = g.reshape(-1).to(device=amp_device, dtype=work)
+        if differentiable:
+            u = torch.exp(f - f.max()) * gw
+            y = u * (c_i / (torch.linalg.vector_norm(u) + eps))
+        else:
+            # In place: the only P-sized temporaries are f (and a cast of g if needed).
+            y = f.sub_(f.max()).exp_().mul_(gw)
+            y.mul_(c_i / (torch.linalg.vector_norm(y) + eps))
+        out.append(y.view(g.shape).to(device=g.device, dtype=g.dtype))
+    return out
+
+
+def _amplify_sharded(
+    grads: list[Tensor], amplifier: nn.Module, cs: list[float], eps: float,
+    plan: list[tuple[str, Any]] | None, chunk_size: int | None,
+    amp_dtype: torch.dtype, amp_device: torch.device,
+) -> list[Tensor]:
+    """G_phi for gradients of which some are DTensors (FSDP2 shards), equal to the unsharded
+    result up to rounding.
+
+    The transform is elementwise except for three reductions over each whole tensor: the
+    range [min g, max g] that the piecewise table must cover, max f, and ||w*g||. Each is
+    computed on the local shard and all-reduced over the mesh dimensions the tensor is
+    sharded along; everything else runs on the local shard. Plain tensors in the list
+    simply take no collective. Every rank must call this with the same list of tensors (as
+    step() under FSDP2 does), since the collectives are matched by order.
+    """
+    from torch.distributed.tensor import DTensor
+
+    locals_ = [local_shard(g).detach().reshape(-1) for g in grads]
+    groups = [shard_groups(g) for g in grads]
+    table = _table(plan, grads, locals_, groups, amp_dtype, amp_device)
+    gains = Gains(amplifier, table, chunk_size, amp_dtype, amp_device)
+    fs = [gains(x).to(_work_dtype(g, amp_dtype)) for g, x in zip(grads, locals_)]
+    maxima = _reduce([f.max() if f.numel() else f.new_full((), -math.inf) for f in fs],
+                     groups, dist.ReduceOp.MAX)
+    us = [f.sub_(m).exp_().mul_(x.to(device=amp_device, dtype=f.dtype))
+          for f, m, x in zip(fs, maxima, locals_)]
+    squares = _reduce([u.pow(2).sum() for u in us], groups, dist.ReduceOp.SUM)
+    out = []
+    for g, u, c_i, sq in zip(grads, us, cs, squares):
+        local = local_shard(g)
+        y = u.mul_(c_i / (sq.sqrt() + eps)).view(local.shape)
+        y = y.to(device=local.device, dtype=local.dtype)
+        if is_dtensor(g):
+            y = DTensor.from_local(y, g.device_mesh, g.placements, run_check=False,  # type: ignore[attr-defined]
+                                   shape=g.shape, stride=g.stride())
+        out.append(y)
+    return out
+
+
+# ---------------------------------------------------------------------------- its derivative
+
+
+def _gphi_vjp(
+    xs: list[Tensor], vs: list[Tensor], cs: list[float], eps: float, works: list[torch.dtype],
+    gains: Gains, groups: list[Groups], chunk: int, maxima: list[Tensor] | None = None,
+) -> dict[Groups, list[Tensor]]:
+    """The vector-Jacobian product of G_phi: d/dtheta of sum_i <v_i, G_phi(x_i)>, theta the
+    parameters of ``gains`` (:meth:`Gains.params`), per set of reduction groups and not yet
+    summed over those groups.
+
+    ``xs[i]``, ``vs[i]``: flat (local shards of) a gradient and its cotangent. Write
+    ``u = exp(f - m) x``, ``m = max f``, ``N = ||u||``, ``y = c u / (N + eps)``. Then the
+    cotangent of each gain is
+
+        dL/df = (alpha v - beta u) u + gamma [f = m],
+        alpha = c / (N+eps),  beta = c (u.v) / ((N+eps)^2 N),  gamma = -c (u.v) eps / ((N+eps)^2 T),
+
+    the last term being the path through ``m`` (``dL/dm = -sum dL/df`` in closed form; it
+    matters only through ``eps``), shared evenly among the T entries that attain the max, as
+    autograd's max does. ``m``, ``N``, ``u.v`` and ``T`` are all-reduced over ``groups[i]``;
+    everything else is local and runs in chunks of ``chunk`` entries, recomputing the gains,
+    so that memory is O(chunk) beyond the inputs. ``maxima`` skips the pass that finds ``m``.
+    """
+    device = gains.device
+
+    def chunks(i: int) -> Iterable[tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]]:
+        """(x, its pieces, [f = m], u, v) per chunk of tensor i."""
+        for x, v in zip(xs[i].split(chunk), vs[i].split(chunk)):
+            if x.numel() == 0:
+                continue
+            where = gains.locate(x)
+            f = gains(x, where).to(works[i])
+            top = f == maxima[i]  # type: ignore[index]
+            u = f.sub_(maxima[i]).exp_().mul_(x.to(device=device, dtype=works[i]))  # type: ignore[index]
+            yield x, where, top, u, v.to(device=device, dtype=works[i])
+
+    if maxima is None:
+        maxima = []
+        for x, work in zip(xs, works):
+            m = torch.full((), -math.inf, dtype=work, device=device)
+            for part in x.split(chunk):
+                if part.numel():
+                    m = torch.maximum(m, gains(part).max().to(work))
+            maxima.append(m)
+        maxima = _reduce(maxima, groups, dist.ReduceOp.MAX)
+    stats = []
+    for i, work in enumerate(works):
+        s = torch.zeros(3, dtype=work, device=device)  # ||u||^2, u.v, T
+        for _, _, top, u, v in chunks(i):
+            s += torch.stack([u.pow(2).sum(), (u * v).sum(), top.sum().to(work)])
+        stats.append(s)
+    stats = _reduce(stats, groups, dist.ReduceOp.SUM)
+
+    buckets: dict[Groups, list[Tensor]] = {}
+    for i, (c, s) in enumerate(zip(cs, stats)):
+        acc = buckets.setdefault(groups[i], [torch.zeros_like(p) for p in gains.params()])
+        square, dot, ties = s.unbind()
+        norm = square.sqrt()
+        inv = 1 / (norm + eps)
+        live = norm > 0
+        alpha = c * inv
+        beta = torch.where(live, c * dot * inv * inv / norm, 0.0)
+        gamma = torch.where(live & (ties > 0), -c * dot * eps * inv * inv / ties, 0.0)
+        for x, where, top, u, v in chunks(i):
+            df = (v * alpha - u * beta).mul_(u).add_(top * gamma)
+            gains.pullback(x, df, acc, where)
+    return buckets
+
+
+class _PiecewiseAmplify(torch.autograd.Function):
+    """G_phi of one flat tensor on the pwl path, differentiable in the pieces' (intercept,
+    slope), keeping nothing P-sized for backward but the gradient itself.
+
+    Autograd would save the indices, gathered slopes, w and u of every entry (about 35 bytes
+    per entry at fp32, 1.8 GB at 50M parameters); backward (:func:`_gphi_vjp`) recomputes
+    them chunk by chunk from g and the K pieces instead, so its memory is O(chunk) beyond its
+    input and output.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, intercept: Tensor, slope: Tensor, kinks: Tensor, g: Tensor,
+                c: float, eps: float, work: torch.dtype, chunk: int) -> Tensor:
+        table = PiecewiseTable(kinks, intercept, slope)
+        y = torch.empty(g.numel(), dtype=work, device=intercept.device)
+        for part, out in zip(g.split(chunk), y.split(chunk)):
+            out.copy_(table.lookup(part.to(intercept.dtype)))
+        m = y.max()
+        for part, out in zip(g.split(chunk), y.split(chunk)):
+            out.sub_(m).exp_().mul_(part.to(work))
+        y.mul_(c / (torch.linalg.vector_norm(y) + eps))
+        ctx.save_for_backward(intercept, slope, kinks, g, m)
+        ctx.c, ctx.eps, ctx.work, ctx.chunk = c, eps, work, chunk
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        intercept, slope, kinks, g, m = ctx.saved_tensors
+        gains = Gains(None, PiecewiseTable(kinks, intercept, slope), None, intercept.dtype,
+                      intercept.device)
+        (grad_a, grad_s), = _gphi_vjp([g], [gy], [ctx.c], ctx.eps, [ctx.work], gains, [()],
+                                      ctx.chunk, maxima=[m]).values()
+        return grad_a, grad_s, None, None, None, None, None, None
+
+
+def amplify_gradients_vjp(
+    grads: Sequence[Tensor],
+    cotangents: Sequence[Tensor],
+    amplifier: nn.Module,
+    *,
+    c: float | Sequence[float] = 1.0,
+    eps: float = 1e-12,
+    path: str = "auto",
+    chunk_size: int | None = CHUNK_SIZE,
+) -> list[Tensor]:
+    """d/dphi of ``sum_i <cotangents[i], amplify_gradients(grads, amplifier, ...)[i]>``, one
+    tensor per parameter of the amplifier, for plain and for sharded (DTensor) gradients.
+
+    No autograd graph spans the transform: the derivative is written out (the same one the
+    pwl path's backward uses), its per-tensor max, norm and dot products all-reduced over the
+    mesh dimensions each DTensor is split along, and only the gains are differentiated, in
+    chunks of ``chunk_size`` entries (None: all at once). This is the meta-step's
+    hypergradient under FSDP2, equal to the unsharded one up to rounding. Plain tensors in
+    the list are replicated: their part is not summed over ranks. Every rank must call it
+    with the same list of tensors, since the collectives are matched by order.
+
+    Example:
+        >>> from grokopt import make_amplifier
+        >>> amp = make_amplifier((4,))
+        >>> g, v = [torch.tensor([3.0, -4.0])], [torch.tensor([1.0, 0.0])]
+        >>> grads = amplify_gradients_vjp(g, v, amp)
+        >>> [t.shape for t in grads] == [p.shape for p in amp.parameters()]
+        True
+    """
+    grads, cs = _check_arguments(grads, amplifier, c, eps, path, chunk_size)
+    if isinstance(cotangents, Tensor) or not isinstance(cotangents, Iterable):
+        raise TypeError(f"cotangents must be a sequence of tensors, got {describe(cotangents)}")
+    cotangents = list(cotangents)
+    shapes = [tuple(g.shape) for g in grads]
+    if [tuple(v.shape) if isinstance(v, Tensor) else None for v in cotangents] != shapes:
+        raise ValueError(f"cotangents must be tensors of the gradients' shapes {shapes}, got "
+                         f"{[tuple(v.shape) if isinstance(v, Tensor) else describe(v) for v in cotangents]}")
+    amp_params = list(amplifier.parameters())
+    if not grads:
+        return [torch.zeros_like(p) for p in amp_params]
+    plan = piecewise_plan_for(amplifier, path)
+    amp_dtype, amp_device = amplifier_dtype_device(amplifier, grads[0])
+    xs = [local_shard(g).detach().reshape(-1) for g in grads]
+    vs = [local_shard(v).detach().reshape(-1) for v in cotangents]
+    groups = [shard_groups(g) for g in grads]
+    with torch.enable_grad():
+        table = _table(plan, grads, xs, groups, amp_dtype, amp_device)
+    detached = None if table is None else PiecewiseTable(*(t.detach() for t in table))
+    gains = Gains(amplifier, detached, chunk_size, amp_dtype, amp_device)
+    works = [_work_dtype(g, amp_dtype) for g in grads]
+    with torch.no_grad():
+        buckets = _gphi_vjp(xs, vs, cs, eps, works, gains, groups, chunk_size or CHUNK_SIZE)
+    total = [torch.zeros_like(p) for p in amp_params]
+    # The table is mapped to the amplifier's weights before the sum over ranks: the weights
+    # are the same on every rank, the number of pieces could differ by rounding.
+    for gs, acc in buckets.items():
+        if table is not None:
+            found = torch.autograd.grad([table.intercept, table.slope], amp_params, acc,
+                                        retain_graph=True, allow_unused=True)
+            acc = [torch.zeros_like(p) if g is None else g for p, g in zip(amp_params, found)]
+        for t, part in zip(total, acc):
+            part = part.contiguous()
+            for group in gs:
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+            t.add_(part)
+    return total

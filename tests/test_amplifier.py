@@ -1,0 +1,152 @@
+"""The amplifier: make_amplifier, its exact piecewise-linear table (against the MLP, brute
+force and autograd) and the gain evaluation with its vector-Jacobian product."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from grokopt.amplifier import Gains, check_amplifier, make_amplifier, piecewise_plan, piecewise_table
+
+F64 = torch.float64
+
+
+def amp64(hidden=(16, 16), seed=0):
+    torch.manual_seed(seed)
+    return make_amplifier(hidden, dtype=F64)
+
+
+# ---------------------------------------------------------------- the piecewise-linear table
+
+
+def rounding_bound(amp: nn.Module, x_max: float, dtype: torch.dtype) -> float:
+    """A priori bound on |f_pwl(x) - f_exact(x)| for |x| <= x_max, both in ``dtype``.
+
+    Both paths evaluate the same affine piece of the ReLU MLP. Evaluating Linear layers
+    y = W h + b in floating point errs by at most gamma_n (|W||h| + |b|) (Higham, Thm 3.5),
+    ReLU is 1-Lipschitz and exact, so a whole forward errs by at most gamma_N * M(x), N the
+    summed fan-ins (+1 each), M(x) = M(0) + M_s |x| the network with |W|, |b| and no
+    activation (M_s: its slope). The pwl path evaluates value and slope at an interval's
+    midpoint m (|m| <= x_max) and extrapolates with three more roundings, so it errs by at
+    most gamma_{N+3} (M(0) + 3 M_s x_max); the exact path by less. A point next to a kink
+    can be given the neighbouring piece when the kink itself is off by rounding, which costs
+    at most the same again. Hence 4 gamma_{N+3} (M(0) + 3 M_s x_max).
+    """
+    u = torch.finfo(dtype).eps / 2
+    linears = [m for m in amp if isinstance(m, nn.Linear)]
+    n = sum(m.in_features + 1 for m in linears) + 3
+    gamma = n * u / (1 - n * u)
+    m0 = torch.zeros(1, dtype=F64)
+    ms = torch.ones(1, dtype=F64)
+    for m in linears:
+        w = m.weight.detach().double().abs()
+        m0 = w @ m0 + m.bias.detach().double().abs()
+        ms = w @ ms
+    return 4 * gamma * (m0.item() + 3 * ms.item() * x_max)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("scale", [1e-4, 1e-1, 30.0])
+def test_pwl_gains_equal_the_mlp_within_the_rounding_bound(dtype, scale):
+    torch.manual_seed(3)
+    amp = make_amplifier((128, 128), dtype=dtype)
+    x = torch.randn(20_000, dtype=dtype) * scale
+    kinks, a, s = piecewise_table(piecewise_plan(amp), x.min().item(), x.max().item(), dtype, x.device)
+    with torch.no_grad():
+        fast = torch.addcmul(a[torch.searchsorted(kinks, x)], s[torch.searchsorted(kinks, x)], x)
+        exact = amp(x[:, None])[:, 0]
+    bound = rounding_bound(amp, x.abs().max().item(), dtype)
+    err = (fast - exact).abs().max().item()
+    assert err <= bound, (err, bound)
+    # A ReLU MLP (128, 128) has at most 128 + 129 * 128 kinks on the whole line.
+    assert kinks.numel() <= 128 + 129 * 128
+
+
+def test_kinks_are_where_the_mlp_bends():
+    """Brute force on a fine grid: the second difference of the MLP is non-zero exactly
+    in grid cells that contain a computed kink."""
+    amp = amp64((6, 5), seed=4)
+    lo, hi = -3.0, 3.0
+    kinks, _, _ = piecewise_table(piecewise_plan(amp), lo, hi, F64, torch.device("cpu"))
+    grid = torch.linspace(lo, hi, 60_001, dtype=F64)
+    with torch.no_grad():
+        f = amp(grid[:, None])[:, 0]
+    bend = (f[2:] - 2 * f[1:-1] + f[:-2]).abs() > 1e-9
+    h = grid[1] - grid[0]
+    near = torch.zeros_like(bend)
+    for k in kinks:
+        near |= (grid[1:-1] - k).abs() < h
+    assert torch.equal(bend & ~near, torch.zeros_like(bend))  # every bend is a found kink
+    for k in kinks:  # and every found kink bends (no spurious ones)
+        assert bend[((grid[1:-1] - k).abs() < h)].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_table_pullback_equals_autograd_through_the_lookup(dtype):
+    """The table's own vector-Jacobian product (index_add per piece) against autograd through
+    ``lookup`` on leaf copies of the pieces, with repeated pieces and entries outside the
+    table's range (they extend the end pieces)."""
+    amp = amp64((6, 5), seed=2).to(dtype)
+    table = piecewise_table(piecewise_plan(amp), -1.5, 1.5, dtype, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(200, generator=gen, dtype=dtype), torch.tensor([-3.0, 4.0], dtype=dtype)])
+    df = torch.randn(x.shape, generator=gen, dtype=dtype)
+    leaves = [table.intercept.detach().clone().requires_grad_(), table.slope.detach().clone().requires_grad_()]
+    expected = torch.autograd.grad((type(table)(table.kinks, *leaves).lookup(x) * df).sum(), leaves)
+    got = [torch.zeros_like(t) for t in leaves]
+    table.pullback(x, df, got)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+@pytest.mark.parametrize("use_table", [False, True])
+def test_gains_and_their_pullback_equal_the_mlp_under_autograd(use_table, chunk):
+    """Gains (table or module, any chunking) give the MLP's values, and their pullback into
+    the amplifier's weights (through the table's pieces when there is one) is autograd's
+    d<df, amp(x)>/dphi; fp64, summed in another order: rounding only."""
+    amp = amp64((6, 6), seed=3)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, generator=gen, dtype=F64)
+    df = torch.randn(40, generator=gen, dtype=F64)
+    params = list(amp.parameters())
+    expected_f = amp(x[:, None])[:, 0]
+    expected = torch.autograd.grad((expected_f * df).sum(), params)
+    table = (piecewise_table(piecewise_plan(amp), x.min().item(), x.max().item(), F64, x.device)
+             if use_table else None)
+    gains = Gains(amp, table, chunk, F64, x.device)
+    torch.testing.assert_close(gains(x), expected_f.detach(), rtol=1e-12, atol=1e-12)
+    acc = [torch.zeros_like(p) for p in gains.params()]
+    gains.pullback(x, df, acc, gains.locate(x))
+    if use_table:
+        acc = torch.autograd.grad(gains.params(), params, acc)
+    for g, e in zip(acc, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("kw, error, message", [
+    (dict(hidden=4), TypeError, "hidden must be a non-empty sequence of ints >= 1, got int: 4"),
+    (dict(hidden=()), ValueError, r"hidden must be a non-empty sequence of ints >= 1, got \(\)"),
+    (dict(hidden=(8, 0)), ValueError, "hidden\\[1\\] must be an int >= 1, got 0"),
+    (dict(hidden=(8, 2.0)), TypeError, "hidden\\[1\\] must be an int >= 1, got float: 2.0"),
+    (dict(dtype=torch.int64), TypeError, "dtype must be a floating-point torch.dtype, got dtype: torch.int64"),
+    (dict(device="nowhere"), ValueError, "device must be a usable torch device or None, got 'nowhere'"),
+])
+def test_make_amplifier_rejects_bad_arguments_by_name_allowed_values_and_value(kw, error, message):
+    with pytest.raises(error, match=message):
+        make_amplifier(**kw)
+
+
+def test_check_amplifier_names_the_argument_and_what_it_must_map():
+    with pytest.raises(TypeError, match="amplifier must be an nn.Module mapping \\(n, 1\\) to \\(n, 1\\), got str: 'mlp'"):
+        check_amplifier("mlp", torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"amplifier must map .* returned \(3, 2\)"):
+        check_amplifier(nn.Linear(1, 2), torch.device("cpu"))
+    with pytest.raises(ValueError, match="amplifier must map .* raised RuntimeError"):
+        check_amplifier(nn.Linear(2, 1), torch.device("cpu"))
+    amp = make_amplifier((3,))
+    assert check_amplifier(amp, torch.device("cpu")) is amp

@@ -1,0 +1,263 @@
+"""NeuralGrok's transform G_phi: docs/methods.md invariants, a reference, fast vs exact path."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from grokopt.amplifier import make_amplifier, piecewise_plan
+from grokopt.gphi import amplify_gradients, amplify_gradients_vjp
+from test_amplifier import rounding_bound
+
+PATHS = ["pwl", "exact"]
+F64 = torch.float64
+
+
+def amp64(hidden=(16, 16), seed=0):
+    torch.manual_seed(seed)
+    return make_amplifier(hidden, dtype=F64)
+
+
+def reference(g: torch.Tensor, amp: nn.Module, c: float) -> torch.Tensor:
+    """docs/methods.md written as in the paper: softmax over the tensor, then renormalise."""
+    f = torch.stack([amp(v.view(1, 1)).view(()) for v in g.reshape(-1)])
+    w = torch.softmax(f, 0)
+    u = w * g.reshape(-1)
+    return (c * u / u.norm()).view(g.shape)
+
+
+# ---------------------------------------------------------------- invariants (docs/methods.md)
+
+grad_tensors = st.lists(
+    st.floats(-10, 10, allow_nan=False, allow_infinity=False), min_size=1, max_size=40
+).filter(lambda v: max(abs(x) for x in v) > 1e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=grad_tensors, c=st.floats(0.05, 5.0), path=st.sampled_from(PATHS))
+def test_norm_is_c_and_direction_matches_reference(values, c, path):
+    amp = amp64(seed=len(values))
+    g = torch.tensor(values, dtype=F64)
+    with torch.no_grad():
+        out, = amplify_gradients([g], amp, c=c, eps=0.0, path=path)
+        ref = reference(g, amp, c)
+    # fp64: the norm and the softmax are a few hundred roundings of 1.1e-16 away.
+    assert out.norm().item() == pytest.approx(c, rel=1e-10)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12 * c)
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=grad_tensors, shift=st.floats(-20, 20), path=st.sampled_from(PATHS))
+def test_adding_a_constant_to_f_changes_nothing(values, shift, path):
+    amp = amp64(seed=1)
+    shifted = copy.deepcopy(amp)
+    with torch.no_grad():
+        shifted[-1].bias += shift
+        g = torch.tensor(values, dtype=F64)
+        a, = amplify_gradients([g], amp, path=path)
+        b, = amplify_gradients([g], shifted, path=path)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("c", [0.2, 1.0])
+def test_constant_f_is_plain_per_tensor_normalisation(path, c):
+    amp = amp64()
+    with torch.no_grad():
+        amp[-1].weight.zero_()
+        amp[-1].bias.fill_(3.0)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 7, generator=gen, dtype=F64), torch.randn(3, generator=gen, dtype=F64)]
+    with torch.no_grad():
+        out = amplify_gradients(grads, amp, c=c, path=path)
+    for g, o in zip(grads, out):
+        torch.testing.assert_close(o, c * g / g.norm(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("grad_mode", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+def test_all_zero_gradient_gives_zero_not_nan(path, grad_mode, dtype):
+    torch.manual_seed(0)
+    amp = make_amplifier((8, 8))
+    grads = [torch.zeros(4, 3, dtype=dtype), torch.ones(2, dtype=dtype), torch.zeros(0, dtype=dtype)]
+    with torch.set_grad_enabled(grad_mode):
+        out = amplify_gradients(grads, amp, path=path)
+    assert torch.equal(out[0], torch.zeros(4, 3, dtype=dtype))
+    assert out[2].shape == (0,)
+    assert all(o.dtype == dtype and torch.isfinite(o).all() for o in out)
+    if grad_mode:
+        total = sum(o.float().sum() for o in out)
+        grads_phi = torch.autograd.grad(total, list(amp.parameters()), allow_unused=True)
+        assert all(g is None or torch.isfinite(g).all() for g in grads_phi)
+
+
+def test_inputs_are_not_changed_and_outputs_keep_dtype_and_shape():
+    torch.manual_seed(0)
+    amp = make_amplifier((8,))
+    g = torch.randn(3, 4, dtype=torch.bfloat16)
+    before = g.clone()
+    out, = amplify_gradients([g], amp, c=0.5)
+    assert torch.equal(g, before)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 4)
+    assert out.float().norm().item() == pytest.approx(0.5, rel=1e-2)  # bf16: 8 bits
+
+
+# ---------------------------------------------------------------- the piecewise-linear path
+
+
+@pytest.mark.parametrize("chunk", [None, 7])  # 7: the pwl backward recomputes in many chunks
+@pytest.mark.parametrize("scale", [1e-3, 1.0])
+def test_pwl_transform_and_hypergradient_agree_with_exact_path(scale, chunk):
+    """Outputs: a gain error of at most E per entry changes w by a factor in
+    [e^-E, e^E] after the common shift, so ||G_pwl - G_exact|| <= 2c(e^{2E} - 1) (plus the
+    renormalisation's own rounding, 1e-13 in fp64). Hypergradients: each is a sum over entries
+    of products of the same affine pieces' derivatives, computed in fp64 by both paths;
+    their difference is rounding (about N * 1e-16 of the terms' size), checked at 1e-9."""
+    torch.manual_seed(5)
+    amp = make_amplifier((32, 32), dtype=F64)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(40, 30, generator=gen, dtype=F64) * scale,
+             torch.randn(30, generator=gen, dtype=F64) * scale]
+    weights = [torch.randn(g.shape, generator=gen, dtype=F64) for g in grads]
+    outs, hyper = {}, {}
+    for path in PATHS:
+        out = amplify_gradients(grads, amp, c=0.7, path=path, chunk_size=chunk)
+        objective = sum((o * w).sum() for o, w in zip(out, weights))
+        hyper[path] = torch.autograd.grad(objective, list(amp.parameters()))
+        outs[path] = [o.detach() for o in out]
+    x_max = max(g.abs().max().item() for g in grads)
+    e = rounding_bound(amp, x_max, F64)
+    for a, b in zip(outs["pwl"], outs["exact"]):
+        assert (a - b).norm().item() <= 2 * 0.7 * math.expm1(2 * e) + 1e-13
+    # The last bias's true hypergradient is 0 (shift invariance), so both paths give only the
+    # rounding residue of a cancelling sum there: absolute tolerance on the common scale.
+    scale_all = max(b.abs().max().item() for b in hyper["exact"])
+    for a, b in zip(hyper["pwl"], hyper["exact"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * scale_all)
+
+
+def test_chunked_paths_equal_unchunked():
+    torch.manual_seed(0)
+    amp = make_amplifier((16, 16))
+    g = torch.randn(1000) * 0.1
+    with torch.no_grad():
+        for path in PATHS:
+            whole, = amplify_gradients([g], amp, path=path, chunk_size=None)
+            parts, = amplify_gradients([g], amp, path=path, chunk_size=37)
+            # the lookup is elementwise: chunking cannot change a bit; the MLP's matmuls may
+            # block differently per chunk size, one rounding of fp32 per layer
+            tol = 0 if path == "pwl" else 1e-6
+            torch.testing.assert_close(parts, whole, rtol=tol, atol=tol)
+
+
+def test_leaky_relu_and_identity_use_pwl_other_activations_fall_back():
+    torch.manual_seed(0)
+    leaky = nn.Sequential(nn.Linear(1, 8), nn.LeakyReLU(0.1), nn.Identity(), nn.Linear(8, 1)).double()
+    assert piecewise_plan(leaky) is not None
+    g = torch.randn(300, dtype=F64)
+    with torch.no_grad():
+        a, = amplify_gradients([g], leaky, path="pwl")
+        b, = amplify_gradients([g], leaky, path="exact")
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    smooth = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    assert piecewise_plan(smooth) is None
+    with pytest.raises(ValueError, match="path='pwl'"):
+        amplify_gradients([g.float()], smooth, path="pwl")
+    with torch.no_grad():
+        auto, = amplify_gradients([g.float()], smooth)  # falls back to the exact path
+    assert auto.norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_bad_arguments_name_themselves():
+    amp = make_amplifier((4,))
+    g = [torch.ones(2)]
+    with pytest.raises(ValueError, match="path"):
+        amplify_gradients(g, amp, path="fast")
+    with pytest.raises(ValueError, match="chunk_size"):
+        amplify_gradients(g, amp, chunk_size=0)
+    with pytest.raises(ValueError, match=r"c must be a float or a sequence of 1 floats \(one per gradient\), got 2 values"):
+        amplify_gradients(g, amp, c=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("path", ["pwl", "exact"])
+@pytest.mark.parametrize("eps", [1e-12, 1e-2])
+def test_written_out_hypergradient_equals_autograd(path, eps):
+    """The hand-written vector-Jacobian product that FSDP2 meta-steps use (with no process
+    group its reductions are local) equals autograd through amplify_gradients, including
+    the path through max f, which matters through eps; an empty tensor and a tie for the
+    max (the repeated entries) included."""
+    torch.manual_seed(0)
+    amp = make_amplifier((6, 6), dtype=torch.float64)
+    grads = [torch.randn(5, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64),
+             torch.zeros(0, dtype=torch.float64), torch.randn(4, dtype=torch.float64) * 1e-3,
+             torch.full((3,), 0.7, dtype=torch.float64)]
+    upstream = [torch.randn_like(g) for g in grads]
+    cs = [1.0, 0.5, 1.0, 2.0, 1.0]
+    out = amplify_gradients(grads, amp, c=cs, eps=eps, path=path)
+    expected = torch.autograd.grad(sum((y * u).sum() for y, u in zip(out, upstream)),
+                                   list(amp.parameters()))
+    got = amplify_gradients_vjp(grads, upstream, amp, c=cs, eps=eps, path=path, chunk_size=3)
+    # Some entries are exactly zero in exact arithmetic (the last bias cancels in f - max f)
+    # and come out as rounding noise on either side: compare on the scale of the whole
+    # (fp64; measured error ~2e-15 of it, while a missing or wrong term is O(1)).
+    scale = max(e.abs().max().item() for e in expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-13 * scale)
+
+
+def tied_max_amplifier():
+    """f(x) = -relu(x) + 0 * relu(-x): every x <= 0 attains max f = 0, on a piece whose slope
+    (-w, w the zero weight) still moves with the weights, so the share of the max's
+    derivative that each tied entry gets reaches the hypergradient."""
+    amp = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        amp[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        amp[0].bias.zero_()
+        amp[2].weight.copy_(torch.tensor([[-1.0, 0.0]]))
+        amp[2].bias.zero_()
+    return amp
+
+
+@pytest.mark.parametrize("c", [0.3, 1.0])
+@pytest.mark.parametrize("eps", [1e-2, 0.5])
+def test_tied_maxima_share_the_max_path_evenly_on_every_route(c, eps):
+    """Several entries, at different x, tie for max f. The pwl path's Function and
+    amplify_gradients_vjp must give autograd's hypergradient through the exact path (its
+    max() shares the gradient evenly among ties), for a written-out G_phi as well. The
+    path through max f matters only through eps, hence the large eps values; the gradient
+    is small next to them (norm ~0.2)."""
+    amp = tied_max_amplifier()
+    g = torch.tensor([-0.1, -0.05, -0.02, 0.03, 0.08, -0.15], dtype=F64)
+    v = torch.tensor([0.3, -1.0, 0.5, 2.0, -0.7, 1.1], dtype=F64)
+    params = list(amp.parameters())
+
+    f = amp(g[:, None])[:, 0]  # written out: docs/methods.md with eps
+    u = torch.exp(f - f.max()) * g
+    written = torch.autograd.grad((c * u / (u.norm() + eps) * v).sum(), params)
+    for path in PATHS:
+        out, = amplify_gradients([g], amp, c=c, eps=eps, path=path, chunk_size=4)
+        got = torch.autograd.grad((out * v).sum(), params)
+        vjp = amplify_gradients_vjp([g], [v], amp, c=c, eps=eps, path=path, chunk_size=4)
+        for a, b, e in zip(got, vjp, written):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(b, e, rtol=1e-12, atol=1e-15)
+    # the test has teeth: giving the whole max term to one tied entry moves the zero weight's
+    # hypergradient by a fraction of itself
+    assert written[2][0, 1].abs().item() > 1e-3
+
+
+def test_vjp_rejects_cotangents_of_other_shapes_by_name():
+    amp = make_amplifier((4,))
+    with pytest.raises(ValueError, match=r"cotangents must be tensors of the gradients' shapes \[\(2,\)\], got \[\(3,\)\]"):
+        amplify_gradients_vjp([torch.ones(2)], [torch.ones(3)], amp)
+    with pytest.raises(TypeError, match="cotangents must be a sequence of tensors, got Tensor"):
+        amplify_gradients_vjp([torch.ones(2)], torch.ones(2), amp)
+    with pytest.raises(ValueError, match="path must be one of"):
+        amplify_gradients_vjp([torch.ones(2)], [torch.ones(2)], amp, path="fast")
