@@ -32,6 +32,7 @@ _FILTERS = ("ema", "ma")
 _REDUCTIONS = ("mean", "sum")
 # The state entry whose presence means "this tensor's filter has started".
 _STARTED = {"ema": "ema", "ma": "ma_buffer"}
+_FILTER_KEYS = {"ema": ("ema",), "ma": ("ma_buffer", "ma_sum", "ma_count")}
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -109,7 +110,9 @@ def grokfast_(
         grads: gradient tensors, changed in place.
         states: one dict per gradient (start with empty dicts and pass the same dicts back
             every step); the EMA keeps ``"ema"``, the MA ``"ma_buffer"``, ``"ma_sum"`` and
-            ``"ma_count"``; a filter waiting for ``after_step`` counts in ``"step"``. State
+            ``"ma_count"``; with ``after_step`` a state also keeps ``"step"`` (gradients
+            counted while waiting) and ``"started"`` (0 or 1), and holds the filter's
+            entries (zeros) from its first gradient on, so its keys never change. State
             of bf16/fp16 gradients is kept in fp32.
         filter: ``"ema"`` or ``"ma"``.
         alpha: EMA momentum in [0, 1).
@@ -164,14 +167,13 @@ def grokfast_(
         raise ValueError(f"grads and states must have equal lengths, got {len(grads)} and {len(states)}")
     if not grads:
         return
-    started = _STARTED[filter]
-    if finite is not None and (filter != "ema" or any(started not in s for s in states)):
+    if finite is not None and (filter != "ema" or any(_waiting(s, filter) for s in states)):
         # Creating a state (or counting towards after_step) cannot be undone on the device.
         if not bool(finite):
             return
         finite = None
     if after_step or any("step" in s for s in states):
-        grads, states = _past_after_step(grads, states, started, after_step)
+        grads, states = _past_after_step(grads, states, filter, after_step, window)
         if not grads:
             return
     foreach = True if foreach is None else foreach
@@ -186,24 +188,47 @@ def grokfast_(
 
 
 def _past_after_step(
-    grads: list[Tensor], states: list[dict[str, Any]], started: str, after_step: int
+    grads: list[Tensor], states: list[dict[str, Any]], filter: str, after_step: int, window: int
 ) -> tuple[list[Tensor], list[dict[str, Any]]]:
     """The (grad, state) pairs whose filter runs this call; the others count one more step.
 
     A filter that has started keeps running (raising ``after_step`` later does not stop
-    it); one that has not counts its gradients in ``state["step"]``, dropped at the start.
+    it); one that has not counts its gradients in ``state["step"]``. From its first gradient
+    on, such a state holds the same keys in every phase: ``"step"``, ``"started"`` (0 or 1)
+    and the filter's entries (zeros until the start, then initialised from the gradient as
+    usual). Checkpoint layouts rebuilt from the live optimizer's key names (DCP's flattened
+    one) then carry every entry whichever phase the saved and the live optimizer are in.
     """
     keep_g, keep_s = [], []
     for g, s in zip(grads, states):
-        if started not in s:
-            count = s.get("step", 0) + 1
-            if count <= after_step:
-                s["step"] = count
-                continue
-            s.pop("step", None)
+        if not _waiting(s, filter):
+            keep_g.append(g)
+            keep_s.append(s)
+            continue
+        count = s.get("step", 0) + 1
+        s["step"] = count
+        if count <= after_step:
+            if "started" not in s:
+                if filter == "ema":
+                    s["ema"] = torch.zeros_like(g, dtype=_state_dtype(g.dtype))
+                else:
+                    _ma_prepare(g, s, window)
+                s["started"] = 0
+            continue
+        for key in _FILTER_KEYS[filter]:  # the kernel initialises them from this gradient
+            s.pop(key, None)
+        s["started"] = 1
         keep_g.append(g)
         keep_s.append(s)
     return keep_g, keep_s
+
+
+def _waiting(state: Mapping[str, Any], filter: str) -> bool:
+    """Whether a tensor's filter waits for ``after_step`` (a state saved before the
+    ``"started"`` flag existed waits while it has a ``"step"`` count and no filter entries)."""
+    if "started" in state:
+        return not state["started"]
+    return _STARTED[filter] not in state
 
 
 # ---------------------------------------------------------------------------- EMA
@@ -553,7 +578,8 @@ class Grokfast(GradientTransform):
             if pairs and group["grokfast_filter"] != "ema":
                 return False
             for p, _ in pairs:
-                if "ema" not in self.own_state.get(p, {}) or not inner.state.get(p):
+                own = self.own_state.get(p, {})
+                if "ema" not in own or own.get("started", 1) == 0 or not inner.state.get(p):
                     return False
         return True
 
@@ -615,6 +641,12 @@ class Grokfast(GradientTransform):
                     f"state_dict's grokfast step (gradients counted towards after_step) must "
                     f"be an int >= 0, got {state['step']!r}"
                 )
+        if "started" in state and (isinstance(state["started"], bool)
+                                   or state["started"] not in (0, 1)):
+            raise ValueError(
+                f"state_dict's grokfast started (whether the filter has passed after_step) "
+                f"must be 0 or 1, got {state['started']!r}"
+            )
 
 
 def _check_lr(groups: Sequence[Mapping[str, Any]], default: bool = False) -> None:

@@ -329,9 +329,15 @@ def test_after_step_counts_live_in_the_state_and_survive_a_reload(filt):
     train(model_c, opt_c, batches[3:])
     for p, q in zip(model_a.parameters(), model_c.parameters()):
         assert torch.equal(p, q)
-    started = "grokfast_ema" if filt == "ema" else "grokfast_ma_buffer"
-    assert all(set(opt_c.state[p]) >= {started} and "grokfast_step" not in opt_c.state[p]
-               for p in model_c.parameters())
+    # One set of keys before and after the start (what DCP's flattened layout needs).
+    keys = {"grokfast_step", "grokfast_started"} | (
+        {"grokfast_ema"} if filt == "ema"
+        else {"grokfast_ma_buffer", "grokfast_ma_sum", "grokfast_ma_count"})
+    for p in model_c.parameters():
+        assert keys <= set(opt_c.state[p]) and opt_c.state[p]["grokfast_started"] == 1
+        assert opt_c.state[p]["grokfast_step"] == 6  # counted up to the start, then kept
+    assert all(keys <= set(entries) and entries["grokfast_started"] == 0
+               for entries in sd["state"].values())
 
 
 def test_state_dict_without_the_newer_group_keys_loads_with_the_defaults():
@@ -524,7 +530,8 @@ def test_functional_false_flag_is_as_if_the_call_never_happened(foreach, after_s
             outs.append(t[0].item())
     # mu: 1, 2, 1, 0.5 * 1 + 0.5 * (-2) = -0.5; out g + 2 mu
     assert outs == head + [3.0, 7.0, 2.0, -3.0]
-    assert set(state[0]) == {"ema"} and state[0]["ema"].item() == -0.5
+    keys = {"ema"} | ({"step", "started"} if after_step else set())
+    assert set(state[0]) == keys and state[0]["ema"].item() == -0.5
 
 
 def _run(inner, batches, nonfinite, poison=(), filt="ema", **kw):
