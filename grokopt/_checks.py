@@ -16,7 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_bool", "check_choice", "check_float", "check_int", "check_type", "describe"]
+__all__ = [
+    "check_batch", "check_bool", "check_choice", "check_float", "check_generator", "check_int",
+    "check_model", "check_type", "describe",
+]
 
 
 def describe(value: Any) -> str:
@@ -116,8 +119,6 @@ def check_generator(name: str, value: Any) -> torch.Generator | None:
     return check_type(name, value, (torch.Generator, type(None)), "a torch.Generator or None")
 
 
-__all__.append("check_generator")
-
 
 def check_model(name: str, value: Any) -> Any:
     """A callable model (a map from a batch tensor to outputs); it is not called here."""
@@ -146,5 +147,3 @@ def check_batch(name: str, value: Any) -> Tensor:
                          f"dimension in shape {shape}")
     return value
 
-
-__all__ += ["check_batch", "check_model"]

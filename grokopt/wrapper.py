@@ -267,6 +267,8 @@ class GradientTransform(Optimizer):
     """
 
     _prefix: str = ""
+    #: What :meth:`_transform_gradients` returns to skip the step (also ``grokopt.wrapper.SKIP_STEP``).
+    SKIP_STEP = SKIP_STEP
 
     def __init__(
         self,

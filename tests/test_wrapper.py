@@ -9,6 +9,7 @@ import torch
 
 from contract import WRAPPER_CASES, assert_same_params, make_batches, make_model, state_tensors, train
 from grokopt import AmplifiedOptimizer, GradientTransform, Grokfast
+SKIP_STEP = GradientTransform.SKIP_STEP
 
 
 class CountingScale(GradientTransform):
@@ -176,7 +177,8 @@ def test_groups_without_the_wrappers_keys_get_its_defaults_not_a_key_error():
     assert (saved["grokfast_lamb"], saved["grokfast_after_step"]) == (1.5, 1)
     train(model, opt, make_batches(2))
     assert opt.param_groups[0]["grokfast_lamb"] == 1.5
-    assert set(opt.state[model[0].weight]) == {"grokfast_ema", "exp_avg", "exp_avg_sq", "step"}
+    assert set(opt.state[model[0].weight]) == {
+        "grokfast_ema", "grokfast_step", "grokfast_started", "exp_avg", "exp_avg_sq", "step"}
 
 
 def test_loading_a_plain_state_dict_into_the_wrapper_names_the_upgrade_path():
@@ -220,3 +222,84 @@ def test_optimizers_a_wrapper_cannot_drive_are_refused_at_construction(wrapper, 
     with pytest.raises(ValueError, match=match):
         WRAPPERS[wrapper](opt)
     assert [dict(g) for g in opt.param_groups] == before
+
+
+# ---------------------------------------------------------------- the wrapper protocol
+
+
+class _Counting(GradientTransform):
+    """Counts validations; its transform returns what ``self.answer`` says."""
+
+    _prefix = "count_"
+
+    def __init__(self, optimizer, *, gain=2.0):
+        self.validations = 0
+        self.answer = None
+        super().__init__(optimizer, {"gain": gain})
+
+    def _validate_group(self, options):
+        self.validations += 1
+        gain = options.get("count_gain", 1.0)
+        if not isinstance(gain, torch.Tensor) and not gain > 0:
+            raise ValueError(f"gain must be > 0, got {gain!r}")
+
+    def _transform_gradients(self):
+        for group in self.param_groups:
+            for _, g in self._grads(group):
+                g.mul_(group["count_gain"])
+        return self.answer
+
+
+def _counting(**kw):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = _Counting(torch.optim.SGD([p], lr=0.5), **kw)
+    return p, opt
+
+
+def test_options_are_validated_when_they_change_not_at_every_step():
+    p, opt = _counting()
+    after_init = opt.validations
+    for _ in range(4):
+        p.grad = torch.ones(3)
+        opt.step()
+    assert opt.validations == after_init + 1  # the first step validates, the others compare
+    opt.param_groups[0]["count_gain"] = 3.0
+    p.grad = torch.ones(3)
+    opt.step()
+    assert opt.validations == after_init + 2
+    gain = torch.tensor(2.0)  # tensors compare by identity: the same object is not revalidated
+    opt.param_groups[0]["count_gain"] = gain
+    for _ in range(2):
+        p.grad = torch.ones(3)
+        opt.step()
+    assert opt.validations == after_init + 3
+    opt.param_groups[0]["count_gain"] = -1.0  # invalid between steps: refused before any change
+    before = p.detach().clone()
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="gain must be > 0"):
+        opt.step()
+    assert torch.equal(p, before) and torch.equal(p.grad, torch.ones(3))
+
+
+def test_transform_answers_step_skip_or_found_inf_and_only_the_base_steps():
+    p, opt = _counting()
+    p.grad = torch.ones(3)
+    opt.step()  # None: the inner SGD steps on the transformed gradient, lr 0.5 * 2
+    assert torch.equal(p.detach(), torch.zeros(3))
+    opt.answer = SKIP_STEP
+    p.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(p.detach(), torch.zeros(3))  # skipped
+    opt.answer = True  # the protocol before SKIP_STEP: refused by name, not misread
+    p.grad = torch.ones(3)
+    with pytest.raises(TypeError, match="must return None .* SKIP_STEP"):
+        opt.step()
+    # A device-side found_inf reaches a fused inner optimizer, which skips on True only.
+    q = torch.nn.Parameter(torch.ones(3))
+    fused = _Counting(torch.optim.SGD([q], lr=0.5, fused=True))
+    for flag, expected in ((torch.tensor(True), torch.ones(3)), (torch.tensor(False), torch.zeros(3))):
+        fused.answer = flag
+        q.grad = torch.ones(3)
+        fused.step()
+        assert torch.equal(q.detach(), expected), flag
+    assert not hasattr(fused.optimizer, "found_inf")  # taken off again after the step
