@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._checks import check_choice
 from ._distributed import is_dtensor, shard_groups
 
 __all__ = ["NonFiniteGradientError"]
@@ -39,8 +40,7 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 def check_mode(nonfinite: Any) -> None:
-    if not isinstance(nonfinite, str) or nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+    check_choice("nonfinite", nonfinite, NONFINITE_MODES)
 
 
 def all_finite(grads: Sequence[Tensor], *, exact: bool = True) -> Tensor:

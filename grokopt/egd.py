@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._checks import check_choice, check_int
 from ._distributed import is_dtensor
 from .wrapper import GradientTransform
 
@@ -58,12 +59,8 @@ def polar_factor(g: Tensor, *, method: str = "svd", ns_steps: int = 30) -> Tenso
 
 
 def _check(**options: Any) -> None:
-    method = options.get("method", "svd")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    steps = options.get("ns_steps", 1)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"ns_steps must be an int >= 1, got {steps!r}")
+    check_choice("method", options.get("method", "svd"), _METHODS)
+    check_int("ns_steps", options.get("ns_steps", 1), minimum=1)
 
 
 class EGD(GradientTransform):

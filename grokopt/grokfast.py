@@ -13,7 +13,6 @@ state.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._checks import check_bool, check_choice, check_float, check_int
 from ._nonfinite import NonFiniteGradientError, all_finite, check_mode, screen_step
 from ._distributed import is_dtensor, local_shard
 from .wrapper import SKIP_STEP, GradientTransform
@@ -44,37 +44,15 @@ def _check_options(
     *, alpha: Any, lamb: Any, filter: Any, window: Any, reduction: Any, warmup: Any,
     after_step: Any = 0, normalize_lr: Any = False,
 ) -> None:
-    if filter not in _FILTERS:
-        raise ValueError(f"filter must be one of {_FILTERS}, got {filter!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    for name, value in (("alpha", alpha), ("lamb", lamb)):
-        if isinstance(value, Tensor):
-            if value.ndim != 0 or not value.is_floating_point():
-                raise TypeError(f"{name} given as a tensor must be a 0-d float tensor, got {value!r}")
-            continue  # a range check would force a host sync every step
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}: {value!r}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value!r}")
-    if not isinstance(alpha, Tensor) and not 0.0 <= alpha < 1.0:
-        raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
-    if not isinstance(lamb, Tensor) and lamb < 0:
-        raise ValueError(f"lamb must be >= 0, got {lamb!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an int >= 1, got {window!r}")
-    if not isinstance(warmup, bool):
-        raise TypeError(f"warmup must be a bool, got {type(warmup).__name__}: {warmup!r}")
-    if isinstance(after_step, bool) or not isinstance(after_step, int):
-        raise TypeError(
-            f"after_step must be an int >= 0, got {type(after_step).__name__}: {after_step!r}"
-        )
-    if after_step < 0:
-        raise ValueError(f"after_step must be an int >= 0, got {after_step!r}")
-    if not isinstance(normalize_lr, bool):
-        raise TypeError(
-            f"normalize_lr must be a bool, got {type(normalize_lr).__name__}: {normalize_lr!r}"
-        )
+    check_choice("filter", filter, _FILTERS)
+    check_choice("reduction", reduction, _REDUCTIONS)
+    # A 0-d tensor is not range-checked here: that would force a host sync every step.
+    check_float("alpha", alpha, minimum=0, maximum=1, max_open=True, allow_tensor=True)
+    check_float("lamb", lamb, minimum=0, allow_tensor=True)
+    check_int("window", window, minimum=1)
+    check_bool("warmup", warmup)
+    check_int("after_step", after_step, minimum=0)
+    check_bool("normalize_lr", normalize_lr)
 
 
 def _bucket(
@@ -524,8 +502,7 @@ class Grokfast(GradientTransform):
         restore_grad: bool = True,
     ) -> None:
         check_mode(nonfinite)
-        if foreach is not None and not isinstance(foreach, bool):
-            raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
+        check_bool("foreach", foreach, allow_none=True)
         # 0-d tensor hyperparameters are range-checked here, once (at every step that would
         # cost a host sync); a value assigned to a group later is the caller's to keep sane.
         for name, value in (("alpha", alpha), ("lamb", lamb)):

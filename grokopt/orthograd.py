@@ -12,7 +12,6 @@ the gradient's length, so the inner optimizer's learning rate keeps its meaning.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._checks import check_float
 from ._distributed import is_dtensor
 from .wrapper import GradientTransform
 
@@ -103,8 +103,7 @@ def orthogonalize_(
 
 
 def _check_eps(eps: Any) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    check_float("eps", eps, minimum=0)
 
 
 class OrthoGrad(GradientTransform):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_choice
+
 __all__ = ["StableMaxCrossEntropyLoss", "log_stablemax", "stablemax", "stablemax_cross_entropy"]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -64,8 +66,7 @@ def stablemax_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "me
         >>> stablemax_cross_entropy(logits, torch.tensor([1, 1]), reduction="none")
         tensor([ 0.4055, 27.6310])
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_choice("reduction", reduction, _REDUCTIONS)
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim not in (1, 2):
         raise ValueError(
             f"logits must be a float tensor of shape (batch, classes) or (classes,), got "
@@ -97,8 +98,7 @@ class StableMaxCrossEntropyLoss(nn.Module):
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        check_choice("reduction", reduction, _REDUCTIONS)
         self.reduction = reduction
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:

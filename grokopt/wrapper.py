@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._checks import check_bool
+
 __all__ = ["SKIP_STEP", "GradientTransform"]
 
 # A state_dict's top-level key listing the wrappers, outermost first, that produced it.
@@ -277,11 +279,7 @@ class GradientTransform(Optimizer):
         *,
         restore_grad: bool = True,
     ) -> None:
-        if not isinstance(restore_grad, bool):
-            raise TypeError(
-                f"restore_grad must be a bool, got {type(restore_grad).__name__}: "
-                f"{restore_grad!r}"
-            )
+        check_bool("restore_grad", restore_grad)
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer instance, got "

@@ -600,7 +600,7 @@ def test_set_errors_name_the_key_not_an_arm(tmp_path, capsys) -> None:
         main(["race", *_TINY_ARGS, "--methods", "baseline", "grokfast:alpha=0.9",
               "--set", "lamb=-2", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert "error: argument --set: lamb=-2: lamb must be >= 0, got -2" in err
+    assert "error: argument --set: lamb=-2: lamb must be a finite float >= 0 (or a 0-d float tensor), got -2" in err
 
 
 def test_a_bad_model_argument_is_not_blamed_on_set(tmp_path, capsys) -> None:

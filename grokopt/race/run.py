@@ -54,7 +54,7 @@ def check_config(config: RaceConfig) -> None:
         >>> check_config(RaceConfig(task="a+b", p=7, methods=("grokfast:lamb=-3",)))
         Traceback (most recent call last):
         ...
-        ValueError: methods: arm 'grokfast:lamb=-3': lamb must be >= 0, got -3
+        ValueError: methods: arm 'grokfast:lamb=-3': lamb must be a finite float >= 0 (or a 0-d float tensor), got -3
     """
     device = resolve_device(config.device)
     specs = config.specs()
