@@ -56,9 +56,9 @@ def test_task_aliases_and_errors() -> None:
     assert set(MODULAR_TASKS) == {"a+b", "a-b", "a*b", "a*a-b", "a*c+b*d-e"}
     with pytest.raises(ValueError, match="task: unknown modular task 'a/b'"):
         modular_dataset("a/b")
-    with pytest.raises(ValueError, match="p: expected an int modulus >= 2, got 1"):
+    with pytest.raises(ValueError, match="p must be an int >= 2, got 1"):
         modular_dataset("a+b", 1)
-    with pytest.raises(TypeError, match="p:"):
+    with pytest.raises(TypeError, match="p must be an int >= 2, got float: 7.0"):
         modular_dataset("a+b", 7.0)  # type: ignore[arg-type]
 
 
@@ -221,7 +221,7 @@ def test_mnist_split_depends_on_the_seed_only():
     a, b, c = load_mnist_task(200, seed=1), load_mnist_task(200, seed=1), load_mnist_task(200, seed=2)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_train, b.y_train)
     assert not torch.equal(a.x_train, c.x_train)
-    with pytest.raises(ValueError, match=r"train_size: expected an int in \[10, 4990\], got 5"):
+    with pytest.raises(ValueError, match=r"train_size must be an int >= 10 and <= 4990, got 5"):
         load_mnist_task(5)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._checks import check_choice, check_float, check_int
 from ..tasks import canonical_task
 from .specs import RunSpec, parse_run_spec
 
@@ -82,26 +83,24 @@ class RaceConfig:
     def __post_init__(self) -> None:
         def need(cond: bool, arg: str, value: Any, allowed: str) -> None:
             if not cond:
-                raise ValueError(f"{arg}: got {value!r}; allowed: {allowed}")
+                raise ValueError(f"{arg} must be {allowed}, got {value!r}")
 
-        need(self.model in _MODELS, "model", self.model, ", ".join(_MODELS))
-        need(self.device in DEVICES, "device", self.device, ", ".join(DEVICES))
-        need(self.split in ("grokfast", "neuralgrok"), "split", self.split, "grokfast, neuralgrok")
-        need(self.loss in ("ce", "mse"), "loss", self.loss, "ce, mse")
-        need(self.optimizer in ("adamw", "adam"), "optimizer", self.optimizer, "adamw, adam")
-        need(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, "an int >= 1")
-        need(isinstance(self.eval_every, int) and self.eval_every >= 1, "eval_every",
-             self.eval_every, "an int >= 1")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size",
-             self.batch_size, "an int >= 1")
+        check_choice("model", self.model, _MODELS)
+        check_choice("device", self.device, DEVICES)
+        check_choice("split", self.split, ("grokfast", "neuralgrok"))
+        check_choice("loss", self.loss, ("ce", "mse"))
+        check_choice("optimizer", self.optimizer, ("adamw", "adam"))
+        check_int("steps", self.steps, minimum=1)
+        check_int("eval_every", self.eval_every, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
+        check_float("lr", self.lr, minimum=0, min_open=True)
+        check_float("weight_decay", self.weight_decay, minimum=0)
         need(len(self.thresholds) >= 1 and all(0 < t <= 1 for t in self.thresholds),
              "thresholds", self.thresholds, "one or more values in (0, 1]")
         need(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds",
              self.seeds, "one or more distinct ints")
         need(len(self.methods) >= 1, "methods", self.methods, "one or more method specs")
-        need(self.lr > 0, "lr", self.lr, "a positive float")
-        need(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a float >= 0")
-        need(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an int >= 0")
         labels = [s.strip() for s in self.methods]
         need(len(set(labels)) == len(labels), "methods", self.methods, "distinct method specs")
         if self.task not in IMAGE_TASKS:

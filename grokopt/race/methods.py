@@ -187,7 +187,7 @@ def _apply_egd(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any])
     options = dict(params)
     until = options.pop("until")
     if until is not None and not (isinstance(until, (int, float)) and 0 < until <= 1):
-        raise ValueError(f"until: expected a validation accuracy in (0, 1] or none, got {until!r}")
+        raise ValueError(f"until must be a validation accuracy in (0, 1] or none, got {until!r}")
     opt = EGD(parts.optimizer, **options)
     parts.optimizer = opt
 

@@ -92,11 +92,11 @@ def _check_training_value(key: str, value: Any) -> None:
     # words; checking here names the key and keeps a bad arm from reaching training.
     real = isinstance(value, (int, float)) and not isinstance(value, bool)
     if key == "lr" and not (real and math.isfinite(value) and value > 0):
-        raise ValueError(f"lr: expected a positive float, got {value!r}")
+        raise ValueError(f"lr must be a positive float, got {value!r}")
     if key == "weight_decay" and not (real and math.isfinite(value) and value >= 0):
-        raise ValueError(f"weight_decay: expected a float >= 0, got {value!r}")
+        raise ValueError(f"weight_decay must be a float >= 0, got {value!r}")
     if key == "clip_grad_norm" and not (value is None or (real and math.isfinite(value) and value > 0)):
-        raise ValueError(f"clip: expected a positive float or none, got {value!r}")
+        raise ValueError(f"clip must be a positive float or none, got {value!r}")
 
 
 def hyperparameter_names() -> list[str]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._checks import check_int
 from .._extras import require_race_extra
 
 __all__ = ["DigitsData", "load_digits_task"]
@@ -48,10 +49,7 @@ def load_digits_task(train_size: int = 1024, seed: int = 0) -> DigitsData:
     x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
     n = int(y.shape[0])
-    if isinstance(train_size, bool) or not isinstance(train_size, int):
-        raise TypeError(f"train_size: expected an int in [1, {n - 1}], got {train_size!r}")
-    if not 1 <= train_size < n:
-        raise ValueError(f"train_size: expected an int in [1, {n - 1}], got {train_size}")
+    check_int("train_size", train_size, minimum=1, maximum=n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     tr, te = perm[:train_size], perm[train_size:]
     return DigitsData(x[tr].contiguous(), y[tr], x[te].contiguous(), y[te])

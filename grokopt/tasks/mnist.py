@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import check_int
 from .._extras import require_race_extra
 from .digits import DigitsData
 
@@ -47,10 +48,7 @@ def load_mnist_task(train_size: int = 1024, seed: int = 0) -> DigitsData:
         >>> tuple(d.x_train.shape), tuple(d.x_test.shape), torch.bincount(d.y_train).tolist()
         ((1024, 784), (3976, 784), [102, 103, 102, 102, 103, 103, 102, 103, 102, 102])
     """
-    if isinstance(train_size, bool) or not isinstance(train_size, int):
-        raise TypeError(f"train_size: expected an int in [10, {_N - 10}], got {train_size!r}")
-    if not _CLASSES <= train_size <= _N - _CLASSES:
-        raise ValueError(f"train_size: expected an int in [10, {_N - 10}], got {train_size}")
+    check_int("train_size", train_size, minimum=_CLASSES, maximum=_N - _CLASSES)
     with gzip.open(mnist_5k_path(), "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
     x = torch.as_tensor(table[:, :-1], dtype=torch.float32) / 255.0

@@ -114,7 +114,7 @@ class OmnigrokMLP(nn.Module):
     ) -> None:
         super().__init__()
         if not init_scale > 0:
-            raise ValueError(f"init_scale: expected a positive float, got {init_scale!r}")
+            raise ValueError(f"init_scale must be a positive float, got {init_scale!r}")
         widths = [int(in_dim), *map(int, hidden), int(num_classes)]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._checks import check_float, check_int
+
 __all__ = [
     "MODULAR_TASKS",
     "ModularData",
@@ -128,10 +130,7 @@ def modular_dataset(task: str, p: int | None = None) -> ModularData:
 
 
 def _check_modulus(p: object) -> None:
-    if isinstance(p, bool) or not isinstance(p, int):
-        raise TypeError(f"p: expected an int modulus >= 2, got {type(p).__name__} {p!r}")
-    if p < 2:
-        raise ValueError(f"p: expected an int modulus >= 2, got {p}")
+    check_int("p", p, minimum=2)
 
 
 def _permutation(n: int, seed: int) -> Tensor:
@@ -147,8 +146,7 @@ def grokfast_split(n: int, seed: int, train_fraction: float = 0.5) -> ModularSpl
         >>> len(s.train), len(s.test), len(s.outer)
         (4656, 4656, 0)
     """
-    if not 0.0 < train_fraction < 1.0:
-        raise ValueError(f"train_fraction: expected a value in (0, 1), got {train_fraction!r}")
+    check_float("train_fraction", train_fraction, minimum=0, maximum=1, min_open=True, max_open=True)
     perm = _permutation(n, seed)
     n_train = round(train_fraction * n)
     train = perm[:n_train]
@@ -169,8 +167,7 @@ def neuralgrok_split(
         >>> len(s.test), len(s.inner), len(s.outer), len(s.train)
         (4656, 4563, 93, 4656)
     """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction!r}")
+    check_float("test_fraction", test_fraction, minimum=0, maximum=1, min_open=True, max_open=True)
     if not 0.0 < outer_fraction < 1.0 - test_fraction:
         raise ValueError(
             f"outer_fraction: expected a value in (0, 1 - test_fraction), got {outer_fraction!r}"
