@@ -644,6 +644,30 @@ class GradientTransform(Optimizer):
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing the key {key!r}")
+        self._check_producer(state_dict)
+        by_index = self._match_params(state_dict["param_groups"])
+        inner_state, own_state, wide = self._route_entries(state_dict, by_index)
+        self._check_extra_state_dict(wide)
+
+        inner_sd = {
+            k: v for k, v in state_dict.items()
+            if k not in ("state", _STACK_KEY, self._state_keys_key())
+        }
+        inner_sd["state"] = inner_state
+        stack = state_dict.get(_STACK_KEY)
+        if stack and stack[1:]:
+            inner_sd[_STACK_KEY] = stack[1:]
+        self.optimizer.load_state_dict(inner_sd)
+        self.own_state.clear()
+        self.own_state.update(own_state)
+        self._checked.clear()
+        self._load_extra_state_dict(wide)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _check_producer(self, state_dict: Mapping[str, Any]) -> None:
+        """Refuse a state_dict that this wrapper stack did not produce: a different stack,
+        or (no stack key, as after DCP) groups without any of this wrapper's keys."""
         saved_groups = state_dict["param_groups"]
         if not isinstance(saved_groups, (list, tuple)) or not all(
             isinstance(g, Mapping) for g in saved_groups
@@ -666,6 +690,9 @@ class GradientTransform(Optimizer):
                 f"{list(stack) if stack else 'a plain optimizer'}); load it into the "
                 f"optimizer that saved it{plain}"
             )
+
+    def _match_params(self, saved_groups: list[Mapping[str, Any]]) -> dict[Any, Tensor]:
+        """Saved parameter index -> live parameter, once groups and sizes are checked."""
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"state_dict has {len(saved_groups)} parameter groups, this optimizer has "
@@ -680,8 +707,14 @@ class GradientTransform(Optimizer):
                 )
             self._validate_group(_own_keys(saved, self._prefix))
             params.extend(zip(saved["params"], group["params"]))
-        by_index = dict(params)
+        return dict(params)
 
+    def _route_entries(
+        self, state_dict: Mapping[str, Any], by_index: dict[Any, Tensor]
+    ) -> tuple[dict[Any, Any], dict[Any, Any], dict[str, Any]]:
+        """Split a state_dict's ``state`` by owner, checking each piece: the inner
+        optimizer's entries, this wrapper's own (per parameter and non-parameter keys), and
+        its wrapper-wide entries."""
         own_keys = state_dict.get(self._state_keys_key(), [])
         if not isinstance(own_keys, (list, tuple)) or any(
             not isinstance(k, Hashable) or k not in state_dict["state"] or k in by_index
@@ -743,22 +776,7 @@ class GradientTransform(Optimizer):
                     k: v.to(device=p.device) if isinstance(v, Tensor) else v
                     for k, v in own.items()
                 }
-        self._check_extra_state_dict(wide)
-
-        inner_sd = {
-            k: v for k, v in state_dict.items()
-            if k not in ("state", _STACK_KEY, self._state_keys_key())
-        }
-        inner_sd["state"] = inner_state
-        if stack and stack[1:]:
-            inner_sd[_STACK_KEY] = stack[1:]
-        self.optimizer.load_state_dict(inner_sd)
-        self.own_state.clear()
-        self.own_state.update(own_state)
-        self._checked.clear()
-        self._load_extra_state_dict(wide)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        return inner_state, own_state, wide
 
     def _validate_param_state(self, param: Tensor, state: dict[str, Any]) -> None:
         """Raise ValueError if a loaded per-parameter state does not fit ``param``."""
