@@ -598,10 +598,15 @@ class AmplifiedOptimizer(GradientTransform):
             # torch.distributed.checkpoint loads only the entries its target already has,
             # and a fresh meta-optimizer has none until its first step: show the entries
             # it will have (taken from a copy stepped once), flagged as not started.
-            meta = {**meta, "state": _state_structure(self.meta_optimizer)}
+            probe = self.__dict__.get("_meta_probe")
+            if probe is None:  # the structure never changes: probe once
+                probe = self.__dict__["_meta_probe"] = _state_structure(self.meta_optimizer)
+            meta = {**meta, "state": {i: {k: v.clone() if isinstance(v, Tensor) else v
+                                          for k, v in entries.items()}
+                                      for i, entries in probe.items()}}
         return {
             "neuralgrok_amplifier": {
-                k.replace(".", "/"): v for k, v in self.amplifier.state_dict().items()
+                k.replace(".", ":"): v for k, v in self.amplifier.state_dict().items()
             },
             "neuralgrok_meta_optimizer": {
                 "started": int(started),
@@ -635,7 +640,7 @@ class AmplifiedOptimizer(GradientTransform):
                     f"counters, kept in the state of the first parameter that requires grad)"
                 )
         saved = extra["neuralgrok_amplifier"]
-        own = {k.replace(".", "/"): v for k, v in self.amplifier.state_dict().items()}
+        own = {k.replace(".", ":"): v for k, v in self.amplifier.state_dict().items()}
         if not isinstance(saved, Mapping) or set(saved) != set(own):
             raise ValueError(
                 f"state_dict's neuralgrok_amplifier has keys "
@@ -674,7 +679,7 @@ class AmplifiedOptimizer(GradientTransform):
 
     def _load_extra_state_dict(self, extra: Mapping[str, Any]) -> None:
         self.amplifier.load_state_dict(
-            {k.replace("/", "."): v for k, v in extra["neuralgrok_amplifier"].items()}
+            {k.replace(":", "."): v for k, v in extra["neuralgrok_amplifier"].items()}
         )
         self.meta_optimizer.load_state_dict(self._meta_state_dict(extra["neuralgrok_meta_optimizer"]))
         self._counters = dict(extra["neuralgrok_counters"])

@@ -68,7 +68,7 @@ class _ParamStateView(MutableMapping):
         return self._owner.own_state.get(self._param, {})
 
     def _wide(self) -> tuple[str, ...]:
-        return self._owner._extra_keys() if self._owner._is_anchor(self._param) else ()
+        return tuple(self._owner._wide_entries()) if self._owner._is_anchor(self._param) else ()
 
     def __getitem__(self, key: str) -> Any:
         prefix = self._owner._prefix
@@ -78,7 +78,7 @@ class _ParamStateView(MutableMapping):
             if name in own:
                 return own[name]
             if key in self._wide():
-                return self._owner._extra_state_dict()[key]
+                return self._owner._wide_entries()[key]
             raise KeyError(key)
         inner = self._inner()
         if self._param in inner:
@@ -89,10 +89,8 @@ class _ParamStateView(MutableMapping):
         prefix = self._owner._prefix
         if isinstance(key, str) and key.startswith(prefix):
             if key in self._wide():
-                raise TypeError(
-                    f"{key!r} is {type(self._owner).__name__}'s wrapper-wide state, shown "
-                    f"here for checkpointing; change it through load_state_dict"
-                )
+                self._owner._set_wide_entry(key, value)
+                return
             self._owner.own_state[self._param][key[len(prefix):]] = value
         else:
             self._inner()[self._param][key] = value
@@ -356,6 +354,21 @@ class GradientTransform(Optimizer):
     def _is_anchor(self, param: Tensor) -> bool:
         return bool(self._extra_keys()) and self._anchor() is param
 
+    def _set_wide_entry(self, key: str, value: Any) -> None:
+        """Write one wrapper-wide entry: checked and loaded like a state_dict's (its value
+        is copied into the wrapper's own objects, which keep their device)."""
+        flat = self._wide_entries()
+        flat[key] = value
+        tree = _unflatten_tree(flat)
+        self._check_extra_state_dict(tree)
+        self._load_extra_state_dict(tree)
+
+    def _wide_entries(self) -> dict[str, Any]:
+        """The wrapper-wide state as flat entries: ``"name/key/subkey"`` -> leaf, the form
+        that every torch's DCP flattened layout carries (before torch 2.9 or so it takes no
+        nested dicts in per-parameter state)."""
+        return _flatten_tree(self._extra_state_dict())
+
     # ------------------------------------------------------------------ param groups
 
     @property  # type: ignore[override]
@@ -579,7 +592,7 @@ class GradientTransform(Optimizer):
                 )
             state[key] = entries
             own_keys.append(key)
-        extra = self._extra_state_dict()
+        extra = self._wide_entries()
         if extra:
             anchor = self._anchor()
             if anchor is None:
@@ -646,7 +659,8 @@ class GradientTransform(Optimizer):
                 raise ValueError(f"state_dict is missing the key {key!r}")
         self._check_producer(state_dict)
         by_index = self._match_params(state_dict["param_groups"])
-        inner_state, own_state, wide = self._route_entries(state_dict, by_index)
+        inner_state, own_state, flat = self._route_entries(state_dict, by_index)
+        wide = _unflatten_tree(flat)
         self._check_extra_state_dict(wide)
 
         inner_sd = {
@@ -725,7 +739,7 @@ class GradientTransform(Optimizer):
                 f"are not parameter indices, got {own_keys!r}"
             )
         stack_prefixes = self._stack_prefixes()
-        wide_keys = set(self._extra_keys())
+        roots = set(self._extra_keys())
         inner_state: dict[Any, Any] = {}
         own_state: dict[Any, Any] = {}
         wide: dict[str, Any] = {}
@@ -745,7 +759,7 @@ class GradientTransform(Optimizer):
                 continue
             own, rest = {}, {}
             for k, v in entries.items():
-                if k in wide_keys:
+                if isinstance(k, str) and k.split("/", 1)[0] in roots:
                     wide[k] = v
                     continue
                 if isinstance(v, Mapping) and not v:
@@ -789,9 +803,10 @@ class GradientTransform(Optimizer):
     def _extra_state_dict(self) -> dict[str, Any]:
         """The wrapper-wide state, ``{name: value}`` for each of :meth:`_extra_keys`.
 
-        Each value must survive torch.distributed.checkpoint's flattened layout: a tensor,
-        an int, a float, or a dict of those (nested dicts allowed) with ``str`` keys that
-        contain no ``"."``.
+        Each value is a tensor, an int, a float, or a dict of those (nested dicts allowed)
+        with ``str`` keys that contain no ``"."`` nor ``"/"``: the base stores it flattened,
+        as ``"name/key/subkey"`` entries, which every layout of torch.distributed.checkpoint
+        carries, and hands it back nested to :meth:`_check_extra_state_dict`.
         """
         return {}
 
@@ -912,3 +927,29 @@ def _same_value(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # a value whose == does not give a bool: validate again
         return False
+
+
+def _flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a/b/c": leaf}`` (empty dicts leave no entry)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(_flatten_tree(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _unflatten_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`_flatten_tree`."""
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        *path, last = name.split("/")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"state_dict's entry {name!r} clashes with a value at {part!r}")
+        node[last] = value
+    return out

@@ -121,21 +121,38 @@ def state_tensors(opt: Optimizer) -> dict[str, torch.Tensor]:
 WIDE_KEYS = ("neuralgrok_amplifier", "neuralgrok_meta_optimizer", "neuralgrok_counters")
 
 
-def wide(sd: dict[str, Any]) -> dict[str, Any]:
-    """The wrapper-wide entries of a state_dict (NeuralGrok's amplifier, meta-optimizer and
-    counters), which sit in the state of the anchor parameter (the first that requires
-    grad): that entry itself, so changes to it reach the state_dict."""
+def _is_wide(key: Any) -> bool:
+    return isinstance(key, str) and key.split("/", 1)[0] in WIDE_KEYS
+
+
+def anchor_entry(sd: dict[str, Any]) -> dict[str, Any]:
+    """The state entry that carries the wrapper-wide state (NeuralGrok's amplifier,
+    meta-optimizer and counters, stored flat as "name/key/..." entries): the first
+    parameter's that requires grad. The entry itself, so changes reach the state_dict."""
     found = [entries for entries in sd["state"].values()
-             if isinstance(entries, dict) and any(k in entries for k in WIDE_KEYS)]
+             if isinstance(entries, dict) and any(_is_wide(k) for k in entries)]
     assert len(found) == 1, f"expected the wrapper-wide entries in one parameter's state, got {len(found)}"
     return found[0]
+
+
+def wide(sd: dict[str, Any]) -> dict[str, Any]:
+    """The wrapper-wide state of a state_dict, nested again (a copy)."""
+    out: dict[str, Any] = {}
+    for key, value in anchor_entry(sd).items():
+        if _is_wide(key):
+            *path, last = key.split("/")
+            node = out
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = value
+    return out
 
 
 def per_param(sd: dict[str, Any]) -> dict[Any, dict[str, Any]]:
     """A state_dict's per-parameter entries without the wrapper-wide ones (empty left out)."""
     out = {}
     for index, entries in sd["state"].items():
-        rest = {k: v for k, v in entries.items() if k not in WIDE_KEYS}
+        rest = {k: v for k, v in entries.items() if not _is_wide(k)}
         if rest:
             out[index] = rest
     return out

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from contract import make_batches, make_model, per_param, wide
+from contract import anchor_entry, make_batches, make_model, per_param, wide
 from grokopt import Grokfast, grokfast_
 from grokopt import AmplifiedOptimizer, amplify_gradients, make_amplifier
 
@@ -470,9 +470,9 @@ def test_bad_state_dict_is_rejected_and_changes_nothing():
         return sd
 
     bad = [
-        corrupt(lambda sd: wide(sd)["neuralgrok_amplifier"].update({"0/weight": torch.zeros(3, 3)})),
-        corrupt(lambda sd: wide(sd).pop("neuralgrok_meta_optimizer")),
-        corrupt(lambda sd: wide(sd).update(neuralgrok_counters={"steps": -1, "meta_steps": 0, "last_meta_at": 0})),
+        corrupt(lambda sd: anchor_entry(sd).update({"neuralgrok_amplifier/0:weight": torch.zeros(3, 3)})),
+        corrupt(lambda sd: [anchor_entry(sd).pop(k) for k in list(anchor_entry(sd)) if k.startswith("neuralgrok_meta_optimizer/")]),
+        corrupt(lambda sd: anchor_entry(sd).update({"neuralgrok_counters/steps": -1})),
         corrupt(lambda sd: sd["state"][0].update(neuralgrok_last_grad=torch.zeros(2))),
     ]
     other_model, other = setup(g_hat="last", path="pwl", seed=3)
