@@ -4,23 +4,26 @@ module that needs them. Nothing here is public API.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor, nn
 
-try:  # torch built without distributed support has no DTensor
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover - depends on the torch build
-    _DTensor = None
-
 __all__ = ["all_reduce_mean", "is_dtensor", "local_shard", "shard_groups", "unwrap_ddp", "world_size"]
 
 
 def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a :class:`torch.distributed.tensor.DTensor`."""
-    return _DTensor is not None and isinstance(t, _DTensor)
+    """Whether ``t`` is a :class:`torch.distributed.tensor.DTensor`.
+
+    No DTensor can exist before ``torch.distributed.tensor`` is imported (by FSDP2, or by
+    the user), so that module is looked up, never imported, here: importing it costs
+    about 0.4 s, which ``import grokopt`` must not pay, and the lookup is cheap enough for
+    the per-tensor hot path.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local_shard(t: Tensor) -> Tensor:

@@ -53,6 +53,14 @@ def test_import_grokopt_loads_the_library_only() -> None:
     assert not extras, f"import grokopt loaded optional packages: {extras}"
 
 
+def test_import_grokopt_leaves_dtensor_unimported() -> None:
+    # torch.distributed.tensor costs about half of torch's own import time; the library
+    # recognises DTensors without importing it (none can exist before it is imported).
+    loaded = _fresh("import json, sys, grokopt; "
+                    "print(json.dumps('torch.distributed.tensor' in sys.modules))")
+    assert loaded is False
+
+
 def test_lazy_names_resolve_to_the_tools_objects_and_are_listed() -> None:
     got = _fresh(
         "import json, sys, grokopt; listed = set(dir(grokopt)); "
