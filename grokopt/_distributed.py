@@ -5,13 +5,16 @@ module that needs them. Nothing here is public API.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["all_reduce_mean", "is_dtensor", "local_shard", "shard_groups", "unwrap_ddp", "world_size"]
+__all__ = [
+    "all_reduce_mean", "dtensor_type", "is_dtensor", "local_shard", "local_shards", "shard_groups", "unwrap_ddp",
+    "world_size",
+]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -29,6 +32,21 @@ def is_dtensor(t: Any) -> bool:
 def local_shard(t: Tensor) -> Tensor:
     """A DTensor's local shard (a view: in-place changes reach the DTensor); else ``t``."""
     return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def dtensor_type() -> type | None:
+    """The DTensor class if ``torch.distributed.tensor`` is imported, else None (then no
+    DTensor exists). For hot loops: one lookup, then a plain ``isinstance`` per tensor."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def local_shards(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`local_shard` of each tensor, with one lookup for the whole list."""
+    dtensor = dtensor_type()
+    if dtensor is None:
+        return list(tensors)
+    return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
 def shard_groups(g: Tensor) -> tuple[Any, ...]:

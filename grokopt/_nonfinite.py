@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._checks import check_choice
-from ._distributed import is_dtensor, shard_groups
+from ._distributed import dtensor_type, is_dtensor, local_shards, shard_groups
 
 __all__ = ["NonFiniteGradientError"]
 
@@ -46,36 +46,41 @@ def check_mode(nonfinite: Any) -> None:
 def all_finite(grads: Sequence[Tensor], *, exact: bool = True) -> Tensor:
     """One 0-d bool tensor (on the first grad's device): every entry of every grad is finite.
 
-    The screen is the 2-norm of each tensor (one fast multi-tensor kernel, about as cheap as
-    reading the bytes once): an inf or NaN entry always makes it non-finite, so a finite
-    norm proves the tensor finite. Only a huge but finite tensor (2-norm beyond the float32
-    range, about 1.8e19) can fail the screen wrongly: with ``exact`` (the callers that
-    decide on the host anyway) such a verdict is confirmed per tensor with min/max, so the
-    answer is exact; without it (the device-side skip, no host sync) the step is skipped.
-    The inf-norm would be exact outright but its CPU kernel costs several times more.
+    The screen is torch's own multi-tensor inf/NaN check, the one GradScaler runs
+    (``torch._amp_foreach_non_finite_check_and_unscale_`` with a scale of exactly 1, which
+    leaves every value as it is): one pass over the bytes, exact (a huge but finite value
+    passes), and its verdict stays on the device, so deciding on the host costs one sync
+    and deciding on the device none. ``exact`` is accepted for compatibility; the screen is
+    always exact.
 
-    Empty tensors are left out (FSDP2 gives a rank an empty shard of a parameter with fewer
-    rows than ranks). For DTensor gradients the check runs on the local shards and is then
-    all-reduced over the mesh dimensions they are split along, so every rank takes the same
-    decision (ranks that disagreed would fall out of step and deadlock in the next
-    collective). That reduction, like ``exact``, costs a host sync.
+    For DTensor gradients the check runs on the local shards and is then all-reduced over
+    the mesh dimensions they are split along, so every rank takes the same decision (ranks
+    that disagreed would fall out of step and deadlock in the next collective); that
+    reduction costs a host sync.
     """
     device = grads[0].device
-    local = [g.to_local() if is_dtensor(g) else g for g in grads]
-    nonempty = [g for g in local if g.numel()]
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
-    for g in nonempty:
-        by_dtype[g.dtype].append(g)
-    for dtype, tensors in by_dtype.items():
-        # fp16's range ends at 65504: accumulate low precision in fp32 so that ordinary
-        # gradients do not overflow the screen.
-        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
-        norms = torch._foreach_norm(tensors, ord=2, dtype=acc)
-        finite = finite & torch.stack([n.to(device) for n in norms]).isfinite().all()
-    if exact and nonempty and not bool(finite):
-        finite = _local_flags(nonempty, device).all()
-    return _agree(finite, grads)
+    by_group: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+    for g in local_shards(grads):
+        by_group[(g.device, g.dtype)].append(g)
+    found = None
+    for (dev, _), tensors in by_group.items():
+        flag = torch.zeros(1, device=dev)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, _one(dev))
+        found = flag if found is None else found + flag.to(device)
+    finite = (found == 0).reshape(()) if found is not None else torch.ones(
+        (), dtype=torch.bool, device=device)
+    return _agree(finite.to(device), grads)
+
+
+_ONES: dict[torch.device, Tensor] = {}
+
+
+def _one(device: torch.device) -> Tensor:
+    """A cached 1-element 1.0 on ``device`` (the check's scale)."""
+    one = _ONES.get(device)
+    if one is None:
+        one = _ONES[device] = torch.ones(1, device=device)
+    return one
 
 
 def _local_flags(local: Sequence[Tensor], device: torch.device) -> Tensor:
@@ -89,6 +94,9 @@ def _local_flags(local: Sequence[Tensor], device: torch.device) -> Tensor:
 
 def _agree(flags: Tensor, grads: Sequence[Tensor]) -> Tensor:
     """``flags`` AND-ed over the ranks that hold other shards of the DTensor ``grads``."""
+    dtensor = dtensor_type()
+    if dtensor is None or not any(isinstance(g, dtensor) for g in grads):
+        return flags
     groups = {group for g in grads for group in shard_groups(g)}
     if not groups:
         return flags
@@ -132,7 +140,14 @@ def screen(indexed: Sequence[tuple[int, Tensor, Tensor]], mode: str, owner: str)
 
 
 def screen_step(optimizer: Any, mode: str) -> bool:
-    """:func:`screen` over every parameter of ``optimizer`` that has a gradient."""
+    """:func:`screen` over every parameter of ``optimizer`` that has a gradient.
+
+    The parameters are numbered (for the error message) only when a gradient is not finite.
+    """
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+             if p.grad is not None]
+    if not grads or bool(all_finite(grads)):
+        return True
     params = (p for group in optimizer.param_groups for p in group["params"])
     indexed = [(i, p, p.grad) for i, p in enumerate(params) if p.grad is not None]
     return screen(indexed, mode, type(optimizer).__name__)

@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from ._checks import check_bool, check_choice, check_float, check_int
 from ._nonfinite import NonFiniteGradientError, all_finite, check_mode, screen_step
-from ._distributed import is_dtensor, local_shard
+from ._distributed import is_dtensor, local_shard, local_shards
 from .wrapper import SKIP_STEP, GradientTransform
 
 __all__ = ["Grokfast", "NonFiniteGradientError", "grokfast_"]
@@ -143,6 +143,19 @@ def grokfast_(
             raise TypeError(f"states[{i}] must be a dict (start with {{}}), got {type(s).__name__}")
     if len(grads) != len(states):
         raise ValueError(f"grads and states must have equal lengths, got {len(grads)} and {len(states)}")
+    _filter(grads, states, filter=filter, alpha=alpha, lamb=lamb, window=window,
+            reduction=reduction, warmup=warmup, after_step=after_step, foreach=foreach,
+            finite=finite)
+
+
+def _filter(
+    grads: list[Tensor], states: list[dict[str, Any]], *, filter: str, alpha: Any, lamb: Any,
+    window: int, reduction: str, warmup: bool, after_step: int, foreach: bool | None,
+    finite: Tensor | None, buckets: list[list[int]] | None = None,
+) -> None:
+    """:func:`grokfast_` on checked arguments (the wrapper checks its options when they
+    change, not at every step). ``buckets``: indices of ``grads`` grouped by device and
+    dtype, when the caller knows them."""
     if not grads:
         return
     if finite is not None and (filter != "ema" or any(_waiting(s, filter) for s in states)):
@@ -151,17 +164,26 @@ def grokfast_(
             return
         finite = None
     if after_step or any("step" in s for s in states):
+        n = len(grads)
         grads, states = _past_after_step(grads, states, filter, after_step, window)
         if not grads:
             return
+        if len(grads) != n:
+            buckets = None
     foreach = True if foreach is None else foreach
+    if buckets is None:
+        split = list(_bucket(grads, states).values())
+    elif len(buckets) == 1:
+        split = [(grads, states)]
+    else:
+        split = [([grads[i] for i in b], [states[i] for i in b]) for b in buckets]
     if filter == "ema":
         kernel = _ema_foreach if foreach else _ema_reference
-        for gs, ss in _bucket(grads, states).values():
+        for gs, ss in split:
             kernel(gs, ss, alpha, lamb, finite)
     else:
         kernel_ma = _ma_foreach if foreach else _ma_reference
-        for gs, ss in _bucket(grads, states).values():
+        for gs, ss in split:
             kernel_ma(gs, ss, window, lamb, reduction, warmup)
 
 
@@ -250,8 +272,8 @@ def _ema_foreach(
         _ema_init(g, state)
     # Elementwise: run on the local shards of DTensors (FSDP2), as the MA path does; torch
     # before 2.11 has no DTensor rule for _foreach_lerp_.
-    grads = [local_shard(g) for g in grads]
-    mus = [local_shard(s["ema"]) for s in states]
+    grads = local_shards(grads)
+    mus = local_shards([s["ema"] for s in states])
     low_precision = mus[0].dtype != grads[0].dtype
     src = [g.to(mus[0].dtype) for g in grads] if low_precision else grads
     weight: Any = 1 - alpha
@@ -386,9 +408,9 @@ def _ma_foreach(
 ) -> None:
     for g, state in zip(grads, states):
         _ma_prepare(g, state, window)
-    local = [local_shard(g) for g in grads]
-    bufs = [local_shard(s["ma_buffer"]) for s in states]
-    sums = [local_shard(s["ma_sum"]) for s in states]
+    local = local_shards(grads)
+    bufs = local_shards([s["ma_buffer"] for s in states])
+    sums = local_shards([s["ma_sum"] for s in states])
     dtype = sums[0].dtype
     src = [g.to(dtype) for g in local] if dtype != local[0].dtype else local
     slots = [b[s["ma_count"] % window] for b, s in zip(bufs, states)]
@@ -566,9 +588,11 @@ class Grokfast(GradientTransform):
         for group, pairs in groups:
             if not pairs:
                 continue
-            grokfast_(
+            params = [p for p, _ in pairs]
+            _filter(
                 [grad for _, grad in pairs],
-                [self.own_state[p] for p, _ in pairs],
+                [self.own_state[p] for p in params],
+                buckets=self._buckets(params),
                 filter=group["grokfast_filter"],
                 alpha=group["grokfast_alpha"],
                 lamb=group["grokfast_lamb"],
@@ -579,6 +603,21 @@ class Grokfast(GradientTransform):
                 foreach=self.foreach,
                 finite=finite,
             )
+
+    def _buckets(self, params: list[Tensor]) -> list[list[int]]:
+        """Indices of ``params`` grouped by device and dtype (a gradient has its
+        parameter's), cached for the set of parameters that have gradients."""
+        key = tuple(map(id, params))
+        cache = self.__dict__.setdefault("_bucket_cache", {})
+        found = cache.get(key)
+        if found is None:
+            groups: dict[Any, list[int]] = defaultdict(list)
+            for i, p in enumerate(params):
+                groups[(p.device, p.dtype)].append(i)
+            if len(cache) > 8:  # parameter sets that come and go: keep the cache small
+                cache.clear()
+            found = cache[key] = list(groups.values())
+        return found
 
     @contextlib.contextmanager
     def _inner_step_context(self) -> Iterator[None]:

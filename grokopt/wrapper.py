@@ -423,16 +423,19 @@ class GradientTransform(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_groups()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients; use "
-                        f"dense gradients (e.g. nn.Embedding(sparse=False))"
-                    )
+        users = [(p, p.grad) for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        if any(g.is_sparse for _, g in users):
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients; use "
+                f"dense gradients (e.g. nn.Embedding(sparse=False))"
+            )
         # Called by an outer wrapper, the gradients are already its scratch copies.
         restore = self.restore_grad and not self.__dict__.get("_nested", False)
-        users = self._swap_in_scratch() if restore else []
+        if restore:
+            self._swap_in_scratch(users)
+        else:
+            users = []
         try:
             found_inf = self._transform_gradients()
             if isinstance(found_inf, bool):
@@ -471,17 +474,14 @@ class GradientTransform(Optimizer):
         for key in [k for k in checked if k not in live]:
             del checked[key]
 
-    def _swap_in_scratch(self) -> list[tuple[Tensor, Tensor]]:
-        """Point every ``p.grad`` at a copy; return the user's (param, grad) pairs.
+    def _swap_in_scratch(self, users: list[tuple[Tensor, Tensor]]) -> None:
+        """Point every ``p.grad`` of the (param, grad) pairs at a copy.
 
         Pointer swaps, not copies back: the user gets the very tensor backward wrote (a
         DDP bucket view stays one), and the copies are freed when the step ends.
         """
-        users = [(p, p.grad) for group in self.param_groups for p in group["params"]
-                 if p.grad is not None]
         for p, g in users:
             p.grad = g.clone()
-        return users
 
     def _transform_gradients(self) -> Tensor | _Skip | None:
         """Transform ``p.grad`` in place for every parameter, and say how the step goes on.
@@ -826,7 +826,7 @@ class GradientTransform(Optimizer):
         return {
             k: v for k, v in self.__dict__.items()
             if not k.startswith("_optimizer_")
-            and k not in ("step", "_opt_called", "_nested", "_checked")
+            and k not in ("step", "_opt_called", "_nested", "_checked", "_bucket_cache")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
