@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from ._checks import check_bool, check_choice, check_float, check_int
 from ._nonfinite import NonFiniteGradientError, all_finite, check_mode, screen_step
-from ._distributed import is_dtensor, local_shard, local_shards
+from ._distributed import dtensor_type, is_dtensor, local_shard, local_shards
 from .wrapper import SKIP_STEP, GradientTransform
 
 __all__ = ["Grokfast", "NonFiniteGradientError", "grokfast_"]
@@ -266,8 +266,12 @@ def _ema_reference(
 
 
 def _ema_foreach(
-    grads: list[Tensor], states: list[dict[str, Any]], alpha: Any, lamb: Any, finite: Tensor | None
-) -> None:
+    grads: list[Tensor], states: list[dict[str, Any]], alpha: Any, lamb: Any, finite: Tensor | None,
+    out_of_place: bool = False,
+) -> list[Tensor] | None:
+    """The EMA filter over one device/dtype bucket. With ``out_of_place`` the gradients are
+    read only and the filtered ones are returned (None where lamb is 0: unchanged), so that
+    a caller who must give the user's gradients back needs no copy of them."""
     for g, state in zip(grads, states):
         _ema_init(g, state)
     # Elementwise: run on the local shards of DTensors (FSDP2), as the MA path does; torch
@@ -289,13 +293,18 @@ def _ema_foreach(
         else:
             torch._foreach_copy_(mus, [torch.where(finite, n, m) for n, m in zip(new, mus)])
     if not _amplifies(lamb):
-        return
+        return None
+    if out_of_place:  # plain tensors of the state's dtype only (see Grokfast._filter)
+        if isinstance(lamb, Tensor):
+            return torch._foreach_add(grads, torch._foreach_mul(mus, lamb))
+        return torch._foreach_add(grads, mus, alpha=lamb)
     if low_precision:
         torch._foreach_copy_(grads, _add_scaled(src, mus, lamb))
     elif isinstance(lamb, Tensor):
         torch._foreach_add_(grads, torch._foreach_mul(mus, lamb))
     else:
         torch._foreach_add_(grads, mus, alpha=lamb)
+    return None
 
 
 def _amplifies(lamb: Any) -> bool:
@@ -582,13 +591,34 @@ class Grokfast(GradientTransform):
                     return False
         return True
 
+    # With restore_grad the filter gives the user's gradients back itself: the EMA writes
+    # its output to new tensors (one pass, where a copy and then an in-place add take two);
+    # other paths copy first.
+    _makes_scratch = True
+
     def _filter(
         self, groups: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]], finite: Tensor | None
     ) -> None:
+        scratch = self._making_scratch()
         for group, pairs in groups:
             if not pairs:
                 continue
             params = [p for p, _ in pairs]
+            if scratch:
+                states = [self.own_state[p] for p in params]
+                if self._out_of_place_ok(group, pairs, states):
+                    for bucket in self._buckets(params):
+                        out = _ema_foreach([pairs[i][1] for i in bucket],
+                                           [states[i] for i in bucket],
+                                           group["grokfast_alpha"], group["grokfast_lamb"],
+                                           finite, out_of_place=True)
+                        if out is not None:
+                            for i, o in zip(bucket, out):
+                                params[i].grad = o
+                    continue
+                pairs = [(p, g.clone()) for p, g in pairs]
+                for p, g in pairs:
+                    p.grad = g
             _filter(
                 [grad for _, grad in pairs],
                 [self.own_state[p] for p in params],
@@ -603,6 +633,22 @@ class Grokfast(GradientTransform):
                 foreach=self.foreach,
                 finite=finite,
             )
+
+    def _out_of_place_ok(self, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]],
+                         states: list[dict[str, Any]]) -> bool:
+        """Whether a group takes the out-of-place EMA: the foreach EMA on plain tensors
+        of the state's dtype, every filter already running (none new, none waiting for
+        after_step: those take the general path, which creates or starts them)."""
+        if group["grokfast_filter"] != "ema" or self.foreach is False:
+            return False
+        if not all("ema" in st for st in states) or any("started" in st and not st["started"]
+                                                         for st in states):
+            return False
+        dtensor = dtensor_type()
+        if dtensor is not None and any(isinstance(g, dtensor) for _, g in pairs):
+            return False
+        return states[0]["ema"].dtype == pairs[0][1].dtype and all(
+            p.dtype not in (torch.float16, torch.bfloat16) for p, _ in pairs)
 
     def _buckets(self, params: list[Tensor]) -> list[list[int]]:
         """Indices of ``params`` grouped by device and dtype (a gradient has its

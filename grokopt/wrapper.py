@@ -432,10 +432,12 @@ class GradientTransform(Optimizer):
             )
         # Called by an outer wrapper, the gradients are already its scratch copies.
         restore = self.restore_grad and not self.__dict__.get("_nested", False)
-        if restore:
-            self._swap_in_scratch(users)
-        else:
+        if not restore:
             users = []
+        elif self._makes_scratch:
+            self._scratch_owed = True
+        else:
+            self._swap_in_scratch(users)
         try:
             found_inf = self._transform_gradients()
             if isinstance(found_inf, bool):
@@ -447,9 +449,21 @@ class GradientTransform(Optimizer):
             if found_inf is not SKIP_STEP:
                 self._inner_step(found_inf)
         finally:
+            self.__dict__.pop("_scratch_owed", None)
             for p, g in users:
                 p.grad = g
         return loss
+
+    #: Whether the transform gives the user's gradients back by itself under
+    #: ``restore_grad``: it never writes into them, and points ``p.grad`` at new tensors
+    #: for what it changes (see :meth:`_making_scratch`). Otherwise the base copies every
+    #: gradient first.
+    _makes_scratch: bool = False
+
+    def _making_scratch(self) -> bool:
+        """Whether this step's transform must leave the gradients it is given unwritten
+        (``restore_grad`` under a wrapper with ``_makes_scratch``)."""
+        return self.__dict__.get("_scratch_owed", False)
 
     def _check_groups(self) -> None:
         """Fill in missing defaults and validate each group's options once per change.
@@ -826,7 +840,8 @@ class GradientTransform(Optimizer):
         return {
             k: v for k, v in self.__dict__.items()
             if not k.startswith("_optimizer_")
-            and k not in ("step", "_opt_called", "_nested", "_checked", "_bucket_cache")
+            and k not in ("step", "_opt_called", "_nested", "_checked", "_bucket_cache",
+                          "_scratch_owed")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
