@@ -95,6 +95,14 @@ def assert_same_params(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(p, q), f"parameter {name} differs"
 
 
+def assert_same_state(a: Optimizer, b: Optimizer) -> None:
+    """Two optimizers hold the same state, every tensor equal bit for bit."""
+    sa, sb = state_tensors(a), state_tensors(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
 def state_tensors(opt: Optimizer) -> dict[str, torch.Tensor]:
     """Every tensor of a state_dict's per-parameter state, flattened to 'index/key' names,
     for exact comparison (entries under keys that are not parameter indices are left out)."""

@@ -17,6 +17,7 @@ from torch.optim.optimizer import (
 )
 
 from contract import (
+    assert_same_state,
     INNER_OPTIMIZERS,
     WRAPPER_CASES,
     assert_same_params,
@@ -57,10 +58,7 @@ def test_state_dict_round_trip_continues_exactly(case, inner):
     train(model_c, opt_c, batches[4:], case)
 
     assert_same_params(model_a, model_c)
-    sa, sc = state_tensors(opt_a), state_tensors(opt_c)
-    assert sa.keys() == sc.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sc[key]), key
+    assert_same_state(opt_a, opt_c)
 
 
 @pytest.mark.parametrize("inner", ["sgd", "adamw-foreach"])
@@ -514,10 +512,7 @@ def test_flattened_dcp_state_dict_round_trip_continues_exactly(case, inner):
     set_optimizer_state_dict(model_c, opt_c, flat, options=options)
     train(model_c, opt_c, batches[4:], case)
     assert_same_params(model_a, model_c)
-    sa, sc = state_tensors(opt_a), state_tensors(opt_c)
-    assert sa.keys() == sc.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sc[key]), key
+    assert_same_state(opt_a, opt_c)
 
 
 def _count_tensors(tree) -> int:
