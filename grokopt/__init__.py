@@ -38,7 +38,7 @@ from .jacobian import (
 )
 from .wrapper import GradientTransform
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Tool names, resolved by __getattr__ on first use: name -> the module that defines it.
 _LAZY = {

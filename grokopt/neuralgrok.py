@@ -632,6 +632,26 @@ class AmplifiedOptimizer(GradientTransform):
                              for i, g in enumerate(live["param_groups"])],
         }
 
+    def _legacy_extra_state(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        amp = state_dict.get("neuralgrok_amplifier")
+        meta = state_dict.get("neuralgrok_meta_optimizer")
+        counters = state_dict.get("neuralgrok_counters")
+        if not (isinstance(amp, Mapping) and isinstance(meta, Mapping)
+                and isinstance(counters, Mapping)):
+            return {}
+        groups = meta.get("param_groups", [])
+        return {
+            "neuralgrok_amplifier": {str(k).replace(".", ":"): v for k, v in amp.items()},
+            "neuralgrok_meta_optimizer": {
+                "started": int(bool(meta.get("state"))),
+                "state": {str(i): dict(v) for i, v in meta.get("state", {}).items()},
+                "groups": {str(i): {k: v for k, v in g.items()
+                                    if isinstance(v, (Tensor, int, float)) and k != "params"}
+                           for i, g in enumerate(groups) if isinstance(g, Mapping)},
+            },
+            "neuralgrok_counters": dict(counters),
+        }
+
     def _check_extra_state_dict(self, extra: Mapping[str, Any]) -> None:
         for key in self._extra_keys():
             if key not in extra:

@@ -671,15 +671,16 @@ class GradientTransform(Optimizer):
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing the key {key!r}")
+        state_dict = _drop_legacy_mirror(state_dict)
         self._check_producer(state_dict)
         by_index = self._match_params(state_dict["param_groups"])
         inner_state, own_state, flat = self._route_entries(state_dict, by_index)
-        wide = _unflatten_tree(flat)
+        wide = _unflatten_tree(flat) or self._legacy_extra_state(state_dict)
         self._check_extra_state_dict(wide)
 
         inner_sd = {
             k: v for k, v in state_dict.items()
-            if k not in ("state", _STACK_KEY, self._state_keys_key())
+            if k not in ("state", _STACK_KEY, self._state_keys_key(), *self._extra_keys())
         }
         inner_sd["state"] = inner_state
         stack = state_dict.get(_STACK_KEY)
@@ -822,6 +823,11 @@ class GradientTransform(Optimizer):
         as ``"name/key/subkey"`` entries, which every layout of torch.distributed.checkpoint
         carries, and hands it back nested to :meth:`_check_extra_state_dict`.
         """
+        return {}
+
+    def _legacy_extra_state(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """The wrapper-wide state of a checkpoint written by grokopt 0.1, which kept it at
+        the state_dict's top level, converted to the current form ({} if there is none)."""
         return {}
 
     def _check_extra_state_dict(self, extra: Mapping[str, Any]) -> None:
@@ -968,3 +974,19 @@ def _unflatten_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"state_dict's entry {name!r} clashes with a value at {part!r}")
         node[last] = value
     return out
+
+
+# grokopt 0.1 also copied a wrapper's top-level state_dict entries into param_groups[0]
+# under this key (as torch.save bytes) for torch.distributed.checkpoint; the state now
+# lives where DCP keeps it, and the copy of an old checkpoint is dropped on load.
+_LEGACY_MIRROR_KEY = "grokopt_top_level"
+
+
+def _drop_legacy_mirror(state_dict: dict[str, Any]) -> dict[str, Any]:
+    groups = state_dict.get("param_groups")
+    if isinstance(groups, (list, tuple)) and any(
+        isinstance(g, Mapping) and _LEGACY_MIRROR_KEY in g for g in groups
+    ):
+        return {**state_dict, "param_groups": [
+            {k: v for k, v in g.items() if k != _LEGACY_MIRROR_KEY} for g in groups]}
+    return state_dict

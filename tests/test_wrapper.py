@@ -300,3 +300,40 @@ def test_transform_answers_step_skip_or_found_inf_and_only_the_base_steps():
         fused.step()
         assert torch.equal(q.detach(), expected), flag
     assert not hasattr(fused.optimizer, "found_inf")  # taken off again after the step
+
+
+# ---------------------------------------------------------------- checkpoints of grokopt 0.1
+
+
+def test_a_checkpoint_of_grokopt_0_1_loads_and_continues_as_0_1_did():
+    """grokopt 0.1 kept NeuralGrok's amplifier, meta-optimizer and counters at the
+    state_dict's top level and mirrored them into param_groups[0]. The file was written by
+    0.1 itself (tests/data/make_grokopt_0_1_checkpoint.py, run on that release), with the
+    parameters 0.1 reached by training on from it: loading it here and training on the same
+    batches must reach them bit for bit."""
+    from pathlib import Path
+
+    from contract import make_batches, make_model
+
+    saved = torch.load(Path(__file__).parent / "data" / "grokopt-0.1-neuralgrok-over-grokfast.pt",
+                       weights_only=True)
+    assert saved["grokopt_version"] == "0.1.0"
+    assert "grokopt_top_level" in saved["optimizer"]["param_groups"][0]  # really the old form
+    batches = make_batches(8)
+    model = make_model(5)
+    model.load_state_dict(saved["model"])
+    opt = AmplifiedOptimizer(Grokfast(torch.optim.AdamW(model.parameters(), lr=1e-2), alpha=0.9),
+                             hidden=(4,), meta_every=2, g_hat="last")
+    with torch.no_grad():
+        for p in opt.amplifier.parameters():
+            p.add_(1.0)  # everything must come from the checkpoint
+    opt.load_state_dict(saved["optimizer"])
+    assert opt.meta_steps == 2 and opt.steps == 4
+    assert "grokopt_top_level" not in opt.param_groups[0]
+    for i, (x, y) in enumerate(batches[4:]):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.maybe_meta_step(model, lambda fwd, x=x, y=y: torch.nn.functional.mse_loss(fwd(x), y))
+    for p, q in zip(model.parameters(), saved["continued"]):
+        assert torch.equal(p, q)
