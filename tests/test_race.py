@@ -742,3 +742,14 @@ def test_warmup_keeps_the_base_lr_for_neuralgroks_lookahead(tmp_path: Path) -> N
     groups = state["runs"][0]["optimizer"]["param_groups"]
     assert all(g["initial_lr"] == 1e-3 for g in groups)
     assert all(g["lr"] == pytest.approx(1e-3 * 3 / 10) for g in groups)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(log_every=-1), ValueError, r"log_every must be a finite float >= 0 or None, got -1"),
+    (dict(log_every=True), TypeError, r"log_every must be .*, got bool: True"),
+    (dict(checkpoint_every=0), ValueError, r"checkpoint_every must be a finite float > 0, got 0"),
+    (dict(checkpoint_every="30"), TypeError, r"checkpoint_every must be .*, got str: '30'"),
+])
+def test_run_race_refuses_bad_timing_arguments_by_name(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        run_race(RaceConfig(**TINY), **kwargs)

@@ -19,7 +19,6 @@ or from the command line: ``grokopt race --help``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import threading
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .._checks import check_float
 from .config import IMAGE_TASKS, RaceConfig
 from .device import cuda_ids, environment, resolve_device
 from .engine import Run, load_data
@@ -143,13 +143,8 @@ def run_race(
         [4]
     """
     cfg = config if config is not None else RaceConfig()
-    if log_every is not None and not (isinstance(log_every, (int, float))
-                                      and not isinstance(log_every, bool)
-                                      and math.isfinite(log_every) and log_every >= 0):
-        raise ValueError(f"log_every: expected None or seconds >= 0, got {log_every!r}")
-    if not (isinstance(checkpoint_every, (int, float)) and not isinstance(checkpoint_every, bool)
-            and checkpoint_every > 0):
-        raise ValueError(f"checkpoint_every: expected seconds > 0, got {checkpoint_every!r}")
+    check_float("log_every", log_every, minimum=0, allow_none=True)
+    check_float("checkpoint_every", checkpoint_every, minimum=0, min_open=True)
     device = resolve_device(cfg.device)
     specs = cfg.specs()
     out = Path(out_dir) if out_dir is not None else None
@@ -183,13 +178,7 @@ def run_race(
             resumed = True
 
         def save() -> None:
-            if ckpt is None:
-                return
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"format_version": FORMAT_VERSION, "fingerprint": cfg.fingerprint(),
-                        "config": cfg.to_dict(), "runs": [r.state_dict() for r in runs]}, tmp)
-            os.replace(tmp, ckpt)
+            _save_checkpoint(ckpt, cfg, runs)
 
         previous = None
         if handle_sigint and threading.current_thread() is threading.main_thread():
@@ -201,36 +190,13 @@ def run_race(
             previous = signal.signal(signal.SIGINT, on_sigint)
         title = f"grokopt race '{cfg.name}': {cfg.task}" + (
             f" mod {cfg.p}" if cfg.task not in IMAGE_TASKS else "") + f" on {device}"
-        last_save = time.monotonic()
         try:
             with Reporter(progress, log_every, runs, title) as report:
                 if resumed:
                     for run in runs:
                         report.note(f"{run.spec.label} s{run.seed}: resumed from step "
                                     f"{run.step}" + (" (finished)" if run.done else ""))
-                while not stop.is_set():
-                    active = [r for r in runs if not r.done]
-                    if not active:
-                        break
-                    for run in active:
-                        if run.step == 0 and not run.curve["step"]:
-                            run.evaluate()  # the starting point of every curve
-                            report.update(run)
-                            if run.done:
-                                continue
-                        target = min(cfg.steps, (run.step // cfg.eval_every + 1) * cfg.eval_every)
-                        run.train_until(target, stop)
-                        if stop.is_set():
-                            break
-                        run.evaluate()
-                        report.update(run)
-                        if callback is not None:
-                            callback({"label": run.spec.label, "seed": run.seed,
-                                      "step": run.step, "train_acc": run.curve["train_acc"][-1],
-                                      "val_acc": run.curve["val_acc"][-1], "done": run.done})
-                    if not stop.is_set() and time.monotonic() - last_save > checkpoint_every:
-                        save()
-                        last_save = time.monotonic()
+                _round_robin(cfg, runs, stop, report, callback, save, checkpoint_every)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -247,3 +213,45 @@ def run_race(
     if out is not None:
         result.files = write_outputs(result, out)
     return result
+
+
+def _round_robin(cfg: RaceConfig, runs: list[Run], stop: threading.Event, report: Reporter,
+                 callback: Callable[[dict[str, Any]], None] | None,
+                 save: Callable[[], None], checkpoint_every: float) -> None:
+    """Advance every unfinished run ``eval_every`` steps at a time until all are done or
+    ``stop`` is set, evaluating after each chunk and saving every ``checkpoint_every`` s."""
+    last_save = time.monotonic()
+    while not stop.is_set():
+        active = [r for r in runs if not r.done]
+        if not active:
+            break
+        for run in active:
+            if run.step == 0 and not run.curve["step"]:
+                run.evaluate()  # the starting point of every curve
+                report.update(run)
+                if run.done:
+                    continue
+            target = min(cfg.steps, (run.step // cfg.eval_every + 1) * cfg.eval_every)
+            run.train_until(target, stop)
+            if stop.is_set():
+                break
+            run.evaluate()
+            report.update(run)
+            if callback is not None:
+                callback({"label": run.spec.label, "seed": run.seed,
+                          "step": run.step, "train_acc": run.curve["train_acc"][-1],
+                          "val_acc": run.curve["val_acc"][-1], "done": run.done})
+        if not stop.is_set() and time.monotonic() - last_save > checkpoint_every:
+            save()
+            last_save = time.monotonic()
+
+
+def _save_checkpoint(ckpt: Path | None, cfg: RaceConfig, runs: list[Run]) -> None:
+    """Write the race's checkpoint atomically (a temporary file, then a rename)."""
+    if ckpt is None:
+        return
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.with_suffix(".tmp")
+    torch.save({"format_version": FORMAT_VERSION, "fingerprint": cfg.fingerprint(),
+                "config": cfg.to_dict(), "runs": [r.state_dict() for r in runs]}, tmp)
+    os.replace(tmp, ckpt)
