@@ -516,16 +516,24 @@ def test_diagnostics_curves(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_default_race_shows_grokking_and_a_speedup() -> None:
+def test_default_race_is_what_the_readme_says() -> None:
+    """The README's account of the default race (a*b mod 97 at weight decay 1.0 in every
+    arm): every arm reaches 95% validation accuracy; the baseline's validation accuracy
+    follows its training accuracy within about a thousand steps (no long memorised plateau
+    at this weight decay: that is the MNIST race); both Grokfast filters get there in
+    fewer steps than the baseline, seed by seed."""
     result = run_race(RaceConfig())
-    runs = {r["label"]: r for r in result.runs}
-    base = runs["baseline"]
-    train99 = next(s for s, a in zip(base["curve"]["step"], base["curve"]["train_acc"]) if a >= 0.99)
-    # Grokking: the training set is memorised long before validation accuracy rises.
-    assert base["steps_to"]["0.95"] is not None and base["steps_to"]["0.95"] > 1.5 * train99
-    others = [r for label, r in runs.items() if label != "baseline"]
-    assert all(r["steps_to"]["0.95"] is not None for r in others)
-    assert min(r["steps_to"]["0.95"] for r in others) < base["steps_to"]["0.95"]
+    by = {(r["label"], r["seed"]): r for r in result.runs}
+    for seed in RaceConfig().seeds:
+        base = by[("baseline", seed)]
+        curve = base["curve"]
+        train99 = next(s for s, a in zip(curve["step"], curve["train_acc"]) if a >= 0.99)
+        assert base["steps_to"]["0.95"] is not None
+        assert base["steps_to"]["0.95"] - train99 <= 1500
+        for label in RaceConfig().methods:
+            assert by[(label, seed)]["steps_to"]["0.95"] is not None, label
+        for label in ("grokfast", "grokfast-ma"):
+            assert by[(label, seed)]["steps_to"]["0.95"] < base["steps_to"]["0.95"], label
 
 
 # --------------------------------------------------------------------------------------------
