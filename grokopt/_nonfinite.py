@@ -139,13 +139,15 @@ def screen(indexed: Sequence[tuple[int, Tensor, Tensor]], mode: str, owner: str)
     )
 
 
-def screen_step(optimizer: Any, mode: str) -> bool:
+def screen_step(optimizer: Any, mode: str, grads: Sequence[Tensor] | None = None) -> bool:
     """:func:`screen` over every parameter of ``optimizer`` that has a gradient.
 
-    The parameters are numbered (for the error message) only when a gradient is not finite.
+    ``grads``: those gradients, in parameter order, when the caller has them at hand. The
+    parameters are numbered (for the error message) only when a gradient is not finite.
     """
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
-             if p.grad is not None]
+    if grads is None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
     if not grads or bool(all_finite(grads)):
         return True
     params = (p for group in optimizer.param_groups for p in group["params"])

@@ -557,7 +557,8 @@ class Grokfast(GradientTransform):
 
     def _transform_gradients(self) -> Tensor | object | None:
         _check_lr(self.param_groups)
-        groups = [(g, list(self._grads(g))) for g in self.param_groups]
+        groups = [(g, [(p, p.grad) for p in g["params"] if p.grad is not None])
+                  for g in self.param_groups]
         grads = [grad for _, pairs in groups for _, grad in pairs]
         if not grads:
             return None
@@ -567,7 +568,7 @@ class Grokfast(GradientTransform):
             finite = all_finite(grads, exact=False)
             self._filter(groups, finite)
             return ~finite
-        if not screen_step(self, self.nonfinite):
+        if not screen_step(self, self.nonfinite, grads):
             return SKIP_STEP
         self._filter(groups, None)
         return None
@@ -641,8 +642,7 @@ class Grokfast(GradientTransform):
         after_step: those take the general path, which creates or starts them)."""
         if group["grokfast_filter"] != "ema" or self.foreach is False:
             return False
-        if not all("ema" in st for st in states) or any("started" in st and not st["started"]
-                                                         for st in states):
+        if not all("ema" in st and st.get("started", 1) for st in states):
             return False
         dtensor = dtensor_type()
         if dtensor is not None and any(isinstance(g, dtensor) for _, g in pairs):
