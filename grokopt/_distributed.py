@@ -18,15 +18,9 @@ __all__ = [
 
 
 def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a :class:`torch.distributed.tensor.DTensor`.
-
-    No DTensor can exist before ``torch.distributed.tensor`` is imported (by FSDP2, or by
-    the user), so that module is looked up, never imported, here: importing it costs
-    about 0.4 s, which ``import grokopt`` must not pay, and the lookup is cheap enough for
-    the per-tensor hot path.
-    """
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
+    """Whether ``t`` is a :class:`torch.distributed.tensor.DTensor` (see :func:`dtensor_type`)."""
+    dtensor = dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def local_shard(t: Tensor) -> Tensor:
@@ -35,8 +29,13 @@ def local_shard(t: Tensor) -> Tensor:
 
 
 def dtensor_type() -> type | None:
-    """The DTensor class if ``torch.distributed.tensor`` is imported, else None (then no
-    DTensor exists). For hot loops: one lookup, then a plain ``isinstance`` per tensor."""
+    """The DTensor class if ``torch.distributed.tensor`` is imported, else None.
+
+    No DTensor can exist before that module is imported (by FSDP2, or by the user), so it
+    is looked up, never imported, here: importing it costs about 0.4 s, which
+    ``import grokopt`` must not pay. For hot loops: one lookup, then a plain
+    ``isinstance`` per tensor.
+    """
     module = sys.modules.get("torch.distributed.tensor")
     return None if module is None else module.DTensor
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._checks import check_choice
-from ._distributed import dtensor_type, is_dtensor, local_shards, shard_groups
+from ._distributed import dtensor_type, local_shards, shard_groups
 
 __all__ = ["NonFiniteGradientError"]
 
@@ -43,15 +43,14 @@ def check_mode(nonfinite: Any) -> None:
     check_choice("nonfinite", nonfinite, NONFINITE_MODES)
 
 
-def all_finite(grads: Sequence[Tensor], *, exact: bool = True) -> Tensor:
+def all_finite(grads: Sequence[Tensor]) -> Tensor:
     """One 0-d bool tensor (on the first grad's device): every entry of every grad is finite.
 
     The screen is torch's own multi-tensor inf/NaN check, the one GradScaler runs
     (``torch._amp_foreach_non_finite_check_and_unscale_`` with a scale of exactly 1, which
     leaves every value as it is): one pass over the bytes, exact (a huge but finite value
     passes), and its verdict stays on the device, so deciding on the host costs one sync
-    and deciding on the device none. ``exact`` is accepted for compatibility; the screen is
-    always exact.
+    and deciding on the device none.
 
     For DTensor gradients the check runs on the local shards and is then all-reduced over
     the mesh dimensions they are split along, so every rank takes the same decision (ranks
@@ -106,50 +105,35 @@ def _agree(flags: Tensor, grads: Sequence[Tensor]) -> Tensor:
     return out.bool()
 
 
-def screen(indexed: Sequence[tuple[int, Tensor, Tensor]], mode: str, owner: str) -> bool:
-    """Decide on the host whether a step may go on: True if every gradient is finite.
-
-    ``indexed`` holds ``(state_dict index, parameter, gradient)`` for each parameter with a
-    gradient. A non-finite gradient returns False with ``mode="skip"`` and raises
-    :class:`NonFiniteGradientError` naming the first offending parameter with
-    ``mode="error"``; nothing is changed either way. Under DTensor every rank takes part in
-    the same collectives, so all ranks decide (and name) alike.
-    """
-    if not indexed:
-        return True
-    grads = [g for _, _, g in indexed]
-    if bool(all_finite(grads)):
-        return True
-    if mode == "skip":
-        return False
-    device = grads[0].device
-    local = [g.to_local() if is_dtensor(g) else g for g in grads]
-    flags = _agree(_local_flags(local, device), grads).tolist()
-    bad = next((k for k, ok in enumerate(flags) if not ok), None)
-    if bad is None:  # not reached: the exact screen and the per-tensor flags agree
-        where, index, shape = "a gradient", None, None
-    else:
-        index, param = indexed[bad][0], indexed[bad][1]
-        shape = tuple(param.shape)
-        where = f"the gradient of parameter {index} (shape {shape})"
-    raise NonFiniteGradientError(
-        f"{where} holds inf or NaN; {owner}.step() was refused and no state changed "
-        f"(nonfinite='skip' skips such steps instead)",
-        index=index, shape=shape,
-    )
-
-
 def screen_step(optimizer: Any, mode: str, grads: Sequence[Tensor] | None = None) -> bool:
-    """:func:`screen` over every parameter of ``optimizer`` that has a gradient.
+    """Decide on the host whether ``optimizer``'s step may go on: True if every gradient is
+    finite.
 
-    ``grads``: those gradients, in parameter order, when the caller has them at hand. The
-    parameters are numbered (for the error message) only when a gradient is not finite.
+    ``grads``: the gradients of its parameters, in order, when the caller has them at hand.
+    A non-finite gradient returns False with ``mode="skip"`` and raises
+    :class:`NonFiniteGradientError` naming the first offending parameter (numbered only
+    then) with ``mode="error"``; nothing is changed either way. Under DTensor every rank
+    takes part in the same collectives, so all ranks decide (and name) alike.
     """
     if grads is None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
     if not grads or bool(all_finite(grads)):
         return True
+    if mode == "skip":
+        return False
     params = (p for group in optimizer.param_groups for p in group["params"])
-    indexed = [(i, p, p.grad) for i, p in enumerate(params) if p.grad is not None]
-    return screen(indexed, mode, type(optimizer).__name__)
+    indexed = [(i, p) for i, p in enumerate(params) if p.grad is not None]
+    grads = [p.grad for _, p in indexed]
+    flags = _agree(_local_flags(local_shards(grads), grads[0].device), grads).tolist()
+    bad = next((k for k, ok in enumerate(flags) if not ok), None)
+    if bad is None:  # not reached: the screen and the per-tensor flags agree
+        where, index, shape = "a gradient", None, None
+    else:
+        index, shape = indexed[bad][0], tuple(indexed[bad][1].shape)
+        where = f"the gradient of parameter {index} (shape {shape})"
+    raise NonFiniteGradientError(
+        f"{where} holds inf or NaN; {type(optimizer).__name__}.step() was refused and no "
+        f"state changed (nonfinite='skip' skips such steps instead)",
+        index=index, shape=shape,
+    )

@@ -487,8 +487,8 @@ class Grokfast(GradientTransform):
             had not been called. Where the inner optimizer is a fused torch optimizer
             (``fused=True``: it takes a ``found_inf`` flag) whose state and the EMA of
             every parameter with a gradient already exist, the decision stays on the
-            device (no host sync; a finite gradient whose 2-norm overflows float32, above
-            about 1.8e19, is then skipped too). Every other case decides on the host (one
+            device (no host sync; the screen is exact there too). Every other case decides
+            on the host (one
             sync per step): the first step, a filter waiting for ``after_step``, the MA
             filter, and every non-fused or nested inner optimizer.
         restore_grad: ``True`` (default): after ``step()`` each ``p.grad`` is the gradient
@@ -565,7 +565,7 @@ class Grokfast(GradientTransform):
         if self._skips_on_device(groups):
             # The fused kernels read found_inf on the device and then leave parameters and
             # state (step counts included) as they were.
-            finite = all_finite(grads, exact=False)
+            finite = all_finite(grads)
             self._filter(groups, finite)
             return ~finite
         if not screen_step(self, self.nonfinite, grads):

@@ -142,9 +142,7 @@ class _StateView(MutableMapping):
     def __getitem__(self, key: Any) -> Any:
         if self._is_param(key):
             return _ParamStateView(self._owner, key)
-        if isinstance(key, Tensor):
-            # torch's state is a defaultdict: an unknown tensor gets a fresh dict.
-            return self._owner.own_state[key]
+        # torch's state is a defaultdict: an unknown key gets a fresh dict.
         return self._owner.own_state[key]
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -343,7 +341,16 @@ class GradientTransform(Optimizer):
         return bool(self.optimizer.state)
 
     def _param_ids(self) -> set[int]:
-        return {id(p) for group in self.param_groups for p in group["params"]}
+        """``id`` of every parameter; cached while the groups' parameter lists are the
+        same objects of the same lengths (a loop over ``state`` would otherwise scan every
+        parameter once per entry)."""
+        groups = self.param_groups
+        key = (id(groups), tuple((id(g["params"]), len(g["params"])) for g in groups))
+        cached = self.__dict__.get("_ids_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_ids_cache"] = (
+                key, {id(p) for group in groups for p in group["params"]})
+        return cached[1]
 
     def _anchor(self) -> Tensor | None:
         """The parameter whose state entry also carries the wrapper-wide state: the first
@@ -847,7 +854,7 @@ class GradientTransform(Optimizer):
             k: v for k, v in self.__dict__.items()
             if not k.startswith("_optimizer_")
             and k not in ("step", "_opt_called", "_nested", "_checked", "_bucket_cache",
-                          "_scratch_owed")
+                          "_scratch_owed", "_ids_cache")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:

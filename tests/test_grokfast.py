@@ -909,3 +909,23 @@ def test_lamb_zero_leaves_the_gradient_bit_for_bit(restore_grad, filt, foreach, 
         opt.step()
         assert torch.equal(_bits(p.grad), _bits(g))
         assert opt.state[p]  # the filter still runs: its state is kept up to date
+
+
+def test_device_side_skip_steps_on_a_huge_but_finite_gradient():
+    """The device-side screen (fused inner optimizer, nonfinite="skip") is exact: a finite
+    gradient of 1e30, whose 2-norm overflows float32, is stepped on, exactly as the host
+    path (nonfinite="error") steps on it."""
+    results = []
+    for mode in ("skip", "error"):
+        p = torch.nn.Parameter(torch.ones(8))
+        opt = Grokfast(torch.optim.AdamW([p], lr=0.1, fused=True), nonfinite=mode)
+        p.grad = torch.ones(8)
+        opt.step()  # state exists: the skip mode now decides on the device
+        if mode == "skip":
+            assert opt._skips_on_device([(opt.param_groups[0], [(p, p.grad)])])
+        before = p.detach().clone()
+        p.grad = torch.full((8,), 1e30)
+        opt.step()
+        assert not torch.equal(p.detach(), before), mode  # stepped, not skipped
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])

@@ -337,3 +337,17 @@ def test_a_checkpoint_of_grokopt_0_1_loads_and_continues_as_0_1_did():
         opt.maybe_meta_step(model, lambda fwd, x=x, y=y: torch.nn.functional.mse_loss(fwd(x), y))
     for p, q in zip(model.parameters(), saved["continued"]):
         assert torch.equal(p, q)
+
+
+def test_state_view_follows_add_param_group():
+    """The view's parameter lookup is cached; a group added later must still be seen."""
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    opt = Grokfast(torch.optim.SGD([a], lr=0.1))
+    a.grad = torch.ones(2)
+    opt.step()
+    assert set(opt.state[a]) == {"grokfast_ema"}  # fills the cache
+    opt.add_param_group({"params": [b]})
+    a.grad, b.grad = torch.ones(2), torch.ones(3)
+    opt.step()
+    assert set(opt.state[b]) == {"grokfast_ema"}
+    assert [len(opt.state[p]) for p in opt.state] == [1, 1]
