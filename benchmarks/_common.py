@@ -103,3 +103,19 @@ def functional_jvp_penalty(
     with sdpa_kernel([SDPBackend.MATH]):
         logits, t = torch.autograd.functional.jvp(fn, x, u, create_graph=True)
     return logits, t.flatten(1).pow(2).sum(1).clamp_min(1e-8).sqrt().mean()
+
+
+#: Prepended to the scripts that measure memory in a fresh subprocess: ``rss(field)``
+#: reads a /proc/self/status field in bytes ("VmRSS", "VmHWM"), ``reset_peak()`` resets
+#: VmHWM to the current resident size.
+MEMORY_PROBE = """
+def rss(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+"""

@@ -36,7 +36,7 @@ import pytest
 import torch
 from torch import nn
 
-from _common import THREADS
+from _common import MEMORY_PROBE, THREADS
 from grokopt import AmplifiedOptimizer
 
 P_LARGE = 50 * 1000 * 1000
@@ -108,22 +108,13 @@ def test_training_step(benchmark, impl):
         benchmark.extra_info["ratio_to_adam"] = mean / _MEANS["adam"]
 
 
-_MEMORY_SCRIPT = textwrap.dedent(
+_MEMORY_SCRIPT = MEMORY_PROBE + textwrap.dedent(
     """
     import json, sys, torch
     from torch import nn
     from grokopt import AmplifiedOptimizer, amplify_gradients
 
     torch.set_num_threads(int(sys.argv[1]))
-
-    def rss(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-
-    def reset_peak():
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
 
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(1000, 1000, bias=False) for _ in range(50)])

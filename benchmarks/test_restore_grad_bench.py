@@ -25,7 +25,7 @@ import textwrap
 import pytest
 import torch
 
-from _common import MACHINE, THREADS, pin_threads
+from _common import MACHINE, MEMORY_PROBE, THREADS, pin_threads
 from _common import params_with_grads as _params
 from grokopt import AmplifiedOptimizer, Grokfast, OrthoGrad
 
@@ -39,7 +39,7 @@ WRAPPERS = {
     "grokfast(orthograd)": "grokopt.Grokfast(grokopt.OrthoGrad(inner), restore_grad=restore)",
 }
 
-_MEMORY_SCRIPT = textwrap.dedent(
+_MEMORY_SCRIPT = MEMORY_PROBE + textwrap.dedent(
     """
     import json, sys
     import torch
@@ -48,16 +48,6 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
     torch.set_num_threads(int(sys.argv[1]))
     build, restore = sys.argv[2], sys.argv[3] == "1"
-
-    def rss(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-
-    def reset_peak():
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
 
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(1024, 1024, bias=False) for _ in range(4)])
