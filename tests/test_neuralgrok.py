@@ -265,6 +265,20 @@ def assert_meta_sgd_step(before, after, expected_grad):
                                    atol=META_LR * 1e-12 * scale)
 
 
+def _trained_with_reference(model, opt, batches, mode, g_hat, c):
+    """Two training steps on ``batches[:2]``, then the meta-loss on ``batches[2]`` written
+    out by hand (lookahead lr 0.3, ``c``): the wrapper's (outer, inner) losses, a copy of
+    the amplifier before any meta-step, the expected meta-loss and its hypergradient."""
+    raw = train_steps(model, opt, batches[:2])
+    model.train(mode == "train")
+    outer, inner = losses(batches[1], batches[2])
+    inner = inner if g_hat == "recompute" else None
+    g_hats = reference_g_hat(model, batches[1]) if g_hat == "recompute" else raw
+    amp = copy.deepcopy(opt.amplifier)
+    expected = reference_meta_loss(model, amp, g_hats, 0.3, c, batches[2])
+    return outer, inner, amp, expected, torch.autograd.grad(expected, list(amp.parameters()))
+
+
 @pytest.mark.parametrize("path", ["exact", "pwl"])
 @pytest.mark.parametrize("g_hat", ["recompute", "last"])
 @pytest.mark.parametrize("c", [0.2, 1.0])
@@ -276,15 +290,8 @@ def test_meta_loss_and_meta_step_equal_a_written_out_reference(net, mode, c, g_h
     num_batches_tracked, which its train-mode forwards would move) stay bit-identical."""
     model = NETS[net]()
     opt = build(model, c=c, g_hat=g_hat, path=path)
-    batches = make_batches(3, dtype=F64)
-    raw = train_steps(model, opt, batches[:2])
-    model.train(mode == "train")
-    outer, inner = losses(batches[1], batches[2])
-    inner = inner if g_hat == "recompute" else None
-    g_hats = reference_g_hat(model, batches[1]) if g_hat == "recompute" else raw
-    amp = copy.deepcopy(opt.amplifier)
-    expected = reference_meta_loss(model, amp, g_hats, 0.3, c, batches[2])
-    expected_grad = torch.autograd.grad(expected, list(amp.parameters()))
+    outer, inner, amp, expected, expected_grad = _trained_with_reference(
+        model, opt, make_batches(3, dtype=F64), mode, g_hat, c)
 
     before = model_state(model)
     loss = opt.meta_loss(model, outer, inner)
@@ -313,14 +320,8 @@ def test_meta_step_on_cuda_equals_the_reference_and_keeps_the_buffers(dtype):
         model = bn_model().to("cuda", dtype)
         opt = build(model, c=0.2, g_hat=g_hat, dtype=dtype, device="cuda")
         batches = [(x.to("cuda", dtype), y.to("cuda", dtype)) for x, y in make_batches(3, dtype=F64)]
-        raw = train_steps(model, opt, batches[:2])
-        model.train(mode == "train")
-        outer, inner = losses(batches[1], batches[2])
-        inner = inner if g_hat == "recompute" else None
-        g_hats = reference_g_hat(model, batches[1]) if g_hat == "recompute" else raw
-        amp = copy.deepcopy(opt.amplifier)
-        expected = reference_meta_loss(model, amp, g_hats, 0.3, 0.2, batches[2])
-        expected_grad = torch.autograd.grad(expected, list(amp.parameters()))
+        outer, inner, amp, expected, expected_grad = _trained_with_reference(
+            model, opt, batches, mode, g_hat, 0.2)
         before = model_state(model)
         loss = opt.meta_loss(model, outer, inner)
         got = torch.autograd.grad(loss, list(opt.amplifier.parameters()))
