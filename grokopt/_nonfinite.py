@@ -62,13 +62,22 @@ def all_finite(grads: Sequence[Tensor]) -> Tensor:
     for g in local_shards(grads):
         by_group[(g.device, g.dtype)].append(g)
     found = None
-    for (dev, _), tensors in by_group.items():
-        flag = torch.zeros(1, device=dev)
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, _one(dev))
+    for tensors in by_group.values():
+        flag = nonfinite_flag(tensors)
         found = flag if found is None else found + flag.to(device)
     finite = (found == 0).reshape(()) if found is not None else torch.ones(
         (), dtype=torch.bool, device=device)
     return _agree(finite.to(device), grads)
+
+
+def nonfinite_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """A 1-element float tensor on the tensors' device: nonzero iff some entry of some
+    tensor is inf or NaN. The tensors are plain (local) tensors of one device and dtype;
+    :func:`all_finite` is the general screen."""
+    device = tensors[0].device
+    flag = torch.zeros(1, device=device)
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, _one(device))
+    return flag
 
 
 _ONES: dict[torch.device, Tensor] = {}

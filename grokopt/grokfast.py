@@ -13,6 +13,7 @@ state.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._checks import check_bool, check_choice, check_float, check_int
-from ._nonfinite import NonFiniteGradientError, all_finite, check_mode, screen_step
+from ._nonfinite import NonFiniteGradientError, all_finite, check_mode, nonfinite_flag, screen_step
 from ._distributed import dtensor_type, is_dtensor, local_shard, local_shards
 from .wrapper import SKIP_STEP, GradientTransform
 
@@ -280,9 +281,9 @@ def _ema_foreach(
     mus = local_shards([s["ema"] for s in states])
     low_precision = mus[0].dtype != grads[0].dtype
     src = [g.to(mus[0].dtype) for g in grads] if low_precision else grads
-    weight: Any = 1 - alpha
-    if isinstance(weight, Tensor):
-        weight = [weight] * len(mus)
+    if finite is None and out_of_place:
+        return _lerp_and_amplify(grads, mus, alpha, lamb)
+    weight = _lerp_weight(alpha, len(mus))
     if finite is None:
         torch._foreach_lerp_(mus, src, weight)
     else:
@@ -295,9 +296,7 @@ def _ema_foreach(
     if not _amplifies(lamb):
         return None
     if out_of_place:  # plain tensors of the state's dtype only (see Grokfast._filter)
-        if isinstance(lamb, Tensor):
-            return torch._foreach_add(grads, torch._foreach_mul(mus, lamb))
-        return torch._foreach_add(grads, mus, alpha=lamb)
+        return _amplified(grads, mus, lamb)
     if low_precision:
         torch._foreach_copy_(grads, _add_scaled(src, mus, lamb))
     elif isinstance(lamb, Tensor):
@@ -305,6 +304,29 @@ def _ema_foreach(
     else:
         torch._foreach_add_(grads, mus, alpha=lamb)
     return None
+
+
+def _lerp_weight(alpha: Any, n: int) -> Any:
+    """The lerp weight ``1 - alpha``: a float, or a list of ``n`` 0-d tensors."""
+    weight = 1 - alpha
+    return [weight] * n if isinstance(weight, Tensor) else weight
+
+
+def _amplified(grads: list[Tensor], mus: list[Tensor], lamb: Any) -> list[Tensor]:
+    """``g + lamb * mu`` as new tensors (plain tensors of one dtype)."""
+    if isinstance(lamb, Tensor):
+        return torch._foreach_add(grads, torch._foreach_mul(mus, lamb))
+    return torch._foreach_add(grads, mus, alpha=lamb)
+
+
+def _lerp_and_amplify(
+    grads: list[Tensor], mus: list[Tensor], alpha: Any, lamb: Any
+) -> list[Tensor] | None:
+    """The out-of-place EMA step on started filters of plain tensors of one dtype:
+    ``mu <- lerp(mu, g, 1 - alpha)`` in place, then ``g + lamb * mu`` returned as new
+    tensors (None where a float ``lamb`` is 0); ``grads`` are only read."""
+    torch._foreach_lerp_(mus, grads, _lerp_weight(alpha, len(mus)))
+    return _amplified(grads, mus, lamb) if _amplifies(lamb) else None
 
 
 def _amplifies(lamb: Any) -> bool:
@@ -554,9 +576,15 @@ class Grokfast(GradientTransform):
     def _validate_group(self, options: dict[str, Any]) -> None:
         merged = {**self._own_defaults(), **options} if hasattr(self, "defaults") else options
         _check_options(**{k[len(self._prefix):]: v for k, v in merged.items()})
+        self._state_edited()  # a group's options changed (or a group came): re-plan
+
+    def _state_edited(self) -> None:
+        self.__dict__.pop("_fast_plan", None)
 
     def _transform_gradients(self) -> Tensor | object | None:
         _check_lr(self.param_groups)
+        if self._steady_step():
+            return None
         groups = [(g, [(p, p.grad) for p in g["params"] if p.grad is not None])
                   for g in self.param_groups]
         grads = [grad for _, pairs in groups for _, grad in pairs]
@@ -571,7 +599,80 @@ class Grokfast(GradientTransform):
         if not screen_step(self, self.nonfinite, grads):
             return SKIP_STEP
         self._filter(groups, None)
+        self._plan_steady_step(groups)
         return None
+
+    # The steady state (every EMA running, the same parameters with gradients as in the
+    # last step, restore_grad's out-of-place filter, a host-side screen) is most steps of a
+    # run. It is planned once, from a step of the general path, and then costs one pass
+    # over cached lists instead of per-parameter lookups and checks.
+
+    def _steady_ok(self) -> bool:
+        """Whether this step may take the steady path at all (the plan aside)."""
+        inner = self.optimizer
+        device_skip = (self.nonfinite == "skip" and not isinstance(inner, GradientTransform)
+                       and getattr(inner, "_step_supports_amp_scaling", False))
+        return self._making_scratch() and self.foreach is not False and not device_skip
+
+    def _plan_steady_step(
+        self, groups: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]]
+    ) -> None:
+        """Cache what the steady path needs when this step's layout qualifies: EMA filters
+        that all run (none waiting for after_step), plain tensors of one device and dtype
+        (not fp16/bf16, not DTensor) whose EMA has the gradient's dtype."""
+        self._state_edited()
+        if not self._steady_ok():
+            return
+        params: list[Tensor] = []
+        states: list[dict[str, Any]] = []
+        slices = []
+        kinds = set()
+        for group, pairs in groups:
+            if not pairs:
+                continue
+            if group["grokfast_filter"] != "ema":
+                return
+            start = len(params)
+            for p, g in pairs:
+                st = self.own_state.get(p)
+                if st is None or "ema" not in st or _waiting(st, "ema") or st["ema"].dtype != g.dtype:
+                    return
+                params.append(p)
+                states.append(st)
+                kinds.add((g.device, g.dtype))
+            slices.append((group, start, len(params)))
+        dtensor = dtensor_type()
+        if (len(kinds) != 1 or next(iter(kinds))[1] in (torch.float16, torch.bfloat16)
+                or (dtensor is not None and any(isinstance(p, dtensor) for p in params))):
+            return
+        self._fast_plan = (states, slices, next(iter(kinds)))
+
+    def _steady_step(self) -> bool:
+        """The planned steady step; False (nothing changed) when the plan does not hold
+        for this step, which then takes the general path."""
+        plan = self.__dict__.get("_fast_plan")
+        if plan is None or not self._steady_ok():
+            return False
+        states, slices, kind = plan
+        pairs = self._gradients_at_step()
+        if len(pairs) != len(states):
+            return False
+        ps, gs = zip(*pairs)
+        # Each parameter's state dict is its own, so the same dicts in the same order mean
+        # the same parameters; a reloaded state has new dicts.
+        if not (all(map(operator.is_, map(self.own_state.get, ps), states))
+                and all((g.device, g.dtype) == kind for g in gs)):
+            return False
+        grads = list(gs)
+        if nonfinite_flag(grads).item():
+            return False  # the general path screens again, and names the parameter
+        for group, start, stop in slices:
+            out = _lerp_and_amplify(grads[start:stop], [s["ema"] for s in states[start:stop]],
+                                    group["grokfast_alpha"], group["grokfast_lamb"])
+            if out is not None:
+                for p, o in zip(ps[start:stop], out):
+                    p.grad = o
+        return True
 
     def _skips_on_device(self, groups: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]]) -> bool:
         """Whether a "skip" step can leave every state unchanged without a host sync.

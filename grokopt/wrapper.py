@@ -92,6 +92,7 @@ class _ParamStateView(MutableMapping):
                 self._owner._set_wide_entry(key, value)
                 return
             self._owner.own_state[self._param][key[len(prefix):]] = value
+            self._owner._state_edited()
         else:
             self._inner()[self._param][key] = value
 
@@ -99,6 +100,7 @@ class _ParamStateView(MutableMapping):
         prefix = self._owner._prefix
         if isinstance(key, str) and key.startswith(prefix) and key[len(prefix):] in self._own():
             del self._owner.own_state[self._param][key[len(prefix):]]
+            self._owner._state_edited()
             return
         inner = self._inner()
         if self._param not in inner or key not in inner[self._param]:
@@ -166,6 +168,7 @@ class _StateView(MutableMapping):
             found = False
             if key in self._owner.own_state:
                 del self._owner.own_state[key]
+                self._owner._state_edited()
                 found = True
             inner = self._owner.optimizer.state
             if key in inner:
@@ -430,21 +433,21 @@ class GradientTransform(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_groups()
-        users = [(p, p.grad) for group in self.param_groups for p in group["params"]
-                 if p.grad is not None]
-        if any(g.is_sparse for _, g in users):
+        pairs = [(p, g) for group in self.param_groups for p in group["params"]
+                 if (g := p.grad) is not None]
+        if any(g.is_sparse for _, g in pairs):
             raise RuntimeError(
                 f"{type(self).__name__} does not support sparse gradients; use "
                 f"dense gradients (e.g. nn.Embedding(sparse=False))"
             )
         # Called by an outer wrapper, the gradients are already its scratch copies.
         restore = self.restore_grad and not self.__dict__.get("_nested", False)
-        if not restore:
-            users = []
-        elif self._makes_scratch:
+        users = pairs if restore else []
+        if restore and self._makes_scratch:
             self._scratch_owed = True
-        else:
+        elif restore:
             self._swap_in_scratch(users)
+        self._step_pairs = pairs
         try:
             found_inf = self._transform_gradients()
             if isinstance(found_inf, bool):
@@ -457,6 +460,7 @@ class GradientTransform(Optimizer):
                 self._inner_step(found_inf)
         finally:
             self.__dict__.pop("_scratch_owed", None)
+            self.__dict__.pop("_step_pairs", None)
             for p, g in users:
                 p.grad = g
         return loss
@@ -466,6 +470,15 @@ class GradientTransform(Optimizer):
     #: for what it changes (see :meth:`_making_scratch`). Otherwise the base copies every
     #: gradient first.
     _makes_scratch: bool = False
+
+    def _gradients_at_step(self) -> list[tuple[Tensor, Tensor]]:
+        """Inside :meth:`step`: the ``(param, grad)`` pairs the step began with, over all
+        groups in order (the user's gradients: a scratch swap happens after)."""
+        return self.__dict__["_step_pairs"]
+
+    def _state_edited(self) -> None:
+        """Called when an entry of this wrapper's is written or deleted through ``state``;
+        a subclass drops what it cached of its state."""
 
     def _making_scratch(self) -> bool:
         """Whether this step's transform must leave the gradients it is given unwritten
@@ -696,6 +709,7 @@ class GradientTransform(Optimizer):
         self.optimizer.load_state_dict(inner_sd)
         self.own_state.clear()
         self.own_state.update(own_state)
+        self._state_edited()
         self._checked.clear()
         self._load_extra_state_dict(wide)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -854,7 +868,8 @@ class GradientTransform(Optimizer):
             k: v for k, v in self.__dict__.items()
             if not k.startswith("_optimizer_")
             and k not in ("step", "_opt_called", "_nested", "_checked", "_bucket_cache",
-                          "_scratch_owed", "_ids_cache")
+                          "_scratch_owed", "_ids_cache", "_step_pairs",
+                          "_fast_plan")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:

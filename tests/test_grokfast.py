@@ -619,8 +619,10 @@ def test_which_skip_path_each_inner_optimizer_takes(inner, host_decisions, monke
     import grokopt.grokfast as gf
 
     calls = []
-    real = gf.screen_step
+    real, real_flag = gf.screen_step, gf.nonfinite_flag
     monkeypatch.setattr(gf, "screen_step", lambda *a: calls.append(True) or real(*a))
+    # The steady path (every EMA running) screens with a flag it reads on the host.
+    monkeypatch.setattr(gf, "nonfinite_flag", lambda *a: calls.append(True) or real_flag(*a))
     model = make_model(0)
     opt = Grokfast(SKIP_INNERS[inner](model.parameters()), nonfinite="skip")
     seen = []
@@ -929,3 +931,59 @@ def test_device_side_skip_steps_on_a_huge_but_finite_gradient():
         assert not torch.equal(p.detach(), before), mode  # stepped, not skipped
         results.append(p.detach().clone())
     assert torch.equal(results[0], results[1])
+
+
+def test_steady_path_follows_every_change_between_steps(monkeypatch):
+    # The steady path (cached per-parameter lists) against a plain EMA written here, with
+    # SGD at lr 1 so that each parameter's update is minus its filtered gradient. Between
+    # steps the parameters with gradients change, an EMA is deleted through `state`, a
+    # group dict is replaced with one of another alpha, and an EMA is replaced with one
+    # of another dtype: each must end the plan (the general path then plans again).
+    taken = []
+    real = Grokfast._steady_step
+    monkeypatch.setattr(Grokfast, "_steady_step", lambda self: taken.append(real(self)) or taken[-1])
+    model = make_model(0, torch.float64)
+    opt = Grokfast(torch.optim.SGD(model.parameters(), lr=1.0), lamb=1.5)
+    w0, b0, b2 = model[0].weight, model[0].bias, model[2].bias
+    alpha, mus = 0.98, {}
+
+    def edit(step):
+        nonlocal alpha
+        if step == 2:
+            b0.grad = None
+        elif step == 3:  # as many gradients as last step, not the same parameters
+            b2.grad = None
+        elif step == 5:
+            del opt.state[w0]["grokfast_ema"]
+            mus.pop(w0)
+        elif step == 7:
+            opt.param_groups[0] = {**opt.param_groups[0], "grokfast_alpha": 0.5}
+            alpha = 0.5
+        elif step == 9:  # float32 gradients now, float64 EMAs: the general path casts
+            model.float()
+            for p in model.parameters():
+                p.grad = p.grad.float()
+
+    for step, (x, y) in enumerate(make_batches(11, dtype=torch.float64)):
+        opt.zero_grad()
+        dtype = model[0].weight.dtype
+        nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype)).backward()
+        edit(step)
+        before = {p: p.detach().clone() for p in model.parameters()}
+        raw = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
+        opt.step()
+        for p in model.parameters():
+            if p not in raw:
+                assert torch.equal(p, before[p])
+                continue
+            g = raw[p]
+            mu = mus[p] = g.clone() if p not in mus else (
+                alpha * mus[p] + (1 - alpha) * g.to(mus[p].dtype))
+            expected = before[p] - (g.to(mu.dtype) + 1.5 * mu).to(g.dtype)
+            tol = 1e-6 if p.dtype == torch.float32 else 1e-12
+            torch.testing.assert_close(p.detach(), expected, rtol=tol, atol=tol)
+            assert torch.equal(p.grad, g)  # restore_grad: the user's gradient is back
+    # steady from the 2nd step; each change sends one step through the general path (the
+    # gradient set changes at steps 2, 3 and 4), and float32 gradients with float64 EMAs
+    # (cast at every step) stay there
+    assert taken == [False, True, False, False, False, False, True, False, True, False, False]
