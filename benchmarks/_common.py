@@ -61,6 +61,30 @@ def params_with_grads(shapes: Sequence[tuple[int, ...]], device: str) -> list[nn
     return params
 
 
+def interleaved_ratio(ours, base, pairs: int = 60, steps: int = 5) -> float:
+    """Median over back-to-back pairs of (ours / base), the order alternating, so that a
+    load change on a shared machine hits both sides of each ratio alike."""
+    import time
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return time.perf_counter() - t0
+
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            o = timed(ours)
+            b = timed(base)
+        else:
+            b = timed(base)
+            o = timed(ours)
+        ratios.append(o / b)
+    ratios.sort()
+    return ratios[len(ratios) // 2]
+
+
 # ------------------------------------------------------------------------------ GrokAlign
 
 

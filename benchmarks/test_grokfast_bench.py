@@ -27,7 +27,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _common import DEVICES, layouts
+from _common import DEVICES, interleaved_ratio, layouts
 from _common import params_with_grads as _params
 from _common import sync as _sync
 from grokopt import Grokfast, grokfast_
@@ -119,30 +119,6 @@ def _step_fn(impl: str, device: str, model: str):
     return run
 
 
-def _interleaved_ratio(ours, base, pairs: int = 60, steps: int = 5) -> float:
-    """Median over back-to-back pairs of (ours / base), the order alternating, so that a
-    load change on a shared machine hits both sides of each ratio alike."""
-    import time
-
-    def timed(fn) -> float:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        return time.perf_counter() - t0
-
-    ratios = []
-    for i in range(pairs):
-        if i % 2:
-            o = timed(ours)
-            b = timed(base)
-        else:
-            b = timed(base)
-            o = timed(ours)
-        ratios.append(o / b)
-    ratios.sort()
-    return ratios[len(ratios) // 2]
-
-
 @pytest.mark.parametrize(("device", "model"), CASES)
 @pytest.mark.parametrize("impl", ["adamw", "grokfast-adamw"])
 def test_step(benchmark, device, model, impl):
@@ -152,5 +128,5 @@ def test_step(benchmark, device, model, impl):
     if impl != "adamw":
         # The ratio the README quotes: robust to the machine's load, unlike two means
         # taken seconds apart.
-        benchmark.extra_info["ratio_to_adamw_interleaved_median"] = _interleaved_ratio(
+        benchmark.extra_info["ratio_to_adamw_interleaved_median"] = interleaved_ratio(
             run, _step_fn("adamw", device, model))

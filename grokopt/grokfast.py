@@ -36,6 +36,13 @@ _STARTED = {"ema": "ema", "ma": "ma_buffer"}
 _FILTER_KEYS = {"ema": ("ema",), "ma": ("ma_buffer", "ma_sum", "ma_count")}
 
 
+#: On CPU, the steady step keeps the scratch of gradients of this size and more from one
+#: step to the next: fresh CPU memory of that size comes from the OS page by page (a page
+#: fault per 4 KiB), which costs several times the filter itself; smaller tensors come from
+#: the allocator's pools and are allocated each step.
+_KEEP_SCRATCH_BYTES = 256 * 1024
+
+
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     # Accumulating a low-pass filter in bf16/fp16 loses the slow signal to rounding.
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -319,6 +326,15 @@ def _amplified(grads: list[Tensor], mus: list[Tensor], lamb: Any) -> list[Tensor
     return torch._foreach_add(grads, mus, alpha=lamb)
 
 
+def _amplify_into(g: Tensor, mu: Tensor, lamb: Any, out: Tensor) -> None:
+    """``out <- g + lamb * mu``, rounded as :func:`_amplified` rounds it."""
+    if isinstance(lamb, Tensor):
+        torch.mul(mu, lamb, out=out)
+        out.add_(g)
+    else:
+        torch.add(g, mu, alpha=lamb, out=out)
+
+
 def _lerp_and_amplify(
     grads: list[Tensor], mus: list[Tensor], alpha: Any, lamb: Any
 ) -> list[Tensor] | None:
@@ -515,7 +531,10 @@ class Grokfast(GradientTransform):
             filter, and every non-fused or nested inner optimizer.
         restore_grad: ``True`` (default): after ``step()`` each ``p.grad`` is the gradient
             backward produced, as with any torch optimizer (the filter works on a
-            scratch copy: one extra gradient-sized buffer during the step). ``False``: the
+            scratch copy: one extra gradient-sized buffer during the step; on CPU, once
+            the filter runs steadily, gradients of 256 KiB and more keep theirs from step
+            to step, since fresh CPU memory of that size costs a page fault per 4 KiB,
+            several times the filter itself). ``False``: the
             transformed gradient is written into ``p.grad`` in place, with no extra buffer.
             With ``lamb=0`` the gradient is left untouched in both modes.
 
@@ -645,7 +664,12 @@ class Grokfast(GradientTransform):
         if (len(kinds) != 1 or next(iter(kinds))[1] in (torch.float16, torch.bfloat16)
                 or (dtensor is not None and any(isinstance(p, dtensor) for p in params))):
             return
-        self._fast_plan = (states, slices, next(iter(kinds)))
+        (device, dtype), = kinds
+        big = []
+        if device.type == "cpu":
+            size = torch.empty((), dtype=dtype).element_size()
+            big = [i for i, p in enumerate(params) if p.numel() * size >= _KEEP_SCRATCH_BYTES]
+        self._fast_plan = (states, slices, (device, dtype), big, {})
 
     def _steady_step(self) -> bool:
         """The planned steady step; False (nothing changed) when the plan does not hold
@@ -653,7 +677,7 @@ class Grokfast(GradientTransform):
         plan = self.__dict__.get("_fast_plan")
         if plan is None or not self._steady_ok():
             return False
-        states, slices, kind = plan
+        states, slices, kind, big, kept = plan
         pairs = self._gradients_at_step()
         if len(pairs) != len(states):
             return False
@@ -666,12 +690,30 @@ class Grokfast(GradientTransform):
         grads = list(gs)
         if nonfinite_flag(grads).item():
             return False  # the general path screens again, and names the parameter
+        mus = [s["ema"] for s in states]
         for group, start, stop in slices:
-            out = _lerp_and_amplify(grads[start:stop], [s["ema"] for s in states[start:stop]],
-                                    group["grokfast_alpha"], group["grokfast_lamb"])
-            if out is not None:
-                for p, o in zip(ps[start:stop], out):
-                    p.grad = o
+            lamb = group["grokfast_lamb"]
+            torch._foreach_lerp_(mus[start:stop], grads[start:stop],
+                                 _lerp_weight(group["grokfast_alpha"], stop - start))
+            if not _amplifies(lamb):
+                continue
+            mine = [i for i in big if start <= i < stop] if big else []
+            if len(mine) == stop - start:
+                small = []
+            elif mine:
+                small = sorted(set(range(start, stop)).difference(mine))
+            else:
+                small = range(start, stop)
+            if small:
+                out = _amplified([grads[i] for i in small], [mus[i] for i in small], lamb)
+                for i, o in zip(small, out):
+                    ps[i].grad = o
+            for i in mine:
+                scratch = kept.get(i)
+                if scratch is None:
+                    scratch = kept[i] = torch.empty_like(grads[i])
+                _amplify_into(grads[i], mus[i], lamb, scratch)
+                ps[i].grad = scratch
         return True
 
     def _skips_on_device(self, groups: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]]) -> bool:

@@ -987,3 +987,50 @@ def test_steady_path_follows_every_change_between_steps(monkeypatch):
     # gradient set changes at steps 2, 3 and 4), and float32 gradients with float64 EMAs
     # (cast at every step) stay there
     assert taken == [False, True, False, False, False, False, True, False, True, False, False]
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 1000, 10**12])  # all, the big ones, none kept
+@pytest.mark.parametrize("tensor_lamb", [False, True])
+def test_steady_path_kept_scratch_equals_the_general_path_bit_for_bit(
+        keep_bytes, tensor_lamb, monkeypatch):
+    # On CPU the steady step writes large gradients' filtered copies into scratch kept from
+    # step to step (fresh CPU memory costs page faults); the values must be those of the
+    # general path's new tensors, bit for bit, and the user's gradients must come back.
+    import grokopt.grokfast as gf
+
+    monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", keep_bytes)
+
+    def run(steady):
+        if not steady:
+            monkeypatch.setattr(Grokfast, "_steady_step", lambda self: False)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 3))  # 600 floats: big
+        lamb = torch.tensor(1.5) if tensor_lamb else 1.5
+        opt = Grokfast(torch.optim.Adam(model.parameters(), lr=1e-2), alpha=0.9, lamb=lamb)
+        stepped = []
+        for x, y in make_batches(6, seed=3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x[:, :5].repeat(1, 4)), y).backward()
+            raw = [p.grad for p in model.parameters()]
+            values = [g.clone() for g in raw]
+            seen = {}
+            # the tensors themselves (kept alive: a freed tensor's id can come back)
+            hook = opt.optimizer.register_step_pre_hook(
+                lambda o, a, k: seen.update(ids=[p.grad for p in model.parameters()]))
+            opt.step()
+            hook.remove()
+            stepped.append(seen["ids"])
+            for p, g, v in zip(model.parameters(), raw, values):
+                assert p.grad is g and torch.equal(g, v)  # the user's gradients, untouched
+        monkeypatch.undo()
+        monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", keep_bytes)
+        return [p.detach().clone() for p in model.parameters()], state_tensors(opt), stepped
+
+    a, b = run(True), run(False)
+    _assert_same_run(a[:2], b[:2])
+    # What the inner optimizer stepped on: the same scratch tensors from the 3rd step on
+    # (the 2nd plans) exactly where the kept rule applies, fresh ones elsewhere.
+    stepped = a[2]
+    same = [g is h for g, h in zip(stepped[3], stepped[4])]
+    sizes = [p.numel() * 4 for p in nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 3)).parameters()]
+    assert same == [s >= keep_bytes for s in sizes]

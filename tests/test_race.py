@@ -761,3 +761,47 @@ def test_warmup_keeps_the_base_lr_for_neuralgroks_lookahead(tmp_path: Path) -> N
 def test_run_race_refuses_bad_timing_arguments_by_name(kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         run_race(RaceConfig(**TINY), **kwargs)
+
+
+def test_tuned_leaderboard_arms_are_the_recorded_tuning_runs_best() -> None:
+    # The tuned preset's learning rates must be what the recorded tuning race measured:
+    # per arm, the run with the fewest steps to 95% (an arm that never grokked keeps its
+    # default), read here from the committed results.
+    import json
+    from pathlib import Path
+
+    from grokopt.race.presets import LEADERBOARD_METHODS, TUNED_LR, TUNED_METHODS
+
+    path = Path(__file__).parents[1] / "benchmarks/results/race/leaderboard-tuning-mul-results.json"
+    summary = json.loads(path.read_text())["summary"]
+
+    def split(spec: str) -> tuple[str, dict[str, str]]:
+        name, _, opts = spec.partition(":")
+        kv = dict(o.split("=") for o in opts.split(",") if o)
+        return name, kv
+
+    def base_of(spec: str) -> str:  # the arm without its tuned key
+        name, kv = split(spec)
+        kv.pop("lr", None)
+        kv.pop("muon_lr", None)
+        return name + (":" + ",".join(f"{k}={v}" for k, v in kv.items()) if kv else "")
+
+    best: dict[str, tuple[float, str]] = {}
+    for row in summary:
+        steps = (row["steps_to"].get("0.95") or {}).get("mean") or float("inf")
+        arm = base_of(row["label"])
+        if arm not in best or steps < best[arm][0]:
+            best[arm] = (steps, row["label"])
+    assert set(best) == set(LEADERBOARD_METHODS)
+    tuned = {base_of(spec): split(spec)[1] for spec in TUNED_METHODS}
+    assert set(tuned) == set(LEADERBOARD_METHODS)
+    for arm, (steps, label) in best.items():
+        name, kv = split(label)
+        got = tuned[arm]
+        if name == "muon":
+            assert float(got["muon_lr"]) == float(kv["muon_lr"]), arm
+            assert float(got.get("lr", TUNED_LR)) == 1e-3, arm  # AdamW's part, as tuned
+        elif steps == float("inf"):
+            assert float(got.get("lr", TUNED_LR)) == 1e-3, arm  # never grokked: default
+        else:
+            assert float(got.get("lr", TUNED_LR)) == float(kv["lr"]), arm
