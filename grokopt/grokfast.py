@@ -534,7 +534,8 @@ class Grokfast(GradientTransform):
             scratch copy: one extra gradient-sized buffer during the step; on CPU, once
             the filter runs steadily, gradients of 256 KiB and more keep theirs from step
             to step, since fresh CPU memory of that size costs a page fault per 4 KiB,
-            several times the filter itself). ``False``: the
+            several times the filter itself: an inner optimizer or hook that keeps a
+            reference to ``p.grad`` across steps must copy it). ``False``: the
             transformed gradient is written into ``p.grad`` in place, with no extra buffer.
             With ``lamb=0`` the gradient is left untouched in both modes.
 
@@ -646,6 +647,7 @@ class Grokfast(GradientTransform):
         states: list[dict[str, Any]] = []
         slices = []
         kinds = set()
+        counts = [len(pairs) for _, pairs in groups]
         for group, pairs in groups:
             if not pairs:
                 continue
@@ -669,7 +671,7 @@ class Grokfast(GradientTransform):
         if device.type == "cpu":
             size = torch.empty((), dtype=dtype).element_size()
             big = [i for i, p in enumerate(params) if p.numel() * size >= _KEEP_SCRATCH_BYTES]
-        self._fast_plan = (states, slices, (device, dtype), big, {})
+        self._fast_plan = (states, counts, slices, (device, dtype), big, {})
 
     def _steady_step(self) -> bool:
         """The planned steady step; False (nothing changed) when the plan does not hold
@@ -677,13 +679,14 @@ class Grokfast(GradientTransform):
         plan = self.__dict__.get("_fast_plan")
         if plan is None or not self._steady_ok():
             return False
-        states, slices, kind, big, kept = plan
-        pairs = self._gradients_at_step()
-        if len(pairs) != len(states):
+        states, counts, slices, kind, big, kept = plan
+        pairs, now = self._gradients_at_step()
+        # The same gradients per group (a parameter moved to another group changes them)...
+        if now != counts:
             return False
         ps, gs = zip(*pairs)
-        # Each parameter's state dict is its own, so the same dicts in the same order mean
-        # the same parameters; a reloaded state has new dicts.
+        # ...of the same parameters: each one's state dict is its own, so the same dicts in
+        # the same order mean the same parameters (a reloaded state has new dicts).
         if not (all(map(operator.is_, map(self.own_state.get, ps), states))
                 and all((g.device, g.dtype) == kind for g in gs)):
             return False
@@ -710,7 +713,9 @@ class Grokfast(GradientTransform):
                     ps[i].grad = o
             for i in mine:
                 scratch = kept.get(i)
-                if scratch is None:
+                if scratch is None or scratch.stride() != grads[i].stride():
+                    # the gradient's own layout (channels_last, a transposed view...), as the
+                    # general path's new tensors have it
                     scratch = kept[i] = torch.empty_like(grads[i])
                 _amplify_into(grads[i], mus[i], lamb, scratch)
                 ps[i].grad = scratch

@@ -433,8 +433,12 @@ class GradientTransform(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_groups()
-        pairs = [(p, g) for group in self.param_groups for p in group["params"]
-                 if (g := p.grad) is not None]
+        pairs: list[tuple[Tensor, Tensor]] = []
+        counts = []  # gradients per group, in order
+        for group in self.param_groups:
+            n = len(pairs)
+            pairs += [(p, g) for p in group["params"] if (g := p.grad) is not None]
+            counts.append(len(pairs) - n)
         if any(g.is_sparse for _, g in pairs):
             raise RuntimeError(
                 f"{type(self).__name__} does not support sparse gradients; use "
@@ -448,6 +452,7 @@ class GradientTransform(Optimizer):
         elif restore:
             self._swap_in_scratch(users)
         self._step_pairs = pairs
+        self._step_counts = counts
         try:
             found_inf = self._transform_gradients()
             if isinstance(found_inf, bool):
@@ -457,10 +462,17 @@ class GradientTransform(Optimizer):
                     f"or a 0-d bool tensor found_inf"
                 )
             if found_inf is not SKIP_STEP:
+                if users and self._makes_scratch and isinstance(self.optimizer, GradientTransform):
+                    # A nested wrapper writes into the gradients it is given: it must not
+                    # be given the user's, which the transform left where it changed nothing.
+                    for p, g in users:
+                        if p.grad is g:
+                            p.grad = g.clone()
                 self._inner_step(found_inf)
         finally:
             self.__dict__.pop("_scratch_owed", None)
             self.__dict__.pop("_step_pairs", None)
+            self.__dict__.pop("_step_counts", None)
             for p, g in users:
                 p.grad = g
         return loss
@@ -471,10 +483,11 @@ class GradientTransform(Optimizer):
     #: gradient first.
     _makes_scratch: bool = False
 
-    def _gradients_at_step(self) -> list[tuple[Tensor, Tensor]]:
+    def _gradients_at_step(self) -> tuple[list[tuple[Tensor, Tensor]], list[int]]:
         """Inside :meth:`step`: the ``(param, grad)`` pairs the step began with, over all
-        groups in order (the user's gradients: a scratch swap happens after)."""
-        return self.__dict__["_step_pairs"]
+        groups in order (the user's gradients: a scratch swap happens after), and how many
+        of them each group holds."""
+        return self.__dict__["_step_pairs"], self.__dict__["_step_counts"]
 
     def _state_edited(self) -> None:
         """Called when an entry of this wrapper's is written or deleted through ``state``;
@@ -869,7 +882,7 @@ class GradientTransform(Optimizer):
             if not k.startswith("_optimizer_")
             and k not in ("step", "_opt_called", "_nested", "_checked", "_bucket_cache",
                           "_scratch_owed", "_ids_cache", "_step_pairs",
-                          "_fast_plan")
+                          "_step_counts", "_fast_plan")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:

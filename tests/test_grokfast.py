@@ -1034,3 +1034,82 @@ def test_steady_path_kept_scratch_equals_the_general_path_bit_for_bit(
     same = [g is h for g, h in zip(stepped[3], stepped[4])]
     sizes = [p.numel() * 4 for p in nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 3)).parameters()]
     assert same == [s >= keep_bytes for s in sizes]
+
+
+def _steady_and_general(run, monkeypatch):
+    """``run()`` once as it is and once with the steady path off (the general path)."""
+    steady = run()
+    monkeypatch.setattr(Grokfast, "_steady_step", lambda self: False)
+    general = run()
+    monkeypatch.undo()
+    return steady, general
+
+
+def test_steady_path_follows_a_parameter_moved_to_another_group(monkeypatch):
+    # b moves from the lamb=2 group to the front of the lamb=0 one: the gradients still come
+    # in the order a, b, c, and b must be filtered with its new group's options.
+    def run():
+        torch.manual_seed(0)
+        a, b, c = (nn.Parameter(torch.zeros(4)) for _ in range(3))
+        opt = Grokfast(torch.optim.SGD([{"params": [a, b]}, {"params": [c]}], lr=0.1), lamb=2.0)
+        opt.param_groups[1]["grokfast_lamb"] = 0.0
+        for k in range(5):
+            for p in (a, b, c):
+                p.grad = torch.randn_like(p)
+            opt.step()
+            if k == 1:
+                opt.param_groups[0]["params"].pop()
+                opt.param_groups[1]["params"].insert(0, b)
+        return [a.detach().clone(), b.detach().clone(), c.detach().clone()]
+
+    steady, general = _steady_and_general(run, monkeypatch)
+    for x, y in zip(steady, general):
+        assert torch.equal(x, y)
+
+
+def test_steady_path_kept_scratch_follows_the_gradient_layout(monkeypatch):
+    # After a switch to channels_last the inner optimizer must see gradients laid out as
+    # the user's (as the general path's new tensors are), not the kept scratch's old layout.
+    def run():
+        torch.manual_seed(0)
+        conv = nn.Conv2d(16, 32, 3)  # weight 18 KiB: kept (threshold lowered below)
+        inner = torch.optim.Adam(conv.parameters(), lr=1e-2)
+        seen = []
+        inner.register_step_pre_hook(lambda o, a, k: seen.append(conv.weight.grad.stride()))
+        opt = Grokfast(inner)
+        x = torch.randn(2, 16, 6, 6)
+        for k in range(5):
+            if k == 3:
+                conv.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
+            opt.zero_grad()
+            conv(x).square().mean().backward()
+            opt.step()
+        return seen, conv.weight.detach().clone()
+
+    import grokopt.grokfast as gf
+
+    monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", 1024)
+    steady = run()
+    monkeypatch.setattr(Grokfast, "_steady_step", lambda self: False)
+    general = run()
+    assert steady[0] == general[0]
+    assert steady[0][3] != steady[0][2]  # the layout did change
+    assert torch.equal(steady[1], general[1])
+
+
+@pytest.mark.parametrize("lamb", [0.0, 2.0])
+def test_a_nested_wrapper_never_writes_into_the_users_gradient(lamb):
+    # With lamb=0 the filter leaves p.grad as it is; the nested OrthoGrad writes into what
+    # it is given, which must be a copy, not the user's gradient.
+    from grokopt import OrthoGrad
+
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(8, 4))
+    opt = Grokfast(OrthoGrad(torch.optim.SGD([p], lr=0.1)), lamb=lamb)
+    for _ in range(3):
+        g = torch.randn_like(p)
+        p.grad = g
+        kept = g.clone()
+        opt.step()
+        assert p.grad is g and torch.equal(g, kept)
