@@ -105,3 +105,59 @@ def test_a_preset_of_several_tasks_writes_a_leaderboard(tmp_path, monkeypatch):
         ("a+b mod 11", "baseline"), ("a+b mod 11", "grokfast"),
         ("a*b mod 11", "baseline"), ("a*b mod 11", "grokfast")]
     assert (tmp_path / "t-add" / "results.json").exists()
+
+
+def test_the_readme_leaderboards_are_the_recorded_ones() -> None:
+    # Every figure of the README's two leaderboard tables must be what the committed
+    # leaderboard files hold, at the precision the README prints it.
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    section = text[text.index("## Which method groks fastest?"):text.index("Which to pick")]
+    tables = re.findall(r"((?:^\|.*\|\n)+)", section, flags=re.M)
+    assert len(tables) == 2
+    recorded = [json.loads((root / f"benchmarks/results/race/{name}.json").read_text())["rows"]
+                for name in ("leaderboard", "leaderboard-tuned")]
+    # README names of arms whose race label carries their tuned settings
+    tuned_labels = {"orthograd": "orthograd:lr=1e-3", "muon": "muon:muon_lr=0.0067,lr=1e-3"}
+
+    def close(shown: str, value: float) -> bool:
+        decimals = len(shown.split(".")[1]) if "." in shown else 0
+        return abs(float(shown.replace(",", "")) - value) <= 0.5 * 10 ** -decimals + 1e-9
+
+    checked = 0
+    for table, rows in zip(tables, recorded):
+        lines = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
+        tasks = [c.replace("\\", "") for c in lines[0][1:]]
+        by = {(r["task"], r["arm"]): r for r in rows}
+        for cells in lines[2:]:
+            arms = re.findall(r"`([^`]+)`", cells[0])
+            if table is tables[1]:
+                arms = [tuned_labels.get(a, a) for a in arms]
+            for task, cell in zip(tasks, cells[1:]):
+                task = {"MNIST": "mnist"}.get(task, task.replace("−", "-"))
+                found = [by[(task, a)] for a in arms]
+                pairs = re.findall(r"([\d.]+)× / ([\d.]+)×", cell)
+                if pairs:
+                    assert len(pairs) == len(found), (task, cells[0])
+                    for (st, se), row in zip(pairs, found):
+                        assert close(st, row["speedup_steps"]), (task, row["arm"], st)
+                        assert close(se, row["speedup_seconds"]), (task, row["arm"], se)
+                        checked += 1
+                elif "grok" not in cell:  # the baseline: steps ± sd, seconds
+                    mean, sd, secs = re.findall(r"\d[\d,]*(?:\.\d+)?", cell)[:3]
+                    stat = next(iter(found[0]["steps_to"].values()))
+                    seconds = next(iter(found[0]["seconds_to"].values()))
+                    assert close(mean, stat["mean"]) and close(sd, stat["std"]), (task, cell)
+                    assert close(secs, seconds["mean"]), (task, cell)
+                    checked += 1
+                else:
+                    m = re.search(r"(\d) of 3 seeds grokked", cell)
+                    assert "did not grok" in cell or m, (task, cell)
+                    for row in found:
+                        assert row["grokked"] == (int(m.group(1)) if m else 0), (task, row["arm"])
+                        checked += 1
+    assert checked >= 70
