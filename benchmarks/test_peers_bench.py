@@ -98,6 +98,8 @@ _FIRST: dict[str, float] = {}  # group -> median of its first (reference) entry
 
 def _record(benchmark, group: str, ref: bool, **info) -> None:
     """Store the ratio of this entry's median to its group's reference entry's."""
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing was timed
+        return
     median = benchmark.stats.stats.median
     if ref:
         _FIRST[group] = median
@@ -397,6 +399,8 @@ def test_grokalign_step(benchmark, kind, impl):
     benchmark.group = group
     rounds = 30 if kind == "omnigrok-mlp" else 8
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=2)
+    if benchmark.stats is None:  # --benchmark-disable
+        return
     if impl == "plain":
         _FIRST[group + "/plain"] = benchmark.stats.stats.median
     elif group + "/plain" in _FIRST:
@@ -549,5 +553,6 @@ def test_neuralgrok_step(benchmark, impl):
     rounds = 3 if impl == "paper-per-element" else 6
     benchmark.pedantic(four_steps, rounds=rounds, warmup_rounds=1)
     _record(benchmark, group, impl == "plain", steps_per_round=4, meta_every=4, **info)
-    benchmark.extra_info["seconds_per_step_median"] = benchmark.stats.stats.median / 4
+    if benchmark.stats is not None:
+        benchmark.extra_info["seconds_per_step_median"] = benchmark.stats.stats.median / 4
 
