@@ -286,10 +286,10 @@ def _ema_foreach(
     # before 2.11 has no DTensor rule for _foreach_lerp_.
     grads = local_shards(grads)
     mus = local_shards([s["ema"] for s in states])
-    low_precision = mus[0].dtype != grads[0].dtype
-    src = [g.to(mus[0].dtype) for g in grads] if low_precision else grads
     if finite is None and out_of_place:
         return _lerp_and_amplify(grads, mus, alpha, lamb)
+    low_precision = mus[0].dtype != grads[0].dtype
+    src = [g.to(mus[0].dtype) for g in grads] if low_precision else grads
     weight = _lerp_weight(alpha, len(mus))
     if finite is None:
         torch._foreach_lerp_(mus, src, weight)
@@ -605,9 +605,12 @@ class Grokfast(GradientTransform):
         _check_lr(self.param_groups)
         if self._steady_step():
             return None
-        groups = [(g, [(p, p.grad) for p in g["params"] if p.grad is not None])
-                  for g in self.param_groups]
-        grads = [grad for _, pairs in groups for _, grad in pairs]
+        pairs, counts = self._gradients_at_step()
+        groups, start = [], 0
+        for group, n in zip(self.param_groups, counts):
+            groups.append((group, pairs[start:start + n]))
+            start += n
+        grads = [grad for _, grad in pairs]
         if not grads:
             return None
         if self._skips_on_device(groups):
@@ -637,41 +640,34 @@ class Grokfast(GradientTransform):
     def _plan_steady_step(
         self, groups: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]]
     ) -> None:
-        """Cache what the steady path needs when this step's layout qualifies: EMA filters
-        that all run (none waiting for after_step), plain tensors of one device and dtype
-        (not fp16/bf16, not DTensor) whose EMA has the gradient's dtype."""
+        """Cache what the steady path needs when every group with gradients takes the
+        out-of-place EMA (see :meth:`_out_of_place_ok`) and all gradients share one device
+        and dtype: per group, which gradients get a fresh output and which (large, on
+        CPU) a scratch kept between steps."""
         self._state_edited()
         if not self._steady_ok():
             return
-        params: list[Tensor] = []
         states: list[dict[str, Any]] = []
         slices = []
         kinds = set()
-        counts = [len(pairs) for _, pairs in groups]
         for group, pairs in groups:
             if not pairs:
                 continue
-            if group["grokfast_filter"] != "ema":
+            group_states = [self.own_state[p] for p, _ in pairs]
+            if not self._out_of_place_ok(group, pairs, group_states):
                 return
-            start = len(params)
-            for p, g in pairs:
-                st = self.own_state.get(p)
-                if st is None or "ema" not in st or _waiting(st, "ema") or st["ema"].dtype != g.dtype:
-                    return
-                params.append(p)
-                states.append(st)
-                kinds.add((g.device, g.dtype))
-            slices.append((group, start, len(params)))
-        dtensor = dtensor_type()
-        if (len(kinds) != 1 or next(iter(kinds))[1] in (torch.float16, torch.bfloat16)
-                or (dtensor is not None and any(isinstance(p, dtensor) for p in params))):
+            start = len(states)
+            states += group_states
+            kinds.update((g.device, g.dtype) for _, g in pairs)
+            kept = ([start + i for i, (p, _) in enumerate(pairs)
+                     if p.numel() * p.element_size() >= _KEEP_SCRATCH_BYTES]
+                    if pairs[0][1].device.type == "cpu" else [])
+            fresh = sorted(set(range(start, len(states))).difference(kept))
+            slices.append((group, start, len(states), fresh, kept))
+        if len(kinds) != 1:
             return
-        (device, dtype), = kinds
-        big = []
-        if device.type == "cpu":
-            size = torch.empty((), dtype=dtype).element_size()
-            big = [i for i, p in enumerate(params) if p.numel() * size >= _KEEP_SCRATCH_BYTES]
-        self._fast_plan = (states, counts, slices, (device, dtype), big, {})
+        counts = [len(pairs) for _, pairs in groups]
+        self._fast_plan = (states, counts, slices, next(iter(kinds)), {})
 
     def _steady_step(self) -> bool:
         """The planned steady step; False (nothing changed) when the plan does not hold
@@ -679,7 +675,7 @@ class Grokfast(GradientTransform):
         plan = self.__dict__.get("_fast_plan")
         if plan is None or not self._steady_ok():
             return False
-        states, counts, slices, kind, big, kept = plan
+        states, counts, slices, kind, kept = plan
         pairs, now = self._gradients_at_step()
         # The same gradients per group (a parameter moved to another group changes them)...
         if now != counts:
@@ -694,24 +690,17 @@ class Grokfast(GradientTransform):
         if nonfinite_flag(grads).item():
             return False  # the general path screens again, and names the parameter
         mus = [s["ema"] for s in states]
-        for group, start, stop in slices:
+        for group, start, stop, fresh, kept_here in slices:
             lamb = group["grokfast_lamb"]
             torch._foreach_lerp_(mus[start:stop], grads[start:stop],
                                  _lerp_weight(group["grokfast_alpha"], stop - start))
             if not _amplifies(lamb):
                 continue
-            mine = [i for i in big if start <= i < stop] if big else []
-            if len(mine) == stop - start:
-                small = []
-            elif mine:
-                small = sorted(set(range(start, stop)).difference(mine))
-            else:
-                small = range(start, stop)
-            if small:
-                out = _amplified([grads[i] for i in small], [mus[i] for i in small], lamb)
-                for i, o in zip(small, out):
+            if fresh:
+                out = _amplified([grads[i] for i in fresh], [mus[i] for i in fresh], lamb)
+                for i, o in zip(fresh, out):
                     ps[i].grad = o
-            for i in mine:
+            for i in kept_here:
                 scratch = kept.get(i)
                 if scratch is None or scratch.stride() != grads[i].stride():
                     # the gradient's own layout (channels_last, a transposed view...), as the
@@ -795,8 +784,8 @@ class Grokfast(GradientTransform):
         dtensor = dtensor_type()
         if dtensor is not None and any(isinstance(g, dtensor) for _, g in pairs):
             return False
-        return states[0]["ema"].dtype == pairs[0][1].dtype and all(
-            p.dtype not in (torch.float16, torch.bfloat16) for p, _ in pairs)
+        return all(st["ema"].dtype == g.dtype and g.dtype not in (torch.float16, torch.bfloat16)
+                   for st, (_, g) in zip(states, pairs))
 
     def _buckets(self, params: list[Tensor]) -> list[list[int]]:
         """Indices of ``params`` grouped by device and dtype (a gradient has its
