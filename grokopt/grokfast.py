@@ -248,6 +248,30 @@ def _ema_init(g: Tensor, state: dict[str, Any]) -> None:
         state["ema"] = g.detach().to(_state_dtype(g.dtype), copy=True)
 
 
+def _maybe_nonfinite(flat: Tensor | None, tensors: list[Tensor]) -> bool:
+    """The steady step's screen, decided on the host (one sync): True if some entry of
+    ``flat`` or of ``tensors`` (plain tensors of one device and dtype) is inf or NaN.
+
+    ``flat``'s sum (one pass over one buffer, cheaper than the multi-tensor check) is inf
+    or NaN if one of its entries is, and also if finite entries overflow it: a false
+    alarm that the general path's exact screen then clears.
+    """
+    bad = flat.sum().mul_(0) if flat is not None else None  # 0, else NaN
+    if tensors:
+        flag = nonfinite_flag(tensors)
+        bad = flag if bad is None else bad + flag
+    return bad is not None and bad.item() != 0  # NaN != 0 too
+
+
+def _unshare(states: Iterable[dict[str, Any]], buffer: Tensor) -> None:
+    """Give each state whose EMA is a view of ``buffer`` a copy of its own."""
+    ptr = buffer.untyped_storage().data_ptr()
+    for st in states:
+        mu = st.get("ema")
+        if mu is not None and mu.untyped_storage().data_ptr() == ptr:
+            st["ema"] = mu.clone()
+
+
 def _update_where(finite: Tensor, dst: Tensor, new: Tensor) -> None:
     """``dst <- new`` where ``finite`` (a 0-d bool tensor), on the device, in place.
 
@@ -642,14 +666,17 @@ class Grokfast(GradientTransform):
     ) -> None:
         """Cache what the steady path needs when every group with gradients takes the
         out-of-place EMA (see :meth:`_out_of_place_ok`) and all gradients share one device
-        and dtype: per group, which gradients get a fresh output and which (large, on
-        CPU) a scratch kept between steps."""
+        and dtype. On CPU each gradient gets one of three treatments: small contiguous ones
+        are filtered in the flat buffers (see :meth:`_flatten`), large ones in scratch kept
+        between steps, the rest (non-contiguous small ones; all of them off CPU) in fresh
+        outputs per step."""
         self._state_edited()
         if not self._steady_ok():
             return
         states: list[dict[str, Any]] = []
         slices = []
         kinds = set()
+        flat: list[int] = []  # indices (over all groups) filtered in the flat buffers
         for group, pairs in groups:
             if not pairs:
                 continue
@@ -659,15 +686,85 @@ class Grokfast(GradientTransform):
             start = len(states)
             states += group_states
             kinds.update((g.device, g.dtype) for _, g in pairs)
-            kept = ([start + i for i, (p, _) in enumerate(pairs)
-                     if p.numel() * p.element_size() >= _KEEP_SCRATCH_BYTES]
-                    if pairs[0][1].device.type == "cpu" else [])
-            fresh = sorted(set(range(start, len(states))).difference(kept))
-            slices.append((group, start, len(states), fresh, kept))
+            fresh, kept, here = [], [], []
+            for i, (_, g) in enumerate(pairs, start):
+                if g.device.type != "cpu":
+                    fresh.append(i)
+                elif g.numel() * g.element_size() >= _KEEP_SCRATCH_BYTES:
+                    kept.append(i)
+                elif g.is_contiguous():
+                    here.append(i)
+                else:
+                    fresh.append(i)
+            slices.append([group, fresh, kept, here, sorted(fresh + kept)])
+            flat += here
         if len(kinds) != 1:
             return
         counts = [len(pairs) for _, pairs in groups]
-        self._fast_plan = (states, counts, slices, next(iter(kinds)), {})
+        buffers = self._flatten([states[i] for i in flat], next(iter(kinds)))
+        at, views = 0, buffers[2] if buffers is not None else []
+        for piece in slices:
+            here = piece[3]
+            if not here:
+                piece.append(None)
+                continue
+            stop = at + sum(states[i]["ema"].numel() for i in here)
+            piece.append((buffers[0][at:stop], buffers[1][at:stop], views[:len(here)]))
+            views = views[len(here):]
+            at = stop
+        others = sorted(set(range(len(states))).difference(flat))
+        params = [p for _, pairs in groups for p, _ in pairs]
+        self._fast_plan = (states, params, counts, slices, next(iter(kinds)), {}, flat, others,
+                           buffers)
+
+    def _flatten(
+        self, states: list[dict[str, Any]], kind: tuple[torch.device, torch.dtype]
+    ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
+        """Lay the EMAs of ``states`` out in one flat buffer, each state's ``ema`` a view
+        of its piece, and give them a flat output buffer of the same size: the steady
+        step then filters many small tensors in a few flat operations instead of a few
+        operations per tensor. Returns (ema buffer, output buffer, output views shaped
+        as the EMAs), or None for no states.
+
+        The buffers outlive the plan: the EMAs stay views of the same buffer when nothing
+        moved, and a new layout copies them once. EMAs left behind by a new layout (a
+        parameter without a gradient at that step) are copied out of the old buffer, so
+        that a view of it does not keep all of it alive."""
+        last = self.__dict__.pop("_flat_buffers", None)
+        if not states:
+            if last is not None:
+                _unshare(last[3], last[0])
+            return None
+        device, dtype = kind
+        emas = [st["ema"] for st in states]
+        total = sum(m.numel() for m in emas)
+        ema = None
+        if last is not None and last[0].numel() == total and last[0].dtype == dtype:
+            base, size, at = last[0].data_ptr(), last[0].element_size(), 0
+            for m in emas:  # already laid out in this order?
+                if not (m.is_contiguous() and m.data_ptr() == base + at * size):
+                    break
+                at += m.numel()
+            else:
+                ema = last[0]
+        if ema is None:
+            ema = torch.empty(total, device=device, dtype=dtype)
+            at = 0
+            for st, m in zip(states, emas):
+                piece = ema[at:at + m.numel()].view(m.shape)
+                piece.copy_(m)
+                st["ema"] = piece
+                at += m.numel()
+            if last is not None:
+                _unshare([st for st in last[3] if not any(st is s for s in states)], last[0])
+        out = last[1] if last is not None and last[1].numel() == total and (
+            last[1].dtype, last[1].device) == (dtype, device) else torch.empty_like(ema)
+        views, at = [], 0
+        for m in emas:
+            views.append(out[at:at + m.numel()].view(m.shape))
+            at += m.numel()
+        self._flat_buffers = (ema, out, views, states)
+        return ema, out, views
 
     def _steady_step(self) -> bool:
         """The planned steady step; False (nothing changed) when the plan does not hold
@@ -675,30 +772,45 @@ class Grokfast(GradientTransform):
         plan = self.__dict__.get("_fast_plan")
         if plan is None or not self._steady_ok():
             return False
-        states, counts, slices, kind, kept = plan
+        states, params, counts, slices, kind, kept, flat, others, buffers = plan
         pairs, now = self._gradients_at_step()
         # The same gradients per group (a parameter moved to another group changes them)...
         if now != counts:
             return False
         ps, gs = zip(*pairs)
-        # ...of the same parameters: each one's state dict is its own, so the same dicts in
-        # the same order mean the same parameters (a reloaded state has new dicts).
-        if not (all(map(operator.is_, map(self.own_state.get, ps), states))
+        # ...of the same parameters (a state replaced or reloaded ends the plan: see
+        # _state_edited).
+        if not (all(map(operator.is_, ps, params))
                 and all((g.device, g.dtype) == kind for g in gs)):
             return False
         grads = list(gs)
-        if nonfinite_flag(grads).item():
+        # The screen, before anything changes (the small gradients are copied first).
+        if buffers is not None:
+            torch._foreach_copy_(buffers[2], [grads[i] for i in flat])
+        if _maybe_nonfinite(buffers[1] if buffers is not None else None,
+                            [grads[i] for i in others]):
             return False  # the general path screens again, and names the parameter
-        mus = [s["ema"] for s in states]
-        for group, start, stop, fresh, kept_here in slices:
-            lamb = group["grokfast_lamb"]
-            torch._foreach_lerp_(mus[start:stop], grads[start:stop],
-                                 _lerp_weight(group["grokfast_alpha"], stop - start))
+        mus = dict(zip(others, [states[i]["ema"] for i in others]))
+        for group, fresh, kept_here, here, rest, pieces in slices:
+            alpha, lamb = group["grokfast_alpha"], group["grokfast_lamb"]
+            if rest:
+                torch._foreach_lerp_([mus[i] for i in rest], [grads[i] for i in rest],
+                                     _lerp_weight(alpha, len(rest)))
+            if pieces is not None:
+                ema, out, views = pieces
+                ema.lerp_(out, 1 - alpha)  # out holds the gradients (copied above)
             if not _amplifies(lamb):
                 continue
+            if pieces is not None:
+                if isinstance(lamb, Tensor):
+                    out.add_(ema * lamb)
+                else:
+                    out.add_(ema, alpha=lamb)
+                for i, view in zip(here, views):
+                    ps[i].grad = view
             if fresh:
-                out = _amplified([grads[i] for i in fresh], [mus[i] for i in fresh], lamb)
-                for i, o in zip(fresh, out):
+                outs = _amplified([grads[i] for i in fresh], [mus[i] for i in fresh], lamb)
+                for i, o in zip(fresh, outs):
                     ps[i].grad = o
             for i in kept_here:
                 scratch = kept.get(i)

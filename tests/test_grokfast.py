@@ -619,10 +619,10 @@ def test_which_skip_path_each_inner_optimizer_takes(inner, host_decisions, monke
     import grokopt.grokfast as gf
 
     calls = []
-    real, real_flag = gf.screen_step, gf.nonfinite_flag
+    real, real_screen = gf.screen_step, gf._maybe_nonfinite
     monkeypatch.setattr(gf, "screen_step", lambda *a: calls.append(True) or real(*a))
     # The steady path (every EMA running) screens with a flag it reads on the host.
-    monkeypatch.setattr(gf, "nonfinite_flag", lambda *a: calls.append(True) or real_flag(*a))
+    monkeypatch.setattr(gf, "_maybe_nonfinite", lambda *a: calls.append(True) or real_screen(*a))
     model = make_model(0)
     opt = Grokfast(SKIP_INNERS[inner](model.parameters()), nonfinite="skip")
     seen = []
@@ -1028,12 +1028,14 @@ def test_steady_path_kept_scratch_equals_the_general_path_bit_for_bit(
 
     a, b = run(True), run(False)
     _assert_same_run(a[:2], b[:2])
-    # What the inner optimizer stepped on: the same scratch tensors from the 3rd step on
-    # (the 2nd plans) exactly where the kept rule applies, fresh ones elsewhere.
+    # What the inner optimizer stepped on from the 3rd step on (the 2nd plans): the same
+    # tensors at every step; a scratch of its own where the kept rule applies, else a view
+    # of the one flat output buffer.
     stepped = a[2]
-    same = [g is h for g, h in zip(stepped[3], stepped[4])]
     sizes = [p.numel() * 4 for p in nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 3)).parameters()]
-    assert same == [s >= keep_bytes for s in sizes]
+    assert all(g is h for g, h in zip(stepped[3], stepped[4]))
+    assert [g._base is None for g in stepped[3]] == [s >= keep_bytes for s in sizes]
+    assert len({g.untyped_storage().data_ptr() for g in stepped[3] if g._base is not None}) <= 1
 
 
 def _steady_and_general(run, monkeypatch):
@@ -1113,3 +1115,144 @@ def test_a_nested_wrapper_never_writes_into_the_users_gradient(lamb):
         kept = g.clone()
         opt.step()
         assert p.grad is g and torch.equal(g, kept)
+
+
+# ------------------------------------------------ the steady step's flat buffers (CPU)
+
+
+def _flat_model():
+    """Small tensors in two groups of other alpha/lamb, one of them a transposed view (not
+    contiguous: outside the flat buffer) and one large enough to keep its own scratch."""
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(7, dtype=torch.float64))
+    c = nn.Parameter(torch.randn(4, 6, dtype=torch.float64))  # gets a transposed gradient
+    d = nn.Parameter(torch.randn(40, 40, dtype=torch.float64))  # 12.8 KB: kept (see below)
+    e = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    return [a, b, c, d, e]
+
+
+def _flat_grads(params, gen):
+    for p in params:
+        if p.shape == (4, 6):
+            p.grad = torch.randn(6, 4, generator=gen, dtype=p.dtype).t()
+        else:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+@pytest.mark.parametrize("hyper", ["floats", "tensors", "lamb0"])
+def test_steady_flat_buffers_follow_the_plain_ema(hyper, monkeypatch):
+    # The plain EMA written here, per group options, with SGD at lr 1 (each parameter's
+    # update is minus its filtered gradient). From the 2nd step the small contiguous
+    # gradients are filtered in the flat buffers, the transposed one in fresh tensors and
+    # the large one in kept scratch; all must follow the formula, and the user's gradients
+    # must come back untouched.
+    import grokopt.grokfast as gf
+
+    monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", 10_000)
+    params = _flat_model()
+    a, b, c, d, e = params
+    opts = {"floats": [(0.9, 2.0), (0.5, 0.7)],
+            "tensors": [(torch.tensor(0.9, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)),
+                        (0.5, torch.tensor(0.7, dtype=torch.float64))],
+            "lamb0": [(0.9, 2.0), (0.5, 0.0)]}[hyper]
+    groups = [{"params": [a, c, d], "grokfast_alpha": opts[0][0], "grokfast_lamb": opts[0][1]},
+              {"params": [b, e], "grokfast_alpha": opts[1][0], "grokfast_lamb": opts[1][1]}]
+    opt = Grokfast(torch.optim.SGD(groups, lr=1.0))
+    which = {a: 0, c: 0, d: 0, b: 1, e: 1}
+    mus = {}
+    gen = torch.Generator().manual_seed(1)
+    taken = []
+    real = Grokfast._steady_step
+    monkeypatch.setattr(Grokfast, "_steady_step", lambda self: taken.append(real(self)) or taken[-1])
+    for _ in range(6):
+        _flat_grads(params, gen)
+        raw = {p: p.grad for p in params}
+        values = {p: p.grad.clone() for p in params}
+        before = {p: p.detach().clone() for p in params}
+        opt.step()
+        for p in params:
+            alpha, lamb = (float(v) for v in opts[which[p]])
+            g = values[p]
+            mu = mus[p] = g.clone() if p not in mus else alpha * mus[p] + (1 - alpha) * g
+            torch.testing.assert_close(opt.state[p]["grokfast_ema"], mu, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(p.detach(), before[p] - (g + lamb * mu),
+                                       rtol=1e-12, atol=1e-12)
+            assert p.grad is raw[p] and torch.equal(p.grad, values[p])
+    assert taken == [False] + [True] * 5
+    # the small contiguous ones' EMAs are views of one buffer; the others are not
+    storages = {p: opt.state[p]["grokfast_ema"].untyped_storage().data_ptr() for p in params}
+    assert storages[a] == storages[b] == storages[e]
+    assert len({storages[a], storages[c], storages[d]}) == 3
+
+
+def test_steady_flat_buffers_screen_before_anything_changes(monkeypatch):
+    # An inf in a gradient of the flat buffer at a steady step: the error names that
+    # parameter, and no state, parameter or gradient changed; the next finite step goes on
+    # from the same EMAs as a run that never saw the bad step.
+    def run(poison):
+        params = _flat_model()
+        opt = Grokfast(torch.optim.SGD([{"params": params[:3]}, {"params": params[3:]}],
+                                       lr=0.1))
+        gen = torch.Generator().manual_seed(2)
+        for k in range(5):
+            _flat_grads(params, gen)
+            if k == 3 and poison:
+                params[4].grad[1] = float("inf")
+                before = ([p.detach().clone() for p in params], state_tensors(opt),
+                          [p.grad.clone() for p in params])
+                with pytest.raises(NonFiniteGradientError, match="parameter 4 "):
+                    opt.step()
+                after = ([p.detach().clone() for p in params], state_tensors(opt),
+                         [p.grad.clone() for p in params])
+                _assert_same_run(before[:2], after[:2])
+                for x, y in zip(before[2], after[2]):
+                    assert torch.equal(x, y)
+                continue
+            opt.step()
+        return [p.detach().clone() for p in params], state_tensors(opt)
+
+    poisoned = run(True)
+    # the clean run skips the same gradients (drawn, not stepped on) by drawing them too
+    params = _flat_model()
+    opt = Grokfast(torch.optim.SGD([{"params": params[:3]}, {"params": params[3:]}], lr=0.1))
+    gen = torch.Generator().manual_seed(2)
+    for k in range(5):
+        _flat_grads(params, gen)
+        if k != 3:
+            opt.step()
+    _assert_same_run(poisoned, ([p.detach().clone() for p in params], state_tensors(opt)))
+
+
+def test_steady_flat_buffers_survive_edits_reloads_and_a_missing_gradient():
+    # Against the same run with the steady path off: an in-place edit of an EMA through
+    # `state` (seen by the flat step: the EMA is a view of the buffer), a replaced EMA, a
+    # parameter without a gradient (its EMA leaves the buffer: a copy of its own, so that
+    # the old buffer is not kept alive by it), and a state_dict reload.
+    def run(steady):
+        params = _flat_model()
+        a, b, c, d, e = params
+        opt = Grokfast(torch.optim.SGD(params, lr=0.1), alpha=0.8, lamb=1.5)
+        if not steady:
+            opt._steady_step = lambda: False
+        gen = torch.Generator().manual_seed(3)
+        for k in range(10):
+            _flat_grads(params, gen)
+            if k == 3:
+                opt.state[b]["grokfast_ema"].mul_(0.5)
+            elif k == 4:  # (a steady step follows: the flat step must use this tensor)
+                opt.state[e]["grokfast_ema"] = torch.ones(3, dtype=torch.float64)
+            elif k == 6:
+                a.grad = None
+            elif k == 8:
+                sd = opt.state_dict()
+                opt = Grokfast(torch.optim.SGD(params, lr=0.1), alpha=0.8, lamb=1.5)
+                opt.load_state_dict(sd)
+                if not steady:
+                    opt._steady_step = lambda: False
+            opt.step()
+            if k == 6:  # a's EMA holds a storage of its own size, not the old buffer
+                assert opt.state[a]["grokfast_ema"].untyped_storage().nbytes() == 15 * 8
+        return [p.detach().clone() for p in params], state_tensors(opt)
+
+    _assert_same_run(run(True), run(False))
