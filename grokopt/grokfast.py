@@ -555,13 +555,17 @@ class Grokfast(GradientTransform):
             filter, and every non-fused or nested inner optimizer.
         restore_grad: ``True`` (default): after ``step()`` each ``p.grad`` is the gradient
             backward produced, as with any torch optimizer (the filter works on a
-            scratch copy: one extra gradient-sized buffer during the step; on CPU, once
-            the filter runs steadily, gradients of 256 KiB and more keep theirs from step
-            to step, since fresh CPU memory of that size costs a page fault per 4 KiB,
-            several times the filter itself: an inner optimizer or hook that keeps a
-            reference to ``p.grad`` across steps must copy it). ``False``: the
-            transformed gradient is written into ``p.grad`` in place, with no extra buffer.
-            With ``lamb=0`` the gradient is left untouched in both modes.
+            scratch copy: one extra gradient-sized buffer during the step). On CPU, once
+            the filter runs steadily, that buffer is kept from step to step: gradients of
+            256 KiB and more keep their own (fresh CPU memory of that size costs a page
+            fault per 4 KiB, several times the filter itself), and the smaller contiguous
+            ones share one flat buffer, filtered in a few flat operations instead of a few
+            per tensor, with their EMAs laid out as views of one flat EMA buffer (an EMA
+            replaced through ``state`` is laid out again at the next step). An inner
+            optimizer or hook that keeps a reference to ``p.grad`` across steps must copy
+            it. ``False``: the transformed gradient is written into ``p.grad`` in place,
+            with no extra buffer. With ``lamb=0`` the gradient is left untouched in both
+            modes.
 
     A checkpoint of the bare optimizer upgrades to Grokfast: load it into the inner
     optimizer before wrapping, or into ``grokfast.optimizer`` after; groups that lack the
