@@ -264,12 +264,16 @@ def _maybe_nonfinite(flat: Tensor | None, tensors: list[Tensor]) -> bool:
 
 
 def _unshare(states: Iterable[dict[str, Any]], buffer: Tensor) -> None:
-    """Give each state whose EMA is a view of ``buffer`` a copy of its own."""
+    """Give each state whose EMA lies in ``buffer`` a storage of its own (the same tensor
+    object where it can, as :meth:`Grokfast._flatten` leaves it)."""
     ptr = buffer.untyped_storage().data_ptr()
     for st in states:
         mu = st.get("ema")
         if mu is not None and mu.untyped_storage().data_ptr() == ptr:
-            st["ema"] = mu.clone()
+            if mu._base is None:
+                mu.set_(mu.clone())
+            else:
+                st["ema"] = mu.clone()
 
 
 def _update_where(finite: Tensor, dst: Tensor, new: Tensor) -> None:
@@ -560,8 +564,9 @@ class Grokfast(GradientTransform):
             256 KiB and more keep their own (fresh CPU memory of that size costs a page
             fault per 4 KiB, several times the filter itself), and the smaller contiguous
             ones share one flat buffer, filtered in a few flat operations instead of a few
-            per tensor, with their EMAs laid out as views of one flat EMA buffer (an EMA
-            replaced through ``state`` is laid out again at the next step). An inner
+            per tensor, with their EMAs laid out in one flat EMA buffer (the same tensor
+            objects, re-pointed; ``torch.save`` of one EMA alone writes the whole
+            buffer, a whole ``state_dict`` writes it once). An inner
             optimizer or hook that keeps a reference to ``p.grad`` across steps must copy
             it. ``False``: the transformed gradient is written into ``p.grad`` in place,
             with no extra buffer. With ``lamb=0`` the gradient is left untouched in both
@@ -676,7 +681,7 @@ class Grokfast(GradientTransform):
         outputs per step."""
         self._state_edited()
         if not self._steady_ok():
-            return
+            return self._release_flat_output()
         states: list[dict[str, Any]] = []
         slices = []
         kinds = set()
@@ -686,7 +691,7 @@ class Grokfast(GradientTransform):
                 continue
             group_states = [self.own_state[p] for p, _ in pairs]
             if not self._out_of_place_ok(group, pairs, group_states):
-                return
+                return self._release_flat_output()
             start = len(states)
             states += group_states
             kinds.update((g.device, g.dtype) for _, g in pairs)
@@ -703,7 +708,7 @@ class Grokfast(GradientTransform):
             slices.append([group, fresh, kept, here, sorted(fresh + kept)])
             flat += here
         if len(kinds) != 1:
-            return
+            return self._release_flat_output()
         counts = [len(pairs) for _, pairs in groups]
         buffers = self._flatten([states[i] for i in flat], next(iter(kinds)))
         at, views = 0, buffers[2] if buffers is not None else []
@@ -718,22 +723,31 @@ class Grokfast(GradientTransform):
             at = stop
         others = sorted(set(range(len(states))).difference(flat))
         params = [p for _, pairs in groups for p, _ in pairs]
+        places = [states[i]["ema"].data_ptr() for i in flat]
         self._fast_plan = (states, params, counts, slices, next(iter(kinds)), {}, flat, others,
-                           buffers)
+                           buffers, places)
+
+    def _release_flat_output(self) -> None:
+        """No plan this step: free the flat output buffer (the EMA buffer holds the state
+        and stays)."""
+        last = self.__dict__.get("_flat_buffers")
+        if last is not None:
+            self._flat_buffers = (last[0], None, [], last[3])
 
     def _flatten(
         self, states: list[dict[str, Any]], kind: tuple[torch.device, torch.dtype]
     ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
-        """Lay the EMAs of ``states`` out in one flat buffer, each state's ``ema`` a view
-        of its piece, and give them a flat output buffer of the same size: the steady
-        step then filters many small tensors in a few flat operations instead of a few
-        operations per tensor. Returns (ema buffer, output buffer, output views shaped
-        as the EMAs), or None for no states.
+        """Lay the EMAs of ``states`` out in one flat buffer and give them a flat output
+        buffer of the same size: the steady step then filters many small tensors in a few
+        flat operations instead of a few operations per tensor. Returns (ema buffer,
+        output buffer, output views shaped as the EMAs), or None for no states.
 
-        The buffers outlive the plan: the EMAs stay views of the same buffer when nothing
-        moved, and a new layout copies them once. EMAs left behind by a new layout (a
-        parameter without a gradient at that step) are copied out of the old buffer, so
-        that a view of it does not keep all of it alive."""
+        Each EMA tensor is re-pointed into its piece of the buffer (``set_``): the state
+        keeps the same tensor object, so a reference to it stays the live state. The
+        buffers outlive the plan: a re-plan with the EMAs where they are reuses them, a
+        new layout copies the EMAs once, and an EMA left out of it (a parameter without a
+        gradient at that step) gets a storage of its own again, so that it does not keep
+        the old buffer alive."""
         last = self.__dict__.pop("_flat_buffers", None)
         if not states:
             if last is not None:
@@ -757,12 +771,16 @@ class Grokfast(GradientTransform):
             for st, m in zip(states, emas):
                 piece = ema[at:at + m.numel()].view(m.shape)
                 piece.copy_(m)
-                st["ema"] = piece
+                if m._base is None:
+                    m.set_(ema.untyped_storage(), at, m.shape, _contiguous_stride(m.shape))
+                else:  # a view: set_ would leave it pointing at its old base
+                    st["ema"] = piece
                 at += m.numel()
             if last is not None:
                 _unshare([st for st in last[3] if not any(st is s for s in states)], last[0])
-        out = last[1] if last is not None and last[1].numel() == total and (
-            last[1].dtype, last[1].device) == (dtype, device) else torch.empty_like(ema)
+        out = last[1] if last is not None else None
+        if out is None or out.numel() != total or (out.dtype, out.device) != (dtype, device):
+            out = torch.empty_like(ema)
         views, at = [], 0
         for m in emas:
             views.append(out[at:at + m.numel()].view(m.shape))
@@ -776,7 +794,7 @@ class Grokfast(GradientTransform):
         plan = self.__dict__.get("_fast_plan")
         if plan is None or not self._steady_ok():
             return False
-        states, params, counts, slices, kind, kept, flat, others, buffers = plan
+        states, params, counts, slices, kind, kept, flat, others, buffers, places = plan
         pairs, now = self._gradients_at_step()
         # The same gradients per group (a parameter moved to another group changes them)...
         if now != counts:
@@ -788,6 +806,11 @@ class Grokfast(GradientTransform):
                 and all((g.device, g.dtype) == kind for g in gs)):
             return False
         grads = list(gs)
+        # ...and the flat EMAs still where they were laid out (`.data = ...` or set_ on
+        # one moves it without passing through `state`).
+        if buffers is not None and places != list(
+                map(Tensor.data_ptr, [states[i]["ema"] for i in flat])):
+            return False
         # The screen, before anything changes (the small gradients are copied first).
         if buffers is not None:
             torch._foreach_copy_(buffers[2], [grads[i] for i in flat])

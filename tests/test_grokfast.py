@@ -1226,9 +1226,11 @@ def test_steady_flat_buffers_screen_before_anything_changes(monkeypatch):
 
 def test_steady_flat_buffers_survive_edits_reloads_and_a_missing_gradient():
     # Against the same run with the steady path off: an in-place edit of an EMA through
-    # `state` (seen by the flat step: the EMA is a view of the buffer), a replaced EMA, a
-    # parameter without a gradient (its EMA leaves the buffer: a copy of its own, so that
-    # the old buffer is not kept alive by it), and a state_dict reload.
+    # `state` (seen by the flat step: the EMA lies in the buffer), an EMA moved by
+    # `.data = ...` (not through `state`), a replaced EMA, a parameter without a gradient
+    # (its EMA leaves the buffer: a storage of its own, so that the old buffer is not kept
+    # alive by it), and a state_dict reload. A reference to an EMA taken before the first
+    # layout stays the live state through every later one.
     def run(steady):
         params = _flat_model()
         a, b, c, d, e = params
@@ -1236,9 +1238,15 @@ def test_steady_flat_buffers_survive_edits_reloads_and_a_missing_gradient():
         if not steady:
             opt._steady_step = lambda: False
         gen = torch.Generator().manual_seed(3)
+        held = None
         for k in range(10):
             _flat_grads(params, gen)
-            if k == 3:
+            if k == 1:
+                held = opt.state[b]["grokfast_ema"]
+                held_a = opt.state[a]["grokfast_ema"]  # (a leaves the buffer at k == 6)
+            elif k == 2:
+                held.data = held.data.clone()
+            elif k == 3:
                 opt.state[b]["grokfast_ema"].mul_(0.5)
             elif k == 4:  # (a steady step follows: the flat step must use this tensor)
                 opt.state[e]["grokfast_ema"] = torch.ones(3, dtype=torch.float64)
@@ -1253,6 +1261,26 @@ def test_steady_flat_buffers_survive_edits_reloads_and_a_missing_gradient():
             opt.step()
             if k == 6:  # a's EMA holds a storage of its own size, not the old buffer
                 assert opt.state[a]["grokfast_ema"].untyped_storage().nbytes() == 15 * 8
+            if k == 7:
+                assert held is opt.state[b]["grokfast_ema"]
+                assert held_a is opt.state[a]["grokfast_ema"]
         return [p.detach().clone() for p in params], state_tensors(opt)
 
     _assert_same_run(run(True), run(False))
+
+
+def test_steady_flat_output_buffer_is_freed_when_the_steady_path_ends():
+    # A group switched to the MA filter leaves the steady path for good: the flat output
+    # buffer (scratch, not state) must not stay allocated; the EMAs, which are state, stay.
+    params = _flat_model()
+    opt = Grokfast(torch.optim.SGD(params, lr=0.1))
+    gen = torch.Generator().manual_seed(4)
+    for k in range(4):
+        _flat_grads(params, gen)
+        if k == 2:
+            opt.param_groups[0]["grokfast_filter"] = "ma"
+        opt.step()
+        buffers = opt.__dict__["_flat_buffers"]
+        assert (buffers[1] is None) == (k >= 2)
+    assert opt.state[params[0]]["grokfast_ema"].untyped_storage().data_ptr() == (
+        buffers[0].untyped_storage().data_ptr())
