@@ -6,6 +6,8 @@ Two models: (a) ~200 small tensors (where per-tensor Python overhead dominates) 
 - ``default``: what a user gets: ``Grokfast(...).step()`` in its default configuration
   (inf/NaN screen on, ``restore_grad``) around an inner optimizer whose step does nothing,
   so that only the wrapper's work is timed;
+- ``fused``: the same with ``fused=True`` (the steady step's kernels compiled by
+  torch.compile; compiled in the warm-up, outside the timing);
 - ``foreach``: grokopt's multi-tensor path (the functional ``grokfast_``, no screen);
 - ``reference``: grokopt's per-tensor reference path;
 - ``loop``: the per-parameter Python loop users copy from the paper's scripts (written here
@@ -15,7 +17,8 @@ Two models: (a) ~200 small tensors (where per-tensor Python overhead dominates) 
 - ``copy-floor``: copying the same bytes once (the filter must at least read g and mu and
   write mu and g, so its floor is about two such copies).
 
-And the whole optimizer step: foreach AdamW bare vs wrapped in Grokfast.
+And the whole optimizer step: foreach AdamW bare vs wrapped in Grokfast (default, and
+``fused=True``).
 
 On a GPU a third layout, 4 x 4096^2, gives the filter's bandwidth (benchmarks/cuda.sh).
 
@@ -61,8 +64,8 @@ def _paper_loop(named_grads, ema, alpha=0.98, lamb=2.0):
 
 
 @pytest.mark.parametrize(("device", "model"), CASES)
-@pytest.mark.parametrize("impl", ["default", "foreach", "reference", "loop", "inplace-loop",
-                                  "copy-floor"])
+@pytest.mark.parametrize("impl", ["default", "fused", "foreach", "reference", "loop",
+                                  "inplace-loop", "copy-floor"])
 def test_filter(benchmark, device, model, impl):
     params = _params(layouts(device)[model], device)
     grads = [p.grad for p in params]
@@ -81,8 +84,9 @@ def test_filter(benchmark, device, model, impl):
         def run():
             _inplace_loop(grads, mus)
             _sync(device)
-    elif impl == "default":
-        opt = Grokfast(_NoStep(params))
+    elif impl in ("default", "fused"):
+        opt = Grokfast(_NoStep(params), fused=impl == "fused")
+        opt.step()  # the general path, which plans the steady one (compiled on its 1st run)
 
         def run():
             opt.step()
@@ -108,8 +112,9 @@ def test_filter(benchmark, device, model, impl):
 def _step_fn(impl: str, device: str, model: str):
     params = _params(layouts(device)[model], device)
     opt = torch.optim.AdamW(params, lr=1e-6, foreach=True)
-    if impl == "grokfast-adamw":
-        opt = Grokfast(opt)
+    if impl != "adamw":
+        opt = Grokfast(opt, fused=impl == "grokfast-fused-adamw")
+        opt.step()  # the general path, which plans the steady one (compiled on its 1st run)
 
     def run():
         opt.step()
@@ -120,7 +125,7 @@ def _step_fn(impl: str, device: str, model: str):
 
 
 @pytest.mark.parametrize(("device", "model"), CASES)
-@pytest.mark.parametrize("impl", ["adamw", "grokfast-adamw"])
+@pytest.mark.parametrize("impl", ["adamw", "grokfast-adamw", "grokfast-fused-adamw"])
 def test_step(benchmark, device, model, impl):
     run = _step_fn(impl, device, model)
     benchmark.group = f"step/{model}/{device}"

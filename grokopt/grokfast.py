@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -248,17 +249,22 @@ def _ema_init(g: Tensor, state: dict[str, Any]) -> None:
         state["ema"] = g.detach().to(_state_dtype(g.dtype), copy=True)
 
 
-def _maybe_nonfinite(flat: Tensor | None, tensors: list[Tensor]) -> bool:
+def _maybe_nonfinite(summed: list[Tensor], checked: list[Tensor]) -> bool:
     """The steady step's screen, decided on the host (one sync): True if some entry of
-    ``flat`` or of ``tensors`` (plain tensors of one device and dtype) is inf or NaN.
+    ``summed`` or of ``checked`` is inf or NaN.
 
-    ``flat``'s sum (one pass over one buffer, cheaper than the multi-tensor check) is inf
-    or NaN if one of its entries is, and also if finite entries overflow it: a false
-    alarm that the general path's exact screen then clears.
+    A tensor's sum is inf or NaN if one of its entries is (and also if finite entries
+    overflow it: a false alarm that the general path's exact screen then clears). It reads
+    each entry once, where torch's multi-tensor check (taken by ``checked``: plain tensors
+    of one device and dtype) reads and writes each one, but it costs a call per tensor: it
+    screens the flat buffer, and with ``fused=True`` the large gradients too.
     """
-    bad = flat.sum().mul_(0) if flat is not None else None  # 0, else NaN
-    if tensors:
-        flag = nonfinite_flag(tensors)
+    bad = None
+    if summed:
+        sums = [t.sum() for t in summed]
+        bad = (sums[0] if len(sums) == 1 else torch.stack(sums).sum()).mul_(0).reshape(1)
+    if checked:
+        flag = nonfinite_flag(checked)
         bad = flag if bad is None else bad + flag
     return bad is not None and bad.item() != 0  # NaN != 0 too
 
@@ -361,6 +367,46 @@ def _amplify_into(g: Tensor, mu: Tensor, lamb: Any, out: Tensor) -> None:
         out.add_(g)
     else:
         torch.add(g, mu, alpha=lamb, out=out)
+
+
+def _lerp_amplify_into(g: Tensor, mu: Tensor, out: Tensor, weight: Tensor, lamb: Tensor) -> None:
+    """``mu <- lerp(mu, g, weight)`` and ``out <- g + lamb * mu``: the EMA step that
+    ``fused=True`` compiles into one pass (read g and mu, write mu and out). Flat
+    contiguous tensors; ``weight`` and ``lamb`` are 0-d tensors, so that new values do not
+    recompile."""
+    mu.lerp_(g, weight)
+    out.copy_(g + mu * lamb)
+
+
+def _lerp_amplify_flat(mu: Tensor, out: Tensor, weight: Tensor, lamb: Tensor) -> None:
+    """As :func:`_lerp_amplify_into` where ``out`` holds the gradient (the flat buffer)."""
+    mu.lerp_(out, weight)
+    out.copy_(out + mu * lamb)
+
+
+_COMPILED: dict[Any, Any] = {}
+_COMPILE_FAILED: list[str] = []  # why torch.compile failed, once it has: eager from then on
+
+
+def _run_fused(kernel: Any, *args: Tensor) -> None:
+    """Run ``kernel`` compiled by torch.compile (Inductor: C++ on CPU, Triton on CUDA),
+    compiling it on first use; where compiling fails, warn once and run it eagerly from
+    then on. Inside a graph that torch.compile is tracing, the kernel is traced with it."""
+    if not _COMPILE_FAILED and not torch.compiler.is_compiling():
+        compiled = _COMPILED.get(kernel)
+        if compiled is None:
+            compiled = _COMPILED[kernel] = torch.compile(kernel, fullgraph=True, dynamic=True)
+        try:
+            compiled(*args)
+            return
+        except Exception as exc:  # no compiler, no Triton...: the eager kernels still work
+            _COMPILE_FAILED.append(f"{type(exc).__name__}: {exc}")
+            warnings.warn(
+                f"Grokfast(fused=True): torch.compile could not build the fused filter "
+                f"({_COMPILE_FAILED[0][:300]}); running the eager kernels instead",
+                RuntimeWarning, stacklevel=4,
+            )
+    kernel(*args)
 
 
 def _lerp_and_amplify(
@@ -571,6 +617,19 @@ class Grokfast(GradientTransform):
             it. ``False``: the transformed gradient is written into ``p.grad`` in place,
             with no extra buffer. With ``lamb=0`` the gradient is left untouched in both
             modes.
+        fused: ``False`` (default): the eager kernels above. ``True``: in steady steps
+            (every EMA running, ``restore_grad``, the foreach path) the EMA update and the
+            filtered output are one kernel per large gradient and one per param group's
+            flat buffer, compiled by ``torch.compile`` (Inductor: C++ on CPU, Triton on
+            CUDA); it reads g and mu and writes mu and the output (four passes over the
+            bytes where the eager kernels take six), and the large gradients are screened
+            for inf/NaN by their sums. On every device the small contiguous gradients then
+            take the flat buffers and the large ones scratch kept between steps. The first
+            steady step compiles (seconds, once per process, dtype and device); new
+            alpha/lamb/lr values do not recompile. Results agree with the eager kernels to
+            rounding (the compiled kernel may contract a multiply and an add). Where
+            compiling fails (no C++ compiler, no Triton) it warns once and runs the eager
+            kernels.
 
     A checkpoint of the bare optimizer upgrades to Grokfast: load it into the inner
     optimizer before wrapping, or into ``grokfast.optimizer`` after; groups that lack the
@@ -606,9 +665,11 @@ class Grokfast(GradientTransform):
         foreach: bool | None = None,
         nonfinite: str = "error",
         restore_grad: bool = True,
+        fused: bool = False,
     ) -> None:
         check_mode(nonfinite)
         check_bool("foreach", foreach, allow_none=True)
+        check_bool("fused", fused)
         # 0-d tensor hyperparameters are range-checked here, once (at every step that would
         # cost a host sync); a value assigned to a group later is the caller's to keep sane.
         for name, value in (("alpha", alpha), ("lamb", lamb)):
@@ -618,6 +679,7 @@ class Grokfast(GradientTransform):
         if isinstance(optimizer, Optimizer):
             _check_lr(optimizer.param_groups, normalize_lr)
         self.foreach = foreach
+        self.fused = fused
         self.nonfinite = nonfinite
         super().__init__(
             optimizer,
@@ -625,6 +687,10 @@ class Grokfast(GradientTransform):
                  warmup=warmup, after_step=after_step, normalize_lr=normalize_lr),
             restore_grad=restore_grad,
         )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("fused", False)  # pickled before the option existed
 
     def _validate_group(self, options: dict[str, Any]) -> None:
         merged = {**self._own_defaults(), **options} if hasattr(self, "defaults") else options
@@ -675,10 +741,11 @@ class Grokfast(GradientTransform):
     ) -> None:
         """Cache what the steady path needs when every group with gradients takes the
         out-of-place EMA (see :meth:`_out_of_place_ok`) and all gradients share one device
-        and dtype. On CPU each gradient gets one of three treatments: small contiguous ones
-        are filtered in the flat buffers (see :meth:`_flatten`), large ones in scratch kept
-        between steps, the rest (non-contiguous small ones; all of them off CPU) in fresh
-        outputs per step."""
+        and dtype. On CPU (on every device with ``fused``) each gradient gets one of three
+        treatments: small contiguous ones are filtered in the flat buffers (see
+        :meth:`_flatten`), large ones in scratch kept between steps (with ``fused``, the
+        contiguous large ones only), the rest (non-contiguous small ones; all of them off
+        CPU without ``fused``) in fresh outputs per step."""
         self._state_edited()
         if not self._steady_ok():
             return self._release_flat_output()
@@ -697,10 +764,10 @@ class Grokfast(GradientTransform):
             kinds.update((g.device, g.dtype) for _, g in pairs)
             fresh, kept, here = [], [], []
             for i, (_, g) in enumerate(pairs, start):
-                if g.device.type != "cpu":
+                if g.device.type != "cpu" and not self.fused:
                     fresh.append(i)
                 elif g.numel() * g.element_size() >= _KEEP_SCRATCH_BYTES:
-                    kept.append(i)
+                    (kept if not self.fused or g.is_contiguous() else fresh).append(i)
                 elif g.is_contiguous():
                     here.append(i)
                 else:
@@ -722,10 +789,13 @@ class Grokfast(GradientTransform):
             views = views[len(here):]
             at = stop
         others = sorted(set(range(len(states))).difference(flat))
+        # The screen: with fused, the large ones by their sums (see _maybe_nonfinite)
+        summed = [i for piece in slices for i in piece[2]] if self.fused else []
+        checked = sorted(set(others).difference(summed))
         params = [p for _, pairs in groups for p, _ in pairs]
         places = [states[i]["ema"].data_ptr() for i in flat]
         self._fast_plan = (states, params, counts, slices, next(iter(kinds)), {}, flat, others,
-                           buffers, places)
+                           summed, checked, buffers, places)
 
     def _release_flat_output(self) -> None:
         """No plan this step: free the flat output buffer (the EMA buffer holds the state
@@ -794,7 +864,8 @@ class Grokfast(GradientTransform):
         plan = self.__dict__.get("_fast_plan")
         if plan is None or not self._steady_ok():
             return False
-        states, params, counts, slices, kind, kept, flat, others, buffers, places = plan
+        (states, params, counts, slices, kind, kept, flat, others, summed, checked, buffers,
+         places) = plan
         pairs, now = self._gradients_at_step()
         # The same gradients per group (a parameter moved to another group changes them)...
         if now != counts:
@@ -814,40 +885,74 @@ class Grokfast(GradientTransform):
         # The screen, before anything changes (the small gradients are copied first).
         if buffers is not None:
             torch._foreach_copy_(buffers[2], [grads[i] for i in flat])
-        if _maybe_nonfinite(buffers[1] if buffers is not None else None,
-                            [grads[i] for i in others]):
+        summed_now = [grads[i] for i in summed]
+        if buffers is not None:
+            summed_now.append(buffers[1])
+        if _maybe_nonfinite(summed_now, [grads[i] for i in checked]):
             return False  # the general path screens again, and names the parameter
         mus = dict(zip(others, [states[i]["ema"] for i in others]))
         for group, fresh, kept_here, here, rest, pieces in slices:
             alpha, lamb = group["grokfast_alpha"], group["grokfast_lamb"]
+            amplifies = _amplifies(lamb)
+            fuse = self.fused and amplifies
+            if fuse:
+                weight, lamb_t = self._scalar(1 - alpha, kind), self._scalar(lamb, kind)
+                rest = fresh  # the kept ones are filtered below, in one kernel each
             if rest:
                 torch._foreach_lerp_([mus[i] for i in rest], [grads[i] for i in rest],
                                      _lerp_weight(alpha, len(rest)))
             if pieces is not None:
-                ema, out, views = pieces
-                ema.lerp_(out, 1 - alpha)  # out holds the gradients (copied above)
-            if not _amplifies(lamb):
-                continue
-            if pieces is not None:
-                if isinstance(lamb, Tensor):
-                    out.add_(ema * lamb)
+                ema, out, views = pieces  # out holds the gradients (copied above)
+                if fuse:
+                    _run_fused(_lerp_amplify_flat, ema, out, weight, lamb_t)
                 else:
-                    out.add_(ema, alpha=lamb)
-                for i, view in zip(here, views):
-                    ps[i].grad = view
+                    ema.lerp_(out, 1 - alpha)
+                    if isinstance(lamb, Tensor):
+                        out.add_(ema * lamb)
+                    elif amplifies:
+                        out.add_(ema, alpha=lamb)
+                if amplifies:
+                    for i, view in zip(here, views):
+                        ps[i].grad = view
+            if not amplifies:
+                continue
             if fresh:
                 outs = _amplified([grads[i] for i in fresh], [mus[i] for i in fresh], lamb)
                 for i, o in zip(fresh, outs):
                     ps[i].grad = o
             for i in kept_here:
+                g, mu = grads[i], mus[i]
                 scratch = kept.get(i)
-                if scratch is None or scratch.stride() != grads[i].stride():
+                if scratch is None or scratch.stride() != g.stride():
                     # the gradient's own layout (channels_last, a transposed view...), as the
                     # general path's new tensors have it
-                    scratch = kept[i] = torch.empty_like(grads[i])
-                _amplify_into(grads[i], mus[i], lamb, scratch)
+                    scratch = kept[i] = torch.empty_like(g)
+                if not fuse:
+                    _amplify_into(g, mu, lamb, scratch)
+                elif g.is_contiguous() and mu.is_contiguous():
+                    _run_fused(_lerp_amplify_into, g.view(-1), mu.view(-1), scratch.view(-1),
+                               weight, lamb_t)
+                else:  # its layout changed since the plan
+                    mu.lerp_(g, weight)
+                    _amplify_into(g, mu, lamb_t, scratch)
                 ps[i].grad = scratch
         return True
+
+    def _scalar(self, value: Any, kind: tuple[torch.device, torch.dtype]) -> Tensor:
+        """``value`` as a 0-d tensor of the gradients' dtype and device (the fused kernels'
+        hyperparameters: a tensor is an input, where a float would be compiled in), cached
+        per value."""
+        device, dtype = kind
+        if isinstance(value, Tensor):
+            return value.to(device=device, dtype=dtype)
+        cache = self.__dict__.setdefault("_scalars", {})
+        key = (float(value), device, dtype)
+        found = cache.get(key)
+        if found is None:
+            if len(cache) > 16:  # values that change every step: keep the cache small
+                cache.clear()
+            found = cache[key] = torch.tensor(float(value), device=device, dtype=dtype)
+        return found
 
     def _skips_on_device(self, groups: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]]) -> bool:
         """Whether a "skip" step can leave every state unchanged without a host sync.

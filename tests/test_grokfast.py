@@ -1284,3 +1284,126 @@ def test_steady_flat_output_buffer_is_freed_when_the_steady_path_ends():
         assert (buffers[1] is None) == (k >= 2)
     assert opt.state[params[0]]["grokfast_ema"].untyped_storage().data_ptr() == (
         buffers[0].untyped_storage().data_ptr())
+
+
+# ------------------------------------------------ fused=True: the compiled steady kernels
+
+
+def _fused_run(fused, dtype, monkeypatch, tensor_hyper=False, steps=8):
+    """SGD at lr 1 over the _flat_model parameters (float and tensor alpha/lamb, a lamb=0
+    group), alpha and lamb changed every other step; returns the parameters and the EMAs
+    after every step, and which steps took the steady path."""
+    import grokopt.grokfast as gf
+
+    monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", 5_000)  # d (6.4 KB in float32) is large
+    params = [p.to(dtype).detach().requires_grad_() for p in _flat_model()]
+    a, b, c, d, e = params
+    hyper = (lambda v: torch.tensor(v, dtype=dtype)) if tensor_hyper else float
+    groups = [{"params": [a, c, d], "grokfast_alpha": hyper(0.9), "grokfast_lamb": hyper(2.0)},
+              {"params": [b], "grokfast_alpha": 0.5, "grokfast_lamb": 0.0},
+              {"params": [e], "grokfast_alpha": 0.7, "grokfast_lamb": 1.5}]
+    opt = Grokfast(torch.optim.SGD(groups, lr=1.0), fused=fused)
+    taken, seen = [], []
+    real = Grokfast._steady_step
+    monkeypatch.setattr(Grokfast, "_steady_step", lambda self: taken.append(real(self)) or taken[-1])
+    gen = torch.Generator().manual_seed(5)
+    for k in range(steps):
+        for p in params:
+            shape = (6, 4) if p is c else p.shape
+            g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+            p.grad = g.t() if p is c else g
+        opt.step()
+        if k % 2 == 1:  # new values: each one ends the plan for a step, then runs steady
+            opt.param_groups[0]["grokfast_alpha"] = hyper(0.9 - 0.05 * k)
+            opt.param_groups[0]["grokfast_lamb"] = hyper(2.0 + 0.25 * k)
+        seen.append([p.detach().clone() for p in params]
+                    + [opt.state[p]["grokfast_ema"].clone() for p in params])
+    monkeypatch.undo()
+    return seen, taken
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tensor_hyper", [False, True])
+def test_fused_steady_step_agrees_with_the_eager_one(dtype, tensor_hyper, monkeypatch):
+    # The compiled kernels (flat buffer, kept scratch) against the eager steady step: the
+    # same filter up to rounding (a contracted multiply-add), and the eager run itself
+    # follows the plain EMA (test_steady_flat_buffers_follow_the_plain_ema).
+    import grokopt.grokfast as gf
+
+    torch._dynamo.reset()
+    fused, taken = _fused_run(True, dtype, monkeypatch, tensor_hyper)
+    eager, taken_eager = _fused_run(False, dtype, monkeypatch, tensor_hyper)
+    assert not gf._COMPILE_FAILED
+    assert taken == taken_eager and taken.count(True) >= 4
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for x, y in zip(fused, eager):
+        for s, t in zip(x, y):
+            torch.testing.assert_close(s, t, rtol=tol, atol=tol)
+
+
+def test_fused_kernels_do_not_recompile_when_the_values_change(monkeypatch):
+    # One graph per kernel (the flat buffer's and the large gradients'), however alpha,
+    # lamb and lr change: they reach the kernels as 0-d tensors.
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    _, taken = _fused_run(True, torch.float32, monkeypatch, steps=4)
+    graphs = counters["stats"]["unique_graphs"]
+    _, taken = _fused_run(True, torch.float32, monkeypatch, steps=10)
+    assert graphs == 2 and counters["stats"]["unique_graphs"] == graphs
+    assert taken.count(True) >= 5
+
+
+def test_fused_falls_back_to_the_eager_kernels_with_one_warning(monkeypatch):
+    # No compiler (here: torch.compile raising on first use): one RuntimeWarning, then the
+    # eager kernels, with the same results as fused=False.
+    import grokopt.grokfast as gf
+
+    def broken(*args, **kwargs):
+        def fail(*a):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(gf, "_COMPILED", {})
+    monkeypatch.setattr(gf, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler") as record:
+        fused, _ = _fused_run(True, torch.float64, monkeypatch)
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    monkeypatch.setattr(gf, "_COMPILE_FAILED", [])
+    eager, _ = _fused_run(False, torch.float64, monkeypatch)
+    for x, y in zip(fused, eager):
+        for s, t in zip(x, y):
+            torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_screens_before_anything_changes():
+    # An inf in a large gradient (screened by its sum under fused) and then in a small one
+    # (the flat buffer's sum): refused, nothing changed.
+    import grokopt.grokfast as gf
+
+    old = gf._KEEP_SCRATCH_BYTES
+    gf._KEEP_SCRATCH_BYTES = 10_000
+    try:
+        params = _flat_model()
+        opt = Grokfast(torch.optim.SGD(params, lr=0.1), fused=True)
+        gen = torch.Generator().manual_seed(6)
+        for k in range(5):
+            _flat_grads(params, gen)
+            if k >= 3:
+                params[3 if k == 3 else 1].grad[0] = float("nan")
+                before = ([p.detach().clone() for p in params], state_tensors(opt))
+                with pytest.raises(NonFiniteGradientError, match=f"parameter {3 if k == 3 else 1} "):
+                    opt.step()
+                _assert_same_run(before, ([p.detach().clone() for p in params], state_tensors(opt)))
+            else:
+                opt.step()
+    finally:
+        gf._KEEP_SCRATCH_BYTES = old
+
+
+def test_fused_is_a_validated_keyword():
+    inner = torch.optim.SGD(_flat_model(), lr=0.1)
+    with pytest.raises(TypeError, match=r"fused must be a bool, got str: 'yes'"):
+        Grokfast(inner, fused="yes")
+    assert "grokfast_fused" not in inner.param_groups[0]
