@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -384,29 +386,60 @@ def _lerp_amplify_flat(mu: Tensor, out: Tensor, weight: Tensor, lamb: Tensor) ->
     out.copy_(out + mu * lamb)
 
 
+_KERNELS = (_lerp_amplify_into, _lerp_amplify_flat)
 _COMPILED: dict[Any, Any] = {}
+_READY: set[tuple[torch.device, torch.dtype]] = set()  # compiled and run once
 _COMPILE_FAILED: list[str] = []  # why torch.compile failed, once it has: eager from then on
 
 
-def _run_fused(kernel: Any, *args: Tensor) -> None:
-    """Run ``kernel`` compiled by torch.compile (Inductor: C++ on CPU, Triton on CUDA),
-    compiling it on first use; where compiling fails, warn once and run it eagerly from
-    then on. Inside a graph that torch.compile is tracing, the kernel is traced with it."""
-    if not _COMPILE_FAILED and not torch.compiler.is_compiling():
-        compiled = _COMPILED.get(kernel)
-        if compiled is None:
-            compiled = _COMPILED[kernel] = torch.compile(kernel, fullgraph=True, dynamic=True)
+def _fused_ready(kind: tuple[torch.device, torch.dtype]) -> bool:
+    """Whether the fused kernels run compiled for gradients of ``kind`` (device, dtype):
+    compiled by torch.compile (Inductor: C++ on CPU, Triton on CUDA) and run once on small
+    tensors of that kind on first use. Called before a step changes anything, so that a
+    failure (no C++ compiler, no Triton, a Python torch.compile does not support), and
+    its one warning (which a warnings filter may turn into an error), leave every state
+    as it was; the eager kernels run from then on."""
+    if kind in _READY:
+        return True
+    if not _COMPILE_FAILED:
+        device, dtype = kind
         try:
-            compiled(*args)
-            return
-        except Exception as exc:  # no compiler, no Triton...: the eager kernels still work
+            for kernel in _KERNELS:
+                compiled = _COMPILED.get(kernel)
+                if compiled is None:
+                    compiled = _COMPILED[kernel] = torch.compile(kernel, dynamic=True)
+                x = [torch.zeros(2, device=device, dtype=dtype) for _ in range(3)]
+                one = torch.ones((), device=device, dtype=dtype)
+                compiled(*x[:2 if kernel is _lerp_amplify_flat else 3], one, one.clone())
+            _READY.add(kind)
+            return True
+        except Exception as exc:  # the eager kernels still work
             _COMPILE_FAILED.append(f"{type(exc).__name__}: {exc}")
             warnings.warn(
                 f"Grokfast(fused=True): torch.compile could not build the fused filter "
                 f"({_COMPILE_FAILED[0][:300]}); running the eager kernels instead",
-                RuntimeWarning, stacklevel=4,
+                RuntimeWarning, stacklevel=_caller_level(),
             )
-    kernel(*args)
+    return False
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside grokopt and
+    torch (the user's ``step()`` call), whatever decorators torch wraps around it."""
+    skip = tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules["grokopt"], torch))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _run_fused(kernel: Any, *args: Tensor) -> None:
+    """Run ``kernel`` as :func:`_fused_ready` compiled it (inside a graph that
+    torch.compile is tracing, it is traced with that graph instead)."""
+    if torch.compiler.is_compiling():
+        kernel(*args)
+    else:
+        _COMPILED[kernel](*args)
 
 
 def _lerp_and_amplify(
@@ -891,12 +924,15 @@ class Grokfast(GradientTransform):
         if _maybe_nonfinite(summed_now, [grads[i] for i in checked]):
             return False  # the general path screens again, and names the parameter
         mus = dict(zip(others, [states[i]["ema"] for i in others]))
+        fused = self.fused and _fused_ready(kind)  # before anything changes
         for group, fresh, kept_here, here, rest, pieces in slices:
             alpha, lamb = group["grokfast_alpha"], group["grokfast_lamb"]
             amplifies = _amplifies(lamb)
-            fuse = self.fused and amplifies
+            fuse = fused and amplifies
             if fuse:
-                weight, lamb_t = self._scalar(1 - alpha, kind), self._scalar(lamb, kind)
+                # (one cache per role: the same tensor as both inputs would recompile)
+                weight = self._scalar("weight", 1 - alpha, kind)
+                lamb_t = self._scalar("lamb", lamb, kind)
                 rest = fresh  # the kept ones are filtered below, in one kernel each
             if rest:
                 torch._foreach_lerp_([mus[i] for i in rest], [grads[i] for i in rest],
@@ -904,7 +940,8 @@ class Grokfast(GradientTransform):
             if pieces is not None:
                 ema, out, views = pieces  # out holds the gradients (copied above)
                 if fuse:
-                    _run_fused(_lerp_amplify_flat, ema, out, weight, lamb_t)
+                    if out.numel():
+                        _run_fused(_lerp_amplify_flat, ema, out, weight, lamb_t)
                 else:
                     ema.lerp_(out, 1 - alpha)
                     if isinstance(lamb, Tensor):
@@ -938,7 +975,7 @@ class Grokfast(GradientTransform):
                 ps[i].grad = scratch
         return True
 
-    def _scalar(self, value: Any, kind: tuple[torch.device, torch.dtype]) -> Tensor:
+    def _scalar(self, role: str, value: Any, kind: tuple[torch.device, torch.dtype]) -> Tensor:
         """``value`` as a 0-d tensor of the gradients' dtype and device (the fused kernels'
         hyperparameters: a tensor is an input, where a float would be compiled in), cached
         per value."""
@@ -946,7 +983,7 @@ class Grokfast(GradientTransform):
         if isinstance(value, Tensor):
             return value.to(device=device, dtype=dtype)
         cache = self.__dict__.setdefault("_scalars", {})
-        key = (float(value), device, dtype)
+        key = (role, float(value), device, dtype)
         found = cache.get(key)
         if found is None:
             if len(cache) > 16:  # values that change every step: keep the cache small

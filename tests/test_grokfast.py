@@ -1316,6 +1316,9 @@ def _fused_run(fused, dtype, monkeypatch, tensor_hyper=False, steps=8):
         if k % 2 == 1:  # new values: each one ends the plan for a step, then runs steady
             opt.param_groups[0]["grokfast_alpha"] = hyper(0.9 - 0.05 * k)
             opt.param_groups[0]["grokfast_lamb"] = hyper(2.0 + 0.25 * k)
+            if k == 5:  # 1 - alpha == lamb: two equal values, still two inputs
+                opt.param_groups[0]["grokfast_alpha"] = hyper(0.5)
+                opt.param_groups[0]["grokfast_lamb"] = hyper(0.5)
         seen.append([p.detach().clone() for p in params]
                     + [opt.state[p]["grokfast_ema"].clone() for p in params])
     monkeypatch.undo()
@@ -1354,27 +1357,71 @@ def test_fused_kernels_do_not_recompile_when_the_values_change(monkeypatch):
     assert taken.count(True) >= 5
 
 
-def test_fused_falls_back_to_the_eager_kernels_with_one_warning(monkeypatch):
-    # No compiler (here: torch.compile raising on first use): one RuntimeWarning, then the
-    # eager kernels, with the same results as fused=False.
+@pytest.mark.parametrize("where", ["compile", "first-call"])
+def test_fused_falls_back_to_the_eager_kernels_with_one_warning(where, monkeypatch):
+    # No compiler: torch.compile raising where it is called (as on a Python it does not
+    # support) or when the kernel first runs (no C++ compiler, no Triton). One
+    # RuntimeWarning, pointing at the caller's step(), then the eager kernels, with the
+    # same results as fused=False.
     import grokopt.grokfast as gf
 
     def broken(*args, **kwargs):
+        if where == "compile":
+            raise RuntimeError("no C++ compiler")
+
         def fail(*a):
             raise RuntimeError("no C++ compiler")
         return fail
 
     monkeypatch.setattr(gf, "_COMPILED", {})
+    monkeypatch.setattr(gf, "_READY", set())
     monkeypatch.setattr(gf, "_COMPILE_FAILED", [])
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler") as record:
         fused, _ = _fused_run(True, torch.float64, monkeypatch)
-    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    warned = [w for w in record if issubclass(w.category, RuntimeWarning)]
+    assert len(warned) == 1 and warned[0].filename == __file__
     monkeypatch.setattr(gf, "_COMPILE_FAILED", [])
     eager, _ = _fused_run(False, torch.float64, monkeypatch)
     for x, y in zip(fused, eager):
         for s, t in zip(x, y):
             torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_fallback_warning_as_an_error_leaves_the_step_undone(monkeypatch):
+    # Under a warnings filter that makes the fallback's warning an error, the step that
+    # raises it must have changed nothing; run again, it goes on as fused=False would.
+    import warnings as _warnings
+
+    import grokopt.grokfast as gf
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(gf, "_COMPILED", {})
+    monkeypatch.setattr(gf, "_READY", set())
+    monkeypatch.setattr(gf, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", 10_000)
+
+    def run(fused):
+        params = _flat_model()
+        opt = Grokfast(torch.optim.SGD(params, lr=0.1), fused=fused)
+        gen = torch.Generator().manual_seed(7)
+        for k in range(4):
+            _flat_grads(params, gen)
+            if fused and k == 1:  # the first steady step tries to compile
+                before = ([p.detach().clone() for p in params], state_tensors(opt))
+                with _warnings.catch_warnings():
+                    _warnings.simplefilter("error")
+                    with pytest.raises(RuntimeWarning, match="eager kernels"):
+                        opt.step()
+                _assert_same_run(before, ([p.detach().clone() for p in params],
+                                          state_tensors(opt)))
+            opt.step()
+        return [p.detach().clone() for p in params], state_tensors(opt)
+
+    _assert_same_run(run(True), run(False))
 
 
 def test_fused_screens_before_anything_changes():
