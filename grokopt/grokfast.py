@@ -728,7 +728,6 @@ class Grokfast(GradientTransform):
     def _validate_group(self, options: dict[str, Any]) -> None:
         merged = {**self._own_defaults(), **options} if hasattr(self, "defaults") else options
         _check_options(**{k[len(self._prefix):]: v for k, v in merged.items()})
-        self._state_edited()  # a group's options changed (or a group came): re-plan
 
     def _state_edited(self) -> None:
         self.__dict__.pop("_fast_plan", None)
@@ -828,7 +827,7 @@ class Grokfast(GradientTransform):
         params = [p for _, pairs in groups for p, _ in pairs]
         places = [states[i]["ema"].data_ptr() for i in flat]
         self._fast_plan = (states, params, counts, slices, next(iter(kinds)), {}, flat, others,
-                           summed, checked, buffers, places)
+                           summed, checked, buffers, places, list(self.param_groups))
 
     def _release_flat_output(self) -> None:
         """No plan this step: free the flat output buffer (the EMA buffer holds the state
@@ -898,9 +897,17 @@ class Grokfast(GradientTransform):
         if plan is None or not self._steady_ok():
             return False
         (states, params, counts, slices, kind, kept, flat, others, summed, checked, buffers,
-         places) = plan
+         places, groups) = plan
         pairs, now = self._gradients_at_step()
-        # The same gradients per group (a parameter moved to another group changes them)...
+        # The same group dicts, each still filtering by EMA (the options read at every step,
+        # alpha, lamb and normalize_lr, may change; after_step no longer matters once every
+        # filter runs, and window, reduction and warmup are the MA's)...
+        current = self.param_groups
+        if not (len(current) == len(groups) and all(map(operator.is_, current, groups))
+                and all(piece[0]["grokfast_filter"] == "ema" for piece in slices)):
+            return False
+        # ...with the same gradients per group (a parameter moved to another group changes
+        # them)...
         if now != counts:
             return False
         ps, gs = zip(*pairs)

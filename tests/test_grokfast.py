@@ -1313,7 +1313,7 @@ def _fused_run(fused, dtype, monkeypatch, tensor_hyper=False, steps=8):
             g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
             p.grad = g.t() if p is c else g
         opt.step()
-        if k % 2 == 1:  # new values: each one ends the plan for a step, then runs steady
+        if k % 2 == 1:  # new values, read by the steady step as they come
             opt.param_groups[0]["grokfast_alpha"] = hyper(0.9 - 0.05 * k)
             opt.param_groups[0]["grokfast_lamb"] = hyper(2.0 + 0.25 * k)
             if k == 5:  # 1 - alpha == lamb: two equal values, still two inputs
@@ -1337,7 +1337,7 @@ def test_fused_steady_step_agrees_with_the_eager_one(dtype, tensor_hyper, monkey
     fused, taken = _fused_run(True, dtype, monkeypatch, tensor_hyper)
     eager, taken_eager = _fused_run(False, dtype, monkeypatch, tensor_hyper)
     assert not gf._COMPILE_FAILED
-    assert taken == taken_eager and taken.count(True) >= 4
+    assert taken == taken_eager == [False] + [True] * 7
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     for x, y in zip(fused, eager):
         for s, t in zip(x, y):
@@ -1354,7 +1354,7 @@ def test_fused_kernels_do_not_recompile_when_the_values_change(monkeypatch):
     graphs = counters["stats"]["unique_graphs"]
     _, taken = _fused_run(True, torch.float32, monkeypatch, steps=10)
     assert graphs == 2 and counters["stats"]["unique_graphs"] == graphs
-    assert taken.count(True) >= 5
+    assert taken == [False] + [True] * 9
 
 
 @pytest.mark.parametrize("where", ["compile", "first-call"])
@@ -1454,3 +1454,46 @@ def test_fused_is_a_validated_keyword():
     with pytest.raises(TypeError, match=r"fused must be a bool, got str: 'yes'"):
         Grokfast(inner, fused="yes")
     assert "grokfast_fused" not in inner.param_groups[0]
+
+
+def test_steady_path_follows_options_changed_every_step(monkeypatch):
+    # A schedule on lamb and alpha (new values at every step) keeps the steady path, which
+    # reads them at every step; switching the group to the MA filter in place ends it.
+    # Against the plain EMA, then against the same run with the steady path off.
+    params = _flat_model()
+    opt = Grokfast(torch.optim.SGD(params, lr=1.0))
+    taken = []
+    real = Grokfast._steady_step
+    monkeypatch.setattr(Grokfast, "_steady_step", lambda self: taken.append(real(self)) or taken[-1])
+    gen = torch.Generator().manual_seed(8)
+    mus = {}
+    for k in range(6):
+        alpha, lamb = 0.9 - 0.05 * k, 1.0 + 0.5 * k
+        opt.param_groups[0]["grokfast_alpha"] = alpha
+        opt.param_groups[0]["grokfast_lamb"] = lamb
+        _flat_grads(params, gen)
+        values = {p: p.grad.clone() for p in params}
+        before = {p: p.detach().clone() for p in params}
+        opt.step()
+        for p in params:
+            g = values[p]
+            mu = mus[p] = g.clone() if p not in mus else alpha * mus[p] + (1 - alpha) * g
+            torch.testing.assert_close(p.detach(), before[p] - (g + lamb * mu),
+                                       rtol=1e-12, atol=1e-12)
+    assert taken == [False] + [True] * 5
+    monkeypatch.undo()
+
+    def run(steady):
+        params = _flat_model()
+        opt = Grokfast(torch.optim.SGD(params, lr=0.1), window=2)
+        if not steady:
+            opt._steady_step = lambda: False
+        gen = torch.Generator().manual_seed(9)
+        for k in range(6):
+            if k == 3:
+                opt.param_groups[0]["grokfast_filter"] = "ma"
+            _flat_grads(params, gen)
+            opt.step()
+        return [p.detach().clone() for p in params], state_tensors(opt)
+
+    _assert_same_run(run(True), run(False))
