@@ -399,7 +399,7 @@ def _fused_ready(kind: tuple[torch.device, torch.dtype]) -> bool:
     failure (no C++ compiler, no Triton, a Python torch.compile does not support), and
     its one warning (which a warnings filter may turn into an error), leave every state
     as it was; the eager kernels run from then on."""
-    if kind in _READY:
+    if kind in _READY or torch.compiler.is_compiling():  # (traced: see _run_fused)
         return True
     if not _COMPILE_FAILED:
         device, dtype = kind
