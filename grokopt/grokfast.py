@@ -13,13 +13,14 @@ state.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 import os
 import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,6 +38,35 @@ _REDUCTIONS = ("mean", "sum")
 # The state entry whose presence means "this tensor's filter has started".
 _STARTED = {"ema": "ema", "ma": "ma_buffer"}
 _FILTER_KEYS = {"ema": ("ema",), "ma": ("ma_buffer", "ma_sum", "ma_count")}
+
+
+class _GroupPlan(NamedTuple):
+    """One param group's part of the steady plan: indices into the plan's gradients."""
+
+    group: dict[str, Any]
+    fresh: list[int]  # new output tensors each step
+    kept: list[int]  # output scratch kept between steps (large gradients)
+    flat: list[int]  # filtered in the flat buffers (small contiguous gradients)
+    rest: list[int]  # fresh + kept: the per-tensor lerp
+    pieces: tuple[Tensor, Tensor, list[Tensor]] | None  # its slice of the flat buffers
+
+
+class _SteadyPlan(NamedTuple):
+    """What :meth:`Grokfast._steady_step` needs, planned once (see _plan_steady_step)."""
+
+    states: list[dict[str, Any]]  # per gradient, in the step's order
+    params: list[Tensor]
+    counts: list[int]  # gradients per param group
+    param_groups: list[dict[str, Any]]  # the group dicts as planned
+    groups: list[_GroupPlan]  # the groups with gradients
+    kind: tuple[torch.device, torch.dtype]
+    kept: dict[int, Tensor]  # the kept scratch, filled as steps go
+    flat: list[int]
+    others: list[int]  # every index not in flat
+    summed: list[int]  # screened by their sums (with fused: the kept ones)
+    checked: list[int]  # screened by torch's multi-tensor check
+    buffers: tuple[Tensor, Tensor, list[Tensor]] | None  # flat EMA, flat output, its views
+    places: list[int]  # where the flat EMAs were laid out (data pointers)
 
 
 #: On CPU, the steady step keeps the scratch of gradients of this size and more from one
@@ -782,9 +812,8 @@ class Grokfast(GradientTransform):
         if not self._steady_ok():
             return self._release_flat_output()
         states: list[dict[str, Any]] = []
-        slices = []
+        splits = []
         kinds = set()
-        flat: list[int] = []  # indices (over all groups) filtered in the flat buffers
         for group, pairs in groups:
             if not pairs:
                 continue
@@ -804,30 +833,39 @@ class Grokfast(GradientTransform):
                     here.append(i)
                 else:
                     fresh.append(i)
-            slices.append([group, fresh, kept, here, sorted(fresh + kept)])
-            flat += here
+            splits.append((group, fresh, kept, here))
         if len(kinds) != 1:
             return self._release_flat_output()
-        counts = [len(pairs) for _, pairs in groups]
-        buffers = self._flatten([states[i] for i in flat], next(iter(kinds)))
-        at, views = 0, buffers[2] if buffers is not None else []
-        for piece in slices:
-            here = piece[3]
-            if not here:
-                piece.append(None)
-                continue
-            stop = at + sum(states[i]["ema"].numel() for i in here)
-            piece.append((buffers[0][at:stop], buffers[1][at:stop], views[:len(here)]))
-            views = views[len(here):]
-            at = stop
+        kind = next(iter(kinds))
+        flat = [i for *_, here in splits for i in here]
+        buffers = self._flatten([states[i] for i in flat], kind)
+        plans, at = [], 0  # at: position in flat
+        for group, fresh, kept, here in splits:
+            pieces = None
+            if here and buffers is not None:
+                ema, out, views, starts = buffers
+                lo, hi = starts[at], starts[at + len(here)]
+                pieces = (ema[lo:hi], out[lo:hi], views[at:at + len(here)])
+            at += len(here)
+            plans.append(_GroupPlan(group, fresh, kept, here, sorted(fresh + kept), pieces))
         others = sorted(set(range(len(states))).difference(flat))
         # The screen: with fused, the large ones by their sums (see _maybe_nonfinite)
-        summed = [i for piece in slices for i in piece[2]] if self.fused else []
-        checked = sorted(set(others).difference(summed))
-        params = [p for _, pairs in groups for p, _ in pairs]
-        places = [states[i]["ema"].data_ptr() for i in flat]
-        self._fast_plan = (states, params, counts, slices, next(iter(kinds)), {}, flat, others,
-                           summed, checked, buffers, places, list(self.param_groups))
+        summed = [i for plan in plans for i in plan.kept] if self.fused else []
+        self._fast_plan = _SteadyPlan(
+            states=states,
+            params=[p for _, pairs in groups for p, _ in pairs],
+            counts=list(self._gradients_at_step()[1]),
+            param_groups=list(self.param_groups),
+            groups=plans,
+            kind=kind,
+            kept={},
+            flat=flat,
+            others=others,
+            summed=summed,
+            checked=sorted(set(others).difference(summed)),
+            buffers=buffers[:3] if buffers is not None else None,
+            places=[states[i]["ema"].data_ptr() for i in flat],
+        )
 
     def _release_flat_output(self) -> None:
         """No plan this step: free the flat output buffer (the EMA buffer holds the state
@@ -838,11 +876,12 @@ class Grokfast(GradientTransform):
 
     def _flatten(
         self, states: list[dict[str, Any]], kind: tuple[torch.device, torch.dtype]
-    ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
+    ) -> tuple[Tensor, Tensor, list[Tensor], list[int]] | None:
         """Lay the EMAs of ``states`` out in one flat buffer and give them a flat output
         buffer of the same size: the steady step then filters many small tensors in a few
         flat operations instead of a few operations per tensor. Returns (ema buffer,
-        output buffer, output views shaped as the EMAs), or None for no states.
+        output buffer, output views shaped as the EMAs, each EMA's start offset and the
+        total), or None for no states.
 
         Each EMA tensor is re-pointed into its piece of the buffer (``set_``): the state
         keeps the same tensor object, so a reference to it stays the live state. The
@@ -857,38 +896,32 @@ class Grokfast(GradientTransform):
             return None
         device, dtype = kind
         emas = [st["ema"] for st in states]
-        total = sum(m.numel() for m in emas)
+        starts = list(itertools.accumulate((m.numel() for m in emas), initial=0))
+        total = starts[-1]
         ema = None
         if last is not None and last[0].numel() == total and last[0].dtype == dtype:
-            base, size, at = last[0].data_ptr(), last[0].element_size(), 0
-            for m in emas:  # already laid out in this order?
-                if not (m.is_contiguous() and m.data_ptr() == base + at * size):
-                    break
-                at += m.numel()
-            else:
+            base, size = last[0].data_ptr(), last[0].element_size()
+            if all(m.is_contiguous() and m.data_ptr() == base + at * size
+                   for m, at in zip(emas, starts)):  # already laid out in this order
                 ema = last[0]
         if ema is None:
             ema = torch.empty(total, device=device, dtype=dtype)
-            at = 0
-            for st, m in zip(states, emas):
+            for st, m, at in zip(states, emas, starts):
                 piece = ema[at:at + m.numel()].view(m.shape)
                 piece.copy_(m)
                 if m._base is None:
                     m.set_(ema.untyped_storage(), at, m.shape, _contiguous_stride(m.shape))
                 else:  # a view: set_ would leave it pointing at its old base
                     st["ema"] = piece
-                at += m.numel()
             if last is not None:
-                _unshare([st for st in last[3] if not any(st is s for s in states)], last[0])
+                planned = set(map(id, states))
+                _unshare([st for st in last[3] if id(st) not in planned], last[0])
         out = last[1] if last is not None else None
         if out is None or out.numel() != total or (out.dtype, out.device) != (dtype, device):
             out = torch.empty_like(ema)
-        views, at = [], 0
-        for m in emas:
-            views.append(out[at:at + m.numel()].view(m.shape))
-            at += m.numel()
+        views = [out[at:at + m.numel()].view(m.shape) for m, at in zip(emas, starts)]
         self._flat_buffers = (ema, out, views, states)
-        return ema, out, views
+        return ema, out, views, starts
 
     def _steady_step(self) -> bool:
         """The planned steady step; False (nothing changed) when the plan does not hold
@@ -896,43 +929,42 @@ class Grokfast(GradientTransform):
         plan = self.__dict__.get("_fast_plan")
         if plan is None or not self._steady_ok():
             return False
-        (states, params, counts, slices, kind, kept, flat, others, summed, checked, buffers,
-         places, groups) = plan
+        states, kind, kept, flat, others, buffers = (
+            plan.states, plan.kind, plan.kept, plan.flat, plan.others, plan.buffers)
         pairs, now = self._gradients_at_step()
         # The same group dicts, each still filtering by EMA (the options read at every step,
         # alpha, lamb and normalize_lr, may change; after_step no longer matters once every
         # filter runs, and window, reduction and warmup are the MA's)...
-        current = self.param_groups
-        if not (len(current) == len(groups) and all(map(operator.is_, current, groups))
-                and all(piece[0]["grokfast_filter"] == "ema" for piece in slices)):
+        current, planned = self.param_groups, plan.param_groups
+        if not (len(current) == len(planned) and all(map(operator.is_, current, planned))
+                and all(g.group["grokfast_filter"] == "ema" for g in plan.groups)):
             return False
         # ...with the same gradients per group (a parameter moved to another group changes
         # them)...
-        if now != counts:
+        if now != plan.counts:
             return False
         ps, gs = zip(*pairs)
         # ...of the same parameters (a state replaced or reloaded ends the plan: see
         # _state_edited).
-        if not (all(map(operator.is_, ps, params))
+        if not (all(map(operator.is_, ps, plan.params))
                 and all((g.device, g.dtype) == kind for g in gs)):
             return False
         grads = list(gs)
         # ...and the flat EMAs still where they were laid out (`.data = ...` or set_ on
         # one moves it without passing through `state`).
-        if buffers is not None and places != list(
+        if buffers is not None and plan.places != list(
                 map(Tensor.data_ptr, [states[i]["ema"] for i in flat])):
             return False
         # The screen, before anything changes (the small gradients are copied first).
+        summed = [grads[i] for i in plan.summed]
         if buffers is not None:
             torch._foreach_copy_(buffers[2], [grads[i] for i in flat])
-        summed_now = [grads[i] for i in summed]
-        if buffers is not None:
-            summed_now.append(buffers[1])
-        if _maybe_nonfinite(summed_now, [grads[i] for i in checked]):
+            summed.append(buffers[1])
+        if _maybe_nonfinite(summed, [grads[i] for i in plan.checked]):
             return False  # the general path screens again, and names the parameter
         mus = dict(zip(others, [states[i]["ema"] for i in others]))
         fused = self.fused and _fused_ready(kind)  # before anything changes
-        for group, fresh, kept_here, here, rest, pieces in slices:
+        for group, fresh, kept_here, here, rest, pieces in plan.groups:
             alpha, lamb = group["grokfast_alpha"], group["grokfast_lamb"]
             amplifies = _amplifies(lamb)
             fuse = fused and amplifies

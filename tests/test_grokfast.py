@@ -933,15 +933,21 @@ def test_device_side_skip_steps_on_a_huge_but_finite_gradient():
     assert torch.equal(results[0], results[1])
 
 
+def _record_steady_steps(monkeypatch):
+    """A list that gets, at each step, whether it took the steady path."""
+    taken = []
+    real = Grokfast._steady_step
+    monkeypatch.setattr(Grokfast, "_steady_step", lambda self: taken.append(real(self)) or taken[-1])
+    return taken
+
+
 def test_steady_path_follows_every_change_between_steps(monkeypatch):
     # The steady path (cached per-parameter lists) against a plain EMA written here, with
     # SGD at lr 1 so that each parameter's update is minus its filtered gradient. Between
     # steps the parameters with gradients change, an EMA is deleted through `state`, a
     # group dict is replaced with one of another alpha, and an EMA is replaced with one
     # of another dtype: each must end the plan (the general path then plans again).
-    taken = []
-    real = Grokfast._steady_step
-    monkeypatch.setattr(Grokfast, "_steady_step", lambda self: taken.append(real(self)) or taken[-1])
+    taken = _record_steady_steps(monkeypatch)
     model = make_model(0, torch.float64)
     opt = Grokfast(torch.optim.SGD(model.parameters(), lr=1.0), lamb=1.5)
     w0, b0, b2 = model[0].weight, model[0].bias, model[2].bias
@@ -1162,9 +1168,7 @@ def test_steady_flat_buffers_follow_the_plain_ema(hyper, monkeypatch):
     which = {a: 0, c: 0, d: 0, b: 1, e: 1}
     mus = {}
     gen = torch.Generator().manual_seed(1)
-    taken = []
-    real = Grokfast._steady_step
-    monkeypatch.setattr(Grokfast, "_steady_step", lambda self: taken.append(real(self)) or taken[-1])
+    taken = _record_steady_steps(monkeypatch)
     for _ in range(6):
         _flat_grads(params, gen)
         raw = {p: p.grad for p in params}
@@ -1303,9 +1307,7 @@ def _fused_run(fused, dtype, monkeypatch, tensor_hyper=False, steps=8):
               {"params": [b], "grokfast_alpha": 0.5, "grokfast_lamb": 0.0},
               {"params": [e], "grokfast_alpha": 0.7, "grokfast_lamb": 1.5}]
     opt = Grokfast(torch.optim.SGD(groups, lr=1.0), fused=fused)
-    taken, seen = [], []
-    real = Grokfast._steady_step
-    monkeypatch.setattr(Grokfast, "_steady_step", lambda self: taken.append(real(self)) or taken[-1])
+    taken, seen = _record_steady_steps(monkeypatch), []
     gen = torch.Generator().manual_seed(5)
     for k in range(steps):
         for p in params:
@@ -1424,29 +1426,25 @@ def test_fused_fallback_warning_as_an_error_leaves_the_step_undone(monkeypatch):
     _assert_same_run(run(True), run(False))
 
 
-def test_fused_screens_before_anything_changes():
+def test_fused_screens_before_anything_changes(monkeypatch):
     # An inf in a large gradient (screened by its sum under fused) and then in a small one
     # (the flat buffer's sum): refused, nothing changed.
     import grokopt.grokfast as gf
 
-    old = gf._KEEP_SCRATCH_BYTES
-    gf._KEEP_SCRATCH_BYTES = 10_000
-    try:
-        params = _flat_model()
-        opt = Grokfast(torch.optim.SGD(params, lr=0.1), fused=True)
-        gen = torch.Generator().manual_seed(6)
-        for k in range(5):
-            _flat_grads(params, gen)
-            if k >= 3:
-                params[3 if k == 3 else 1].grad[0] = float("nan")
-                before = ([p.detach().clone() for p in params], state_tensors(opt))
-                with pytest.raises(NonFiniteGradientError, match=f"parameter {3 if k == 3 else 1} "):
-                    opt.step()
-                _assert_same_run(before, ([p.detach().clone() for p in params], state_tensors(opt)))
-            else:
+    monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", 10_000)
+    params = _flat_model()
+    opt = Grokfast(torch.optim.SGD(params, lr=0.1), fused=True)
+    gen = torch.Generator().manual_seed(6)
+    for k in range(5):
+        _flat_grads(params, gen)
+        if k >= 3:
+            params[3 if k == 3 else 1].grad[0] = float("nan")
+            before = ([p.detach().clone() for p in params], state_tensors(opt))
+            with pytest.raises(NonFiniteGradientError, match=f"parameter {3 if k == 3 else 1} "):
                 opt.step()
-    finally:
-        gf._KEEP_SCRATCH_BYTES = old
+            _assert_same_run(before, ([p.detach().clone() for p in params], state_tensors(opt)))
+        else:
+            opt.step()
 
 
 def test_fused_is_a_validated_keyword():
@@ -1462,9 +1460,7 @@ def test_steady_path_follows_options_changed_every_step(monkeypatch):
     # Against the plain EMA, then against the same run with the steady path off.
     params = _flat_model()
     opt = Grokfast(torch.optim.SGD(params, lr=1.0))
-    taken = []
-    real = Grokfast._steady_step
-    monkeypatch.setattr(Grokfast, "_steady_step", lambda self: taken.append(real(self)) or taken[-1])
+    taken = _record_steady_steps(monkeypatch)
     gen = torch.Generator().manual_seed(8)
     mus = {}
     for k in range(6):

@@ -12,7 +12,8 @@ from typing import Any
 
 from .config import RaceConfig
 
-__all__ = ["LEADERBOARD_METHODS", "PRESETS", "Preset", "TUNED_METHODS", "TUNED_MNIST_METHODS", "TUNING_LRS"]
+__all__ = ["LEADERBOARD_METHODS", "PRESETS", "Preset", "TUNED_METHODS", "TUNED_MNIST_METHODS",
+           "TUNING_LRS"]
 
 
 
@@ -187,7 +188,8 @@ def _tuning_arms() -> tuple[str, ...]:
 
 
 def _leaderboard_modular(task: str, name: str = "leaderboard", **changes: Any) -> RaceConfig:
-    return RaceConfig(**{**dict(
+    """The leaderboard's race on ``task``, named ``{name}-{mul,add,sub}``, with ``changes``."""
+    config = RaceConfig(
         name=f"{name}-" + {"a*b": "mul", "a+b": "add", "a-b": "sub"}[task],
         task=task,
         p=97,
@@ -198,7 +200,8 @@ def _leaderboard_modular(task: str, name: str = "leaderboard", **changes: Any) -
         methods=LEADERBOARD_METHODS,
         overrides={"neuralgrok.hidden": (128, 128), "neuralgrok.meta_every": 4},
         seeds=(0, 1, 2),
-    ), **changes})
+    )
+    return dataclasses.replace(config, **changes)
 
 
 PRESETS: dict[str, Preset] = {}
