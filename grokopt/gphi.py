@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -188,29 +188,58 @@ def amplify_gradients(
     # With autograd on, chunks would all be kept for backward anyway.
     gains = Gains(amplifier, table, None if differentiable and table is None else chunk_size,
                   amp_dtype, amp_device)
-    out = []
-    for g, c_i in zip(detached, cs):
-        if g.numel() == 0:
-            out.append(torch.zeros_like(g))
+    out: list[Tensor | None] = [None] * len(detached)
+    if table is not None:
+        # Small gradients together: a few flat operations per bucket instead of a dozen
+        # per tensor (see _bucket_forward); the rest one by one below.
+        limit = chunk_size if chunk_size is not None else sum(g.numel() for g in detached)
+        for bucket in _buckets(detached, limit):
+            if len(bucket) < 2:
+                continue
+            members = [detached[i] for i in bucket]
+            work = _work_dtype(members[0], amp_dtype)
+            x = torch.cat([g.reshape(-1) for g in members]).to(amp_device)
+            sizes = tuple(g.numel() for g in members)
+            bucket_cs = tuple(cs[i] for i in bucket)
+            if differentiable:
+                y = _PiecewiseAmplifyBucket.apply(table.intercept, table.slope, table.kinks, x,
+                                                  sizes, bucket_cs, eps, work)
+            else:
+                y = _bucket_forward(table, x, _Segments.of(sizes, x.device),
+                                    _per_segment(bucket_cs, work, x.device), eps, work)[0]
+            for i, part in zip(bucket, y.split(sizes)):
+                g = detached[i]
+                out[i] = part.view(g.shape).to(device=g.device, dtype=g.dtype)
+    for i, (g, c_i) in enumerate(zip(detached, cs)):
+        if out[i] is not None:
             continue
-        work = _work_dtype(g, amp_dtype)
-        if differentiable and table is not None:
-            y = _PiecewiseAmplify.apply(table.intercept, table.slope, table.kinks,
-                                        g.reshape(-1).to(amp_device), c_i, eps, work,
-                                        chunk_size or CHUNK_SIZE)
-            out.append(y.view(g.shape).to(device=g.device, dtype=g.dtype))
-            continue
-        f = gains(g.reshape(-1)).to(work)
-        gw = g.reshape(-1).to(device=amp_device, dtype=work)
-        if differentiable:
-            u = torch.exp(f - f.max()) * gw
-            y = u * (c_i / (torch.linalg.vector_norm(u) + eps))
-        else:
-            # In place: the only P-sized temporaries are f (and a cast of g if needed).
-            y = f.sub_(f.max()).exp_().mul_(gw)
-            y.mul_(c_i / (torch.linalg.vector_norm(y) + eps))
-        out.append(y.view(g.shape).to(device=g.device, dtype=g.dtype))
-    return out
+        out[i] = _amplify_one(g, c_i, eps, table, gains, differentiable, amp_dtype, amp_device,
+                              chunk_size)
+    return out  # type: ignore[return-value]
+
+
+def _amplify_one(g: Tensor, c_i: float, eps: float, table: PiecewiseTable | None, gains: Gains,
+                 differentiable: bool, amp_dtype: torch.dtype, amp_device: torch.device,
+                 chunk_size: int | None) -> Tensor:
+    """G_phi of one (detached) gradient tensor, the per-tensor route of amplify_gradients."""
+    if g.numel() == 0:
+        return torch.zeros_like(g)
+    work = _work_dtype(g, amp_dtype)
+    if differentiable and table is not None:
+        y = _PiecewiseAmplify.apply(table.intercept, table.slope, table.kinks,
+                                    g.reshape(-1).to(amp_device), c_i, eps, work,
+                                    chunk_size or CHUNK_SIZE)
+        return y.view(g.shape).to(device=g.device, dtype=g.dtype)
+    f = gains(g.reshape(-1)).to(work)
+    gw = g.reshape(-1).to(device=amp_device, dtype=work)
+    if differentiable:
+        u = torch.exp(f - f.max()) * gw
+        y = u * (c_i / (torch.linalg.vector_norm(u) + eps))
+    else:
+        # In place: the only P-sized temporaries are f (and a cast of g if needed).
+        y = f.sub_(f.max()).exp_().mul_(gw)
+        y.mul_(c_i / (torch.linalg.vector_norm(y) + eps))
+    return y.view(g.shape).to(device=g.device, dtype=g.dtype)
 
 
 def _amplify_sharded(
@@ -354,6 +383,128 @@ class _PiecewiseAmplify(torch.autograd.Function):
                       intercept.device)
         (grad_a, grad_s), = _gphi_vjp([g], [gy], [ctx.c], ctx.eps, [ctx.work], gains, [()],
                                       ctx.chunk, maxima=[m]).values()
+        return grad_a, grad_s, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------- buckets
+#
+# A model has many small gradient tensors (biases, norms, embeddings): per tensor, the
+# transform and its derivative are a dozen small kernels and as many Python calls each. On
+# the piecewise-linear path the small ones are concatenated instead, at most a chunk's
+# entries per bucket, so that memory stays O(chunk), and each bucket takes a few flat
+# operations; the per-tensor max, norm and dot products become segment reductions.
+
+
+def _buckets(grads: Sequence[Tensor], limit: int) -> list[list[int]]:
+    """Indices of the nonempty tensors of ``grads`` in runs of consecutive ones that share a
+    dtype and a device and hold at most ``limit`` entries together (a larger tensor is a run
+    alone)."""
+    runs: list[list[int]] = []
+    size = 0
+    for i, g in enumerate(grads):
+        n = g.numel()
+        if n == 0:
+            continue
+        last = grads[runs[-1][-1]] if runs else None
+        if last is None or size + n > limit or (last.dtype, last.device) != (g.dtype, g.device):
+            runs.append([])
+            size = 0
+        runs[-1].append(i)
+        size += n
+    return runs
+
+
+class _Segments(NamedTuple):
+    """Consecutive segments of a flat tensor: one per gradient of a bucket."""
+
+    sizes: tuple[int, ...]
+    lengths: Tensor  # int64, on the bucket's device
+    total: int
+
+    @classmethod
+    def of(cls, sizes: Sequence[int], device: torch.device) -> _Segments:
+        return cls(tuple(sizes), torch.tensor(sizes, dtype=torch.int64, device=device), sum(sizes))
+
+    def split(self, x: Tensor) -> tuple[Tensor, ...]:
+        return x.split(self.sizes)
+
+    def spread(self, per_segment: Tensor) -> Tensor:
+        """Each segment's value repeated over its entries."""
+        return per_segment.repeat_interleave(self.lengths, output_size=self.total)
+
+    def maxima(self, x: Tensor) -> Tensor:
+        return torch.stack(torch._foreach_max(self.split(x)))
+
+    def norms(self, x: Tensor) -> Tensor:
+        return torch.stack(torch._foreach_norm(self.split(x)))
+
+    def sums(self, x: Tensor) -> Tensor:
+        return torch.segment_reduce(x, "sum", lengths=self.lengths)
+
+
+def _per_segment(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _bucket_forward(table: PiecewiseTable, x: Tensor, seg: _Segments, cs: Tensor, eps: float,
+                    work: torch.dtype) -> tuple[Tensor, Tensor]:
+    """G_phi of every segment of the flat ``x`` at once (flat, in ``work``), and each
+    segment's max f."""
+    f = table.lookup(x.to(table.intercept.dtype)).to(work)
+    m = seg.maxima(f)
+    y = f.sub_(seg.spread(m)).exp_().mul_(x.to(work))
+    y.mul_(seg.spread(cs / (seg.norms(y) + eps)))
+    return y, m
+
+
+def _bucket_vjp(table: PiecewiseTable, x: Tensor, v: Tensor, seg: _Segments, cs: Tensor,
+                eps: float, work: torch.dtype, m: Tensor) -> list[Tensor]:
+    """d/d(intercept, slope) of <v, G_phi(x)> over the segments of a bucket: the same
+    written-out product as :func:`_gphi_vjp`, with its per-tensor statistics as segment
+    reductions."""
+    xt = x.to(table.intercept.dtype)
+    where = table.locate(xt)
+    f = table.lookup(xt, where).to(work)
+    m = seg.spread(m)
+    top = f == m
+    u = f.sub_(m).exp_().mul_(x.to(work))
+    v = v.to(work)
+    norm = seg.norms(u)
+    dot = seg.sums(u * v)
+    ties = seg.sums(top.to(work))
+    inv = 1 / (norm + eps)
+    live = norm > 0
+    alpha = cs * inv
+    beta = torch.where(live, cs * dot * inv * inv / norm, 0.0)
+    gamma = torch.where(live & (ties > 0), -cs * dot * eps * inv * inv / ties, 0.0)
+    df = (v * seg.spread(alpha) - u * seg.spread(beta)).mul_(u).add_(top * seg.spread(gamma))
+    out = [torch.zeros_like(table.intercept), torch.zeros_like(table.slope)]
+    table.pullback(xt, df, out, where)
+    return out
+
+
+class _PiecewiseAmplifyBucket(torch.autograd.Function):
+    """G_phi of a bucket (several gradients, flat) on the pwl path, differentiable in the
+    pieces' (intercept, slope); as :class:`_PiecewiseAmplify`, it keeps only the input and
+    the maxima for backward, which recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx: Any, intercept: Tensor, slope: Tensor, kinks: Tensor, x: Tensor,
+                sizes: tuple[int, ...], cs: tuple[float, ...], eps: float,
+                work: torch.dtype) -> Tensor:
+        seg = _Segments.of(sizes, x.device)
+        y, m = _bucket_forward(PiecewiseTable(kinks, intercept, slope), x, seg,
+                               _per_segment(cs, work, x.device), eps, work)
+        ctx.save_for_backward(intercept, slope, kinks, x, m)
+        ctx.seg, ctx.cs, ctx.eps, ctx.work = seg, cs, eps, work
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        intercept, slope, kinks, x, m = ctx.saved_tensors
+        grad_a, grad_s = _bucket_vjp(PiecewiseTable(kinks, intercept, slope), x, gy, ctx.seg,
+                                     _per_segment(ctx.cs, ctx.work, x.device), ctx.eps,
+                                     ctx.work, m)
         return grad_a, grad_s, None, None, None, None, None, None
 
 

@@ -261,3 +261,98 @@ def test_vjp_rejects_cotangents_of_other_shapes_by_name():
         amplify_gradients_vjp([torch.ones(2)], torch.ones(2), amp)
     with pytest.raises(ValueError, match="path must be one of"):
         amplify_gradients_vjp([torch.ones(2)], [torch.ones(2)], amp, path="fast")
+
+
+# ---------------------------------------------------------------- buckets of small tensors
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 12), max_size=12),
+       kinds=st.lists(st.sampled_from([(torch.float32, "cpu"), (F64, "cpu"), (F64, "meta")]),
+                      min_size=12, max_size=12),
+       limit=st.integers(1, 30))
+def test_buckets_are_maximal_runs_of_one_dtype_and_device_within_the_limit(sizes, kinds, limit):
+    """Brute force: every nonempty tensor in exactly one run, in order; a run shares one
+    dtype and one device and holds at most `limit` entries unless it is one tensor; a run
+    ends only where the next tensor would not fit or differs in dtype or device."""
+    from grokopt.gphi import _buckets
+
+    grads = [torch.zeros(n, dtype=kinds[i][0], device=kinds[i][1]) for i, n in enumerate(sizes)]
+    runs = _buckets(grads, limit)
+    assert [i for run in runs for i in run] == [i for i, n in enumerate(sizes) if n]
+    for run in runs:
+        assert len({kinds[i] for i in run}) == 1
+        assert len(run) == 1 or sum(sizes[i] for i in run) <= limit
+    for run, following in zip(runs, runs[1:]):
+        nxt = following[0]
+        assert kinds[nxt] != kinds[run[-1]] or sum(sizes[i] for i in run) + sizes[nxt] > limit
+
+
+def mixed_gradients():
+    """Small tensors of three dtypes (so three runs at least), an empty one between, an
+    all-zero one inside a run, one whose max f is tied (repeated entries), different c."""
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(3, 4, generator=gen, dtype=F64), torch.randn(5, generator=gen, dtype=F64),
+             torch.zeros(0, dtype=F64), torch.zeros(2, 2, dtype=F64),
+             torch.full((4,), -0.3, dtype=F64), torch.randn(6, generator=gen, dtype=F64) * 1e-3,
+             torch.randn(2, 3, generator=gen).float(), torch.randn(7, generator=gen).float(),
+             torch.randn(4, generator=gen).bfloat16(), torch.randn(3, 3, generator=gen, dtype=F64)]
+    cs = [1.0, 0.5, 1.0, 2.0, 0.7, 3.0, 1.0, 0.2, 1.5, 0.9]
+    return grads, cs
+
+
+@pytest.mark.parametrize("chunk", [None, 10, 25])  # where the runs split differs
+@pytest.mark.parametrize("eps", [1e-12, 0.3])
+def test_bucketed_transform_and_hypergradient_equal_the_per_entry_reference(chunk, eps):
+    """The bucket route (several small tensors flat, their max, norm and dot products as
+    segment reductions) against the definition written per tensor and per entry with the
+    amplifier itself, in fp64: the outputs, and the hypergradient by autograd through the
+    written-out definition (its max() shares the derivative among the tied entries)."""
+    torch.manual_seed(2)
+    amp = make_amplifier((6, 6), dtype=F64)
+    grads, cs = mixed_gradients()
+    # representable in each output's dtype: the cotangent reaches G_phi through the cast
+    weights = [torch.randn(g.shape, dtype=F64).to(g.dtype).double() for g in grads]
+    params = list(amp.parameters())
+    out = amplify_gradients(grads, amp, c=cs, eps=eps, path="pwl", chunk_size=chunk)
+    got = torch.autograd.grad(sum((o.double() * w).sum() for o, w in zip(out, weights)), params)
+    written = 0
+    for g, c, o, w in zip(grads, cs, out, weights):
+        if g.numel() == 0:
+            assert o.shape == g.shape
+            continue
+        x = g.double().reshape(-1)
+        f = amp(x[:, None])[:, 0]
+        u = torch.exp(f - f.max()) * x
+        y = c * u / (u.norm() + eps)
+        assert o.dtype == g.dtype and o.shape == g.shape
+        tol = 1e-2 if g.dtype == torch.bfloat16 else (1e-6 if g.dtype == torch.float32 else 1e-12)
+        torch.testing.assert_close(o.double().reshape(-1), y.detach().to(g.dtype).double(),
+                                   rtol=tol, atol=tol * c)
+        written = written + (y * w.double().reshape(-1)).sum()
+    expected = torch.autograd.grad(written, params)
+    scale = max(e.abs().max().item() for e in expected)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("c", [0.3, 1.0])
+def test_bucketed_ties_share_the_max_path_per_tensor(c):
+    """Two tensors in one bucket, each with several entries tied for its max f (every x <= 0
+    under tied_max_amplifier): the max term is shared within each tensor, never across."""
+    amp = tied_max_amplifier()
+    g1 = torch.tensor([-0.1, -0.05, 0.03, 0.08], dtype=F64)
+    g2 = torch.tensor([-0.02, 0.2, -0.15, -0.3, 0.01], dtype=F64)
+    v1, v2 = torch.tensor([0.3, -1.0, 2.0, -0.7], dtype=F64), torch.tensor([0.5, 1.1, -0.4, 0.9, 1.3], dtype=F64)
+    params, eps = list(amp.parameters()), 0.5
+    written = 0
+    for g, v in ((g1, v1), (g2, v2)):
+        f = amp(g[:, None])[:, 0]
+        u = torch.exp(f - f.max()) * g
+        written = written + (c * u / (u.norm() + eps) * v).sum()
+    expected = torch.autograd.grad(written, params)
+    out = amplify_gradients([g1, g2], amp, c=c, eps=eps, path="pwl")
+    got = torch.autograd.grad((out[0] * v1).sum() + (out[1] * v2).sum(), params)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-15)
+    assert expected[2][0, 1].abs().item() > 1e-3  # the shared max term is there to get wrong
