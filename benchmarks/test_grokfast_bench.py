@@ -18,7 +18,9 @@ Two models: (a) ~200 small tensors (where per-tensor Python overhead dominates) 
   write mu and g, so its floor is about two such copies).
 
 And the whole optimizer step: foreach AdamW bare vs wrapped in Grokfast (default, and
-``fused=True``).
+``fused=True``), and the floor of any filter there: ``inplace-foreach-adamw``, the EMA as
+two multi-tensor kernels written straight into the gradients (no screen, nothing given
+back) before the same AdamW.
 
 On a GPU a third layout, 4 x 4096^2, gives the filter's bandwidth (benchmarks/cuda.sh).
 
@@ -112,6 +114,20 @@ def test_filter(benchmark, device, model, impl):
 def _step_fn(impl: str, device: str, model: str):
     params = _params(layouts(device)[model], device)
     opt = torch.optim.AdamW(params, lr=1e-6, foreach=True)
+    if impl == "inplace-foreach-adamw":
+        # The floor of any EMA filter before AdamW: two multi-tensor kernels writing into
+        # the gradients, no screen, no gradients given back, no wrapper.
+        grads = [p.grad for p in params]
+        mus = [g.clone() for g in grads]
+
+        def run():
+            torch._foreach_lerp_(mus, grads, 0.02)
+            torch._foreach_add_(grads, mus, alpha=2.0)
+            opt.step()
+            _sync(device)
+
+        run()
+        return run
     if impl != "adamw":
         opt = Grokfast(opt, fused=impl == "grokfast-fused-adamw")
         opt.step()  # the general path, which plans the steady one (compiled on its 1st run)
@@ -125,7 +141,8 @@ def _step_fn(impl: str, device: str, model: str):
 
 
 @pytest.mark.parametrize(("device", "model"), CASES)
-@pytest.mark.parametrize("impl", ["adamw", "grokfast-adamw", "grokfast-fused-adamw"])
+@pytest.mark.parametrize("impl", ["adamw", "grokfast-adamw", "grokfast-fused-adamw",
+                                  "inplace-foreach-adamw"])
 def test_step(benchmark, device, model, impl):
     run = _step_fn(impl, device, model)
     benchmark.group = f"step/{model}/{device}"

@@ -146,7 +146,9 @@ def amplify_gradients(
     - ``"pwl"``: the amplifier is a ``Linear``/``ReLU``/``LeakyReLU`` stack, hence exactly
       piecewise linear in its input. Its kinks inside ``[min g, max g]`` and one
       (intercept, slope) per piece are computed from the weights, and each entry is looked up
-      by binary search. No P x hidden activations exist at any time.
+      by binary search. No P x hidden activations exist at any time. Consecutive small
+      tensors of one dtype and device, up to ``chunk_size`` entries in all, are looked up
+      and normalised together as one flat vector (each over its own segment).
     - ``"exact"``: the MLP on every entry (the paper's way); without grad mode it runs in
       chunks of ``chunk_size`` entries so that its memory is O(chunk_size x hidden).
     - ``"auto"``: ``"pwl"`` when the amplifier allows it, else ``"exact"``.
@@ -157,7 +159,8 @@ def amplify_gradients(
         c: target norm per tensor, one float or one per tensor.
         eps: added to the norm; keeps an all-zero gradient at zero.
         path: ``"auto"``, ``"pwl"`` or ``"exact"``.
-        chunk_size: entries per chunk of the no-grad paths (None: all at once).
+        chunk_size: entries per chunk of the no-grad paths and per bucket of small tensors
+            on the pwl path (None: all at once).
 
     Example:
         >>> from grokopt import make_amplifier
