@@ -148,7 +148,8 @@ def amplify_gradients(
       (intercept, slope) per piece are computed from the weights, and each entry is looked up
       by binary search. No P x hidden activations exist at any time. Consecutive small
       tensors of one dtype and device, up to ``chunk_size`` entries in all, are looked up
-      and normalised together as one flat vector (each over its own segment).
+      and normalised together as one flat vector (each over its own segment); without
+      grad mode their outputs are views of one buffer per bucket, as ``torch.split``'s are.
     - ``"exact"``: the MLP on every entry (the paper's way); without grad mode it runs in
       chunks of ``chunk_size`` entries so that its memory is O(chunk_size x hidden).
     - ``"auto"``: ``"pwl"`` when the amplifier allows it, else ``"exact"``.
@@ -194,25 +195,27 @@ def amplify_gradients(
     out: list[Tensor | None] = [None] * len(detached)
     if table is not None:
         # Small gradients together: a few flat operations per bucket instead of a dozen
-        # per tensor (see _bucket_forward); the rest one by one below.
-        limit = chunk_size if chunk_size is not None else sum(g.numel() for g in detached)
-        for bucket in _buckets(detached, limit):
+        # per tensor (see _bucket_forward); the rest one by one below. A bucket holds at
+        # most a chunk's entries even with chunk_size=None, which chunks nothing else.
+        for bucket in _buckets(detached, chunk_size or CHUNK_SIZE):
             if len(bucket) < 2:
                 continue
             members = [detached[i] for i in bucket]
             work = _work_dtype(members[0], amp_dtype)
-            x = torch.cat([g.reshape(-1) for g in members]).to(amp_device)
-            sizes = tuple(g.numel() for g in members)
+            parts = [g.reshape(-1).to(amp_device) for g in members]
             bucket_cs = tuple(cs[i] for i in bucket)
             if differentiable:
-                y = _PiecewiseAmplifyBucket.apply(table.intercept, table.slope, table.kinks, x,
-                                                  sizes, bucket_cs, eps, work)
+                ys = _PiecewiseAmplifyBucket.apply(table.intercept, table.slope, table.kinks,
+                                                   bucket_cs, eps, work, *parts)
             else:
-                y = _bucket_forward(table, x, _Segments.of(sizes, x.device),
-                                    _per_segment(bucket_cs, work, x.device), eps, work)[0]
-            for i, part in zip(bucket, y.split(sizes)):
+                x = torch.cat(parts)
+                seg = _Segments.of([part.numel() for part in parts], x.device)
+                # Views of one buffer (as torch.split's): a bucket is at most one chunk.
+                ys = seg.split(_bucket_forward(table, x, seg, _per_segment(bucket_cs, work, x.device),
+                                               eps, work)[0])
+            for i, y in zip(bucket, ys):
                 g = detached[i]
-                out[i] = part.view(g.shape).to(device=g.device, dtype=g.dtype)
+                out[i] = y.view(g.shape).to(device=g.device, dtype=g.dtype)
     for i, (g, c_i) in enumerate(zip(detached, cs)):
         if out[i] is not None:
             continue
@@ -426,7 +429,8 @@ class _Segments(NamedTuple):
 
     @classmethod
     def of(cls, sizes: Sequence[int], device: torch.device) -> _Segments:
-        return cls(tuple(sizes), torch.tensor(sizes, dtype=torch.int64, device=device), sum(sizes))
+        return cls(tuple(sizes), _on_device(torch.tensor(sizes, dtype=torch.int64), device),
+                   sum(sizes))
 
     def split(self, x: Tensor) -> tuple[Tensor, ...]:
         return x.split(self.sizes)
@@ -442,11 +446,18 @@ class _Segments(NamedTuple):
         return torch.stack(torch._foreach_norm(self.split(x)))
 
     def sums(self, x: Tensor) -> Tensor:
-        return torch.segment_reduce(x, "sum", lengths=self.lengths)
+        # unsafe: the lengths are valid by construction, and checking them syncs a GPU
+        return torch.segment_reduce(x, "sum", lengths=self.lengths, unsafe=True)
+
+
+def _on_device(host: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on ``device`` without waiting for the device (a blocking copy to a
+    GPU synchronises its stream first)."""
+    return host.to(device, non_blocking=True)
 
 
 def _per_segment(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
+    return _on_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _bucket_forward(table: PiecewiseTable, x: Tensor, seg: _Segments, cs: Tensor, eps: float,
@@ -487,28 +498,33 @@ def _bucket_vjp(table: PiecewiseTable, x: Tensor, v: Tensor, seg: _Segments, cs:
 
 
 class _PiecewiseAmplifyBucket(torch.autograd.Function):
-    """G_phi of a bucket (several gradients, flat) on the pwl path, differentiable in the
-    pieces' (intercept, slope); as :class:`_PiecewiseAmplify`, it keeps only the input and
-    the maxima for backward, which recomputes the rest."""
+    """G_phi of a bucket of flat gradients (``parts``) on the pwl path, one output per
+    gradient, differentiable in the pieces' (intercept, slope). As :class:`_PiecewiseAmplify`
+    it keeps only its inputs and the maxima for backward, which recomputes the rest; the
+    concatenation lives only inside forward and backward, one chunk at most."""
 
     @staticmethod
-    def forward(ctx: Any, intercept: Tensor, slope: Tensor, kinks: Tensor, x: Tensor,
-                sizes: tuple[int, ...], cs: tuple[float, ...], eps: float,
-                work: torch.dtype) -> Tensor:
-        seg = _Segments.of(sizes, x.device)
+    def forward(ctx: Any, intercept: Tensor, slope: Tensor, kinks: Tensor,
+                cs: tuple[float, ...], eps: float, work: torch.dtype,
+                *parts: Tensor) -> tuple[Tensor, ...]:
+        x = torch.cat(parts)
+        seg = _Segments.of([part.numel() for part in parts], x.device)
         y, m = _bucket_forward(PiecewiseTable(kinks, intercept, slope), x, seg,
                                _per_segment(cs, work, x.device), eps, work)
-        ctx.save_for_backward(intercept, slope, kinks, x, m)
+        ctx.save_for_backward(intercept, slope, kinks, m, *parts)
         ctx.seg, ctx.cs, ctx.eps, ctx.work = seg, cs, eps, work
-        return y
+        # Separate tensors: views of one output could not be changed in place by a caller.
+        return tuple(part.clone() for part in seg.split(y))
 
     @staticmethod
-    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
-        intercept, slope, kinks, x, m = ctx.saved_tensors
-        grad_a, grad_s = _bucket_vjp(PiecewiseTable(kinks, intercept, slope), x, gy, ctx.seg,
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        intercept, slope, kinks, m, *parts = ctx.saved_tensors
+        x = torch.cat(parts)
+        grad_a, grad_s = _bucket_vjp(PiecewiseTable(kinks, intercept, slope), x,
+                                     torch.cat(grads), ctx.seg,
                                      _per_segment(ctx.cs, ctx.work, x.device), ctx.eps,
                                      ctx.work, m)
-        return grad_a, grad_s, None, None, None, None, None, None
+        return (grad_a, grad_s, None, None, None, None) + (None,) * len(parts)
 
 
 def amplify_gradients_vjp(

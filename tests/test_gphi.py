@@ -334,6 +334,94 @@ def test_bucketed_transform_and_hypergradient_equal_the_per_entry_reference(chun
     scale = max(e.abs().max().item() for e in expected)
     for a, e in zip(got, expected):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-12 * scale)
+    with torch.no_grad():  # the no-grad route of the buckets: the same outputs
+        again = amplify_gradients(grads, amp, c=cs, eps=eps, path="pwl", chunk_size=chunk)
+    for a, o in zip(again, out):
+        assert torch.equal(a, o.detach())
+
+
+def _layouts():
+    """Small gradients in several memory layouts and dtypes, in runs that form buckets."""
+    gen = torch.Generator().manual_seed(4)
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    return [r(6, 5).double().t(), r(7).double(), r(2, 3, 4, 4).double().to(memory_format=torch.channels_last),
+            r(5, 3).t(), r(9), r(2, 3, 3, 3).to(memory_format=torch.channels_last),
+            r(4, 6).half(), r(5).half(), r(3, 3).bfloat16(), r(8).bfloat16()]
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.float32, F64])
+def test_bucket_route_equals_the_per_tensor_route(amp_dtype):
+    """The buckets (default chunk) against the per-tensor route (chunk_size=1: no tensor
+    shares a bucket), which the tests above hold to the definition: outputs with and without
+    grad mode and the hypergradient, for transposed and channels_last gradients, fp16, bf16,
+    fp32 and fp64 gradients under an fp32 and an fp64 amplifier (the work dtype is the wider
+    of fp32, the gradient's and the amplifier's: fp64 gradients under an fp32 amplifier are
+    normalised in fp64), and c per tensor."""
+    torch.manual_seed(7)
+    amp = make_amplifier((8, 8), dtype=amp_dtype)
+    grads = _layouts()
+    cs = [0.5 + 0.25 * i for i in range(len(grads))]
+    weights = [torch.randn(g.shape).to(g.dtype) for g in grads]
+    params = list(amp.parameters())
+    results = {}
+    for chunk in (None, 1):
+        out = amplify_gradients(grads, amp, c=cs, chunk_size=chunk)
+        hyper = torch.autograd.grad(sum((o.double() * w.double()).sum() for o, w in zip(out, weights)),
+                                    params)
+        with torch.no_grad():
+            plain = amplify_gradients(grads, amp, c=cs, chunk_size=chunk)
+        results[chunk] = ([o.detach() for o in out], plain, hyper)
+    (bucketed, bucketed_plain, hyper), (single, single_plain, hyper_single) = results[None], results[1]
+    for g, a, b, c, d in zip(grads, bucketed, bucketed_plain, single, single_plain):
+        assert a.dtype == b.dtype == g.dtype and a.shape == b.shape == g.shape
+        wide = torch.promote_types(g.dtype, amp_dtype) == F64
+        tol = 1e-12 if wide else (1e-6 if g.dtype == torch.float32 else 1e-2)
+        for got in (a, b):
+            torch.testing.assert_close(got.double(), c.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(b.double(), d.double(), rtol=tol, atol=tol)
+    scale = max(h.abs().max().item() for h in hyper_single)
+    tol = 1e-12 if amp_dtype == F64 else 1e-5
+    for a, e in zip(hyper, hyper_single):
+        torch.testing.assert_close(a, e, rtol=0, atol=tol * scale)
+
+
+def test_buckets_stay_within_a_chunk_and_keep_no_copy_for_backward(monkeypatch):
+    """Even with chunk_size=None (which only stops the per-tensor chunking), a bucket holds
+    at most CHUNK_SIZE entries; what the bucket's graph saves for backward is the gradients
+    themselves (views) and per-bucket scalars, never a concatenated copy."""
+    from grokopt import gphi
+
+    totals = []
+    real = gphi._Segments.of
+    monkeypatch.setattr(gphi._Segments, "of", classmethod(
+        lambda cls, sizes, device: totals.append(sum(sizes)) or real(sizes, device)))
+    amp = make_amplifier((4,))
+    half = gphi.CHUNK_SIZE // 2 + 1
+    big = [torch.randn(half) for _ in range(3)]  # no two fit in one chunk
+    for grad_mode in (False, True):
+        with torch.set_grad_enabled(grad_mode):
+            amplify_gradients(big, amp, chunk_size=None)
+    assert totals == []
+    small = [torch.randn(100, 100) for _ in range(6)]
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = amplify_gradients(small, amp, chunk_size=None)
+    assert totals == [60_000]  # the six in one bucket
+    storages = {g.untyped_storage().data_ptr() for g in small}
+    copies = [tuple(t.shape) for t in saved
+              if t.untyped_storage().data_ptr() not in storages and t.numel() > 100]
+    assert copies == []
+    # the outputs are separate tensors: changing one in place is allowed and changes no other
+    assert len({o.untyped_storage().data_ptr() for o in out}) == len(out)
+    before = out[1].detach().clone()
+    out[0].mul_(2)
+    assert torch.equal(out[1].detach(), before)
+    torch.autograd.grad(sum(o.sum() for o in out), list(amp.parameters()))
 
 
 @pytest.mark.parametrize("c", [0.3, 1.0])
