@@ -182,7 +182,7 @@ class PiecewiseTable(NamedTuple):
         both = torch.stack([df, df * x], 1).to(out[0].dtype)
         sums = torch.zeros(len(out[0]), 2, dtype=both.dtype, device=both.device).index_add_(0, k, both)
         out[0].add_(sums[:, 0])
-        out[1].add_(sums[:, 1].to(out[1].dtype))
+        out[1].add_(sums[:, 1])
 
 
 def piecewise_table(plan: Plan, lo: float, hi: float, dtype: torch.dtype,

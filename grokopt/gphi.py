@@ -211,8 +211,9 @@ def amplify_gradients(
                 x = torch.cat(parts)
                 seg = _Segments.of([part.numel() for part in parts], x.device)
                 # Views of one buffer (as torch.split's): a bucket is at most one chunk.
-                ys = seg.split(_bucket_forward(table, x, seg, _per_segment(bucket_cs, work, x.device),
-                                               eps, work)[0])
+                y = _bucket_forward(table, x, seg, _per_segment(bucket_cs, work, x.device), eps,
+                                    work)[0]
+                ys = seg.split(y)
             for i, y in zip(bucket, ys):
                 g = detached[i]
                 out[i] = y.view(g.shape).to(device=g.device, dtype=g.dtype)
@@ -345,16 +346,24 @@ def _gphi_vjp(
     for i, (c, s) in enumerate(zip(cs, stats)):
         acc = buckets.setdefault(groups[i], [torch.zeros_like(p) for p in gains.params()])
         square, dot, ties = s.unbind()
-        norm = square.sqrt()
-        inv = 1 / (norm + eps)
-        live = norm > 0
-        alpha = c * inv
-        beta = torch.where(live, c * dot * inv * inv / norm, 0.0)
-        gamma = torch.where(live & (ties > 0), -c * dot * eps * inv * inv / ties, 0.0)
+        alpha, beta, gamma = _vjp_coefficients(c, square.sqrt(), dot, ties, eps)
         for x, where, top, u, v in chunks(i):
             df = (v * alpha - u * beta).mul_(u).add_(top * gamma)
             gains.pullback(x, df, acc, where)
     return buckets
+
+
+def _vjp_coefficients(c: float | Tensor, norm: Tensor, dot: Tensor, ties: Tensor,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """alpha, beta and gamma of :func:`_gphi_vjp`'s cotangent of the gains, from c, N = ||u||,
+    u.v and the number T of entries tied for the max (per tensor, or per segment as
+    tensors)."""
+    inv = 1 / (norm + eps)
+    live = norm > 0
+    alpha = c * inv
+    beta = torch.where(live, c * dot * inv * inv / norm, 0.0)
+    gamma = torch.where(live & (ties > 0), -c * dot * eps * inv * inv / ties, 0.0)
+    return alpha, beta, gamma
 
 
 class _PiecewiseAmplify(torch.autograd.Function):
@@ -461,21 +470,22 @@ def _per_segment(values: Sequence[float], dtype: torch.dtype, device: torch.devi
 
 
 def _bucket_forward(table: PiecewiseTable, x: Tensor, seg: _Segments, cs: Tensor, eps: float,
-                    work: torch.dtype) -> tuple[Tensor, Tensor]:
-    """G_phi of every segment of the flat ``x`` at once (flat, in ``work``), and each
-    segment's max f."""
+                    work: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """G_phi of every segment of the flat ``x`` at once (flat, in ``work``), each segment's
+    max f and each segment's norm of u = exp(f - max f) x."""
     f = table.lookup(x.to(table.intercept.dtype)).to(work)
     m = seg.maxima(f)
     y = f.sub_(seg.spread(m)).exp_().mul_(x.to(work))
-    y.mul_(seg.spread(cs / (seg.norms(y) + eps)))
-    return y, m
+    norm = seg.norms(y)
+    y.mul_(seg.spread(cs / (norm + eps)))
+    return y, m, norm
 
 
 def _bucket_vjp(table: PiecewiseTable, x: Tensor, v: Tensor, seg: _Segments, cs: Tensor,
-                eps: float, work: torch.dtype, m: Tensor) -> list[Tensor]:
+                eps: float, work: torch.dtype, m: Tensor, norm: Tensor) -> list[Tensor]:
     """d/d(intercept, slope) of <v, G_phi(x)> over the segments of a bucket: the same
     written-out product as :func:`_gphi_vjp`, with its per-tensor statistics as segment
-    reductions."""
+    reductions (``m`` and ``norm`` as :func:`_bucket_forward` gave them)."""
     xt = x.to(table.intercept.dtype)
     where = table.locate(xt)
     f = table.lookup(xt, where).to(work)
@@ -483,14 +493,7 @@ def _bucket_vjp(table: PiecewiseTable, x: Tensor, v: Tensor, seg: _Segments, cs:
     top = f == m
     u = f.sub_(m).exp_().mul_(x.to(work))
     v = v.to(work)
-    norm = seg.norms(u)
-    dot = seg.sums(u * v)
-    ties = seg.sums(top.to(work))
-    inv = 1 / (norm + eps)
-    live = norm > 0
-    alpha = cs * inv
-    beta = torch.where(live, cs * dot * inv * inv / norm, 0.0)
-    gamma = torch.where(live & (ties > 0), -cs * dot * eps * inv * inv / ties, 0.0)
+    alpha, beta, gamma = _vjp_coefficients(cs, norm, seg.sums(u * v), seg.sums(top.to(work)), eps)
     df = (v * seg.spread(alpha) - u * seg.spread(beta)).mul_(u).add_(top * seg.spread(gamma))
     out = [torch.zeros_like(table.intercept), torch.zeros_like(table.slope)]
     table.pullback(xt, df, out, where)
@@ -500,7 +503,7 @@ def _bucket_vjp(table: PiecewiseTable, x: Tensor, v: Tensor, seg: _Segments, cs:
 class _PiecewiseAmplifyBucket(torch.autograd.Function):
     """G_phi of a bucket of flat gradients (``parts``) on the pwl path, one output per
     gradient, differentiable in the pieces' (intercept, slope). As :class:`_PiecewiseAmplify`
-    it keeps only its inputs and the maxima for backward, which recomputes the rest; the
+    it keeps only its inputs and per-gradient scalars for backward, which recomputes the rest; the
     concatenation lives only inside forward and backward, one chunk at most."""
 
     @staticmethod
@@ -509,21 +512,18 @@ class _PiecewiseAmplifyBucket(torch.autograd.Function):
                 *parts: Tensor) -> tuple[Tensor, ...]:
         x = torch.cat(parts)
         seg = _Segments.of([part.numel() for part in parts], x.device)
-        y, m = _bucket_forward(PiecewiseTable(kinks, intercept, slope), x, seg,
-                               _per_segment(cs, work, x.device), eps, work)
-        ctx.save_for_backward(intercept, slope, kinks, m, *parts)
-        ctx.seg, ctx.cs, ctx.eps, ctx.work = seg, cs, eps, work
+        c = _per_segment(cs, work, x.device)
+        y, m, norm = _bucket_forward(PiecewiseTable(kinks, intercept, slope), x, seg, c, eps, work)
+        ctx.save_for_backward(intercept, slope, kinks, c, m, norm, *parts)
+        ctx.seg, ctx.eps, ctx.work = seg, eps, work
         # Separate tensors: views of one output could not be changed in place by a caller.
         return tuple(part.clone() for part in seg.split(y))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        intercept, slope, kinks, m, *parts = ctx.saved_tensors
-        x = torch.cat(parts)
-        grad_a, grad_s = _bucket_vjp(PiecewiseTable(kinks, intercept, slope), x,
-                                     torch.cat(grads), ctx.seg,
-                                     _per_segment(ctx.cs, ctx.work, x.device), ctx.eps,
-                                     ctx.work, m)
+        intercept, slope, kinks, c, m, norm, *parts = ctx.saved_tensors
+        grad_a, grad_s = _bucket_vjp(PiecewiseTable(kinks, intercept, slope), torch.cat(parts),
+                                     torch.cat(grads), ctx.seg, c, ctx.eps, ctx.work, m, norm)
         return (grad_a, grad_s, None, None, None, None) + (None,) * len(parts)
 
 

@@ -32,6 +32,14 @@ def reference(g: torch.Tensor, amp: nn.Module, c: float) -> torch.Tensor:
     return (c * u / u.norm()).view(g.shape)
 
 
+def written_out(x: torch.Tensor, amp: nn.Module, c: float, eps: float) -> torch.Tensor:
+    """docs/methods.md with eps, for a flat tensor, by the amplifier itself: differentiable
+    in its weights (autograd's max shares the derivative evenly among tied entries)."""
+    f = amp(x[:, None])[:, 0]
+    u = torch.exp(f - f.max()) * x
+    return c * u / (u.norm() + eps)
+
+
 # ---------------------------------------------------------------- invariants (docs/methods.md)
 
 grad_tensors = st.lists(
@@ -238,9 +246,7 @@ def test_tied_maxima_share_the_max_path_evenly_on_every_route(c, eps):
     v = torch.tensor([0.3, -1.0, 0.5, 2.0, -0.7, 1.1], dtype=F64)
     params = list(amp.parameters())
 
-    f = amp(g[:, None])[:, 0]  # written out: docs/methods.md with eps
-    u = torch.exp(f - f.max()) * g
-    written = torch.autograd.grad((c * u / (u.norm() + eps) * v).sum(), params)
+    written = torch.autograd.grad((written_out(g, amp, c, eps) * v).sum(), params)
     for path in PATHS:
         out, = amplify_gradients([g], amp, c=c, eps=eps, path=path, chunk_size=4)
         got = torch.autograd.grad((out * v).sum(), params)
@@ -321,10 +327,7 @@ def test_bucketed_transform_and_hypergradient_equal_the_per_entry_reference(chun
         if g.numel() == 0:
             assert o.shape == g.shape
             continue
-        x = g.double().reshape(-1)
-        f = amp(x[:, None])[:, 0]
-        u = torch.exp(f - f.max()) * x
-        y = c * u / (u.norm() + eps)
+        y = written_out(g.double().reshape(-1), amp, c, eps)
         assert o.dtype == g.dtype and o.shape == g.shape
         tol = 1e-2 if g.dtype == torch.bfloat16 else (1e-6 if g.dtype == torch.float32 else 1e-12)
         torch.testing.assert_close(o.double().reshape(-1), y.detach().to(g.dtype).double(),
@@ -435,9 +438,7 @@ def test_bucketed_ties_share_the_max_path_per_tensor(c):
     params, eps = list(amp.parameters()), 0.5
     written = 0
     for g, v in ((g1, v1), (g2, v2)):
-        f = amp(g[:, None])[:, 0]
-        u = torch.exp(f - f.max()) * g
-        written = written + (c * u / (u.norm() + eps) * v).sum()
+        written = written + (written_out(g, amp, c, eps) * v).sum()
     expected = torch.autograd.grad(written, params)
     out = amplify_gradients([g1, g2], amp, c=c, eps=eps, path="pwl")
     got = torch.autograd.grad((out[0] * v1).sum() + (out[1] * v2).sum(), params)
