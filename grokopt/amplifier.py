@@ -13,6 +13,7 @@ of the gain goes through it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -22,7 +23,9 @@ from torch import Tensor, nn
 from ._checks import check_int, check_type, describe
 
 __all__ = [
+    "CENTRE_SPLIT",
     "Gains",
+    "Located",
     "PiecewiseTable",
     "amplifier_dtype_device",
     "check_amplifier",
@@ -165,24 +168,80 @@ class PiecewiseTable(NamedTuple):
     intercept: Tensor
     slope: Tensor
 
-    def locate(self, x: Tensor) -> Tensor:
-        """The piece of each entry of ``x``."""
+    def locate(self, x: Tensor) -> Tensor | Located:
+        """The piece of each entry of ``x``: an index per entry, or on CPU a :class:`Located`
+        (see :data:`CENTRE_SPLIT`)."""
+        if CENTRE_SPLIT or (CENTRE_SPLIT is None and x.device.type == "cpu"):
+            return self._locate_around_zero(x)
         return torch.searchsorted(self.kinks, x)  # int64: index_select is ~2x faster than with int32
 
-    def lookup(self, x: Tensor, k: Tensor | None = None) -> Tensor:
+    def _locate_around_zero(self, x: Tensor) -> Located:
+        # searchsorted puts x on piece k when kinks[k-1] < x <= kinks[k]. One float pass and
+        # one comparison flag every entry off the piece (lo, hi] of 0, and a few beside its
+        # ends (a margin for the rounding of x - mid): the flagged ones are searched.
+        kinks = self.kinks
+        centre = int(torch.searchsorted(kinks, kinks.new_zeros(1)))
+        lo = kinks[centre - 1].item() if centre > 0 else -math.inf
+        hi = kinks[centre].item() if centre < len(kinks) else math.inf
+        margin = 8 * torch.finfo(x.dtype).eps * (abs(lo) + abs(hi))
+        if math.isinf(lo) and math.isinf(hi):
+            off = x.new_zeros(x.shape, dtype=torch.bool)
+        elif math.isinf(lo):
+            off = x > hi - margin
+        elif math.isinf(hi):
+            off = x <= lo + margin
+        else:
+            off = (x - (lo + hi) / 2).abs_() >= (hi - lo) / 2 - margin
+        rest = off.nonzero().view(-1)
+        return Located(centre, rest, torch.searchsorted(kinks, x[rest]))
+
+    def lookup(self, x: Tensor, k: Tensor | Located | None = None) -> Tensor:
         """The gain of each entry of ``x`` (``k``: its pieces, if already located)."""
         k = self.locate(x) if k is None else k
+        if isinstance(k, Located):
+            # 0-dim factors: a CPU kernel takes them as scalars (addcmul would broadcast)
+            f = (x * self.slope[k.centre]).add_(self.intercept[k.centre])
+            f[k.rest] = self.lookup(x[k.rest], k.rest_pieces)
+            return f
         return torch.addcmul(self.intercept.index_select(0, k), self.slope.index_select(0, k), x)
 
-    def pullback(self, x: Tensor, df: Tensor, out: list[Tensor], k: Tensor | None = None) -> None:
-        """Add d<df, lookup(x)>/d(intercept, slope) into ``out`` = [d_intercept, d_slope]."""
+    def pullback(self, x: Tensor, df: Tensor, out: list[Tensor],
+                 k: Tensor | Located | None = None) -> None:
+        """Add d<df, lookup(x)>/d(intercept, slope) into ``out`` = [d_intercept, d_slope].
+        ``df`` may be overwritten."""
         k = self.locate(x) if k is None else k
+        if isinstance(k, Located):
+            self.pullback(x[k.rest], df[k.rest], out, k.rest_pieces)
+            df = df.index_fill_(0, k.rest, 0)
+            sums = torch.stack([df.sum(), torch.dot(df, x.to(df.dtype))]).to(out[0].dtype)
+            out[0][k.centre] += sums[0]
+            out[1][k.centre] += sums[1]
+            return
         # Both sums in one pass: most entries fall on a few pieces, and index_add_ spends
         # its time on the chain of additions into the same entry, not on the columns.
         both = torch.stack([df, df * x], 1).to(out[0].dtype)
         sums = torch.zeros(len(out[0]), 2, dtype=both.dtype, device=both.device).index_add_(0, k, both)
         out[0].add_(sums[:, 0])
         out[1].add_(sums[:, 1])
+
+
+CENTRE_SPLIT: bool | None = None
+"""How :meth:`PiecewiseTable.locate` finds the pieces. Most gradient entries lie near zero,
+on the one piece that holds 0; on a CPU the binary search per entry costs several times a
+comparison, so there (None, the default) two comparisons find the entries off that piece and
+only those are searched (a :class:`Located`; the pullback then sums the piece of 0 with one
+reduction instead of a scatter). A GPU searches every entry (its search is bound by memory
+and finding the few others would synchronise it). True or False forces one way: the tests
+check each against the other."""
+
+
+class Located(NamedTuple):
+    """The pieces of a flat tensor's entries: all on piece ``centre`` but those at positions
+    ``rest``, which are on ``rest_pieces``."""
+
+    centre: int
+    rest: Tensor
+    rest_pieces: Tensor
 
 
 def piecewise_table(plan: Plan, lo: float, hi: float, dtype: torch.dtype,

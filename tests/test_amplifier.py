@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from grokopt import amplifier
 from grokopt.amplifier import Gains, check_amplifier, make_amplifier, piecewise_plan, piecewise_table
 
 F64 = torch.float64
@@ -82,27 +83,75 @@ def test_kinks_are_where_the_mlp_bends():
         assert bend[((grid[1:-1] - k).abs() < h)].any()
 
 
+@pytest.fixture(params=[True, False], ids=["centre-split", "search-all"])
+def split(request, monkeypatch):
+    """Both ways of locating the pieces (amplifier.CENTRE_SPLIT)."""
+    monkeypatch.setattr(amplifier, "CENTRE_SPLIT", request.param)
+    return request.param
+
+
+def brute_force_pieces(table, x):
+    """Each entry's piece by counting the kinks strictly below it (searchsorted's rule)."""
+    return (x[:, None] > table.kinks[None, :]).sum(1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_table_pullback_equals_autograd_through_the_lookup(dtype):
-    """The table's own vector-Jacobian product (index_add per piece) against autograd through
-    ``lookup`` on leaf copies of the pieces, with repeated pieces and entries outside the
-    table's range (they extend the end pieces)."""
+@pytest.mark.parametrize("span", [(-1.5, 1.5), (0.6, 1.5), (-1.5, -0.6), (0.01, 0.02)],
+                         ids=["0-between-kinks", "0-below-all", "0-above-all", "no-kinks"])
+def test_table_lookup_finds_every_entrys_piece(dtype, span, split):
+    """The lookup against the pieces counted by brute force, with entries on the piece of 0,
+    on every other piece, outside the range, exactly on kinks, and NaN; all entries off the
+    piece of 0, and none; with 0 between two kinks, below or above all, and no kinks at all.
+    Up to the rounding of one multiply-add (the piece of 0 is not evaluated by addcmul)."""
+    amp = amp64((6, 5), seed=2).to(dtype)
+    table = piecewise_table(piecewise_plan(amp), *span, dtype, torch.device("cpu"))
+    assert (table.kinks.numel() == 0) == (span == (0.01, 0.02))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(300, generator=gen, dtype=dtype), table.kinks,
+                   torch.tensor([-3.0, 4.0, 0.0], dtype=dtype)])
+    k = brute_force_pieces(table, x)
+    on_centre = k == brute_force_pieces(table, torch.zeros(1, dtype=dtype))
+    eps = torch.finfo(dtype).eps
+    for part in (slice(None), ~on_centre, on_centre):
+        xs, ks = x[part], k[part]
+        if not xs.numel():
+            continue
+        expected = torch.addcmul(table.intercept[ks], table.slope[ks], xs)
+        scale = (table.intercept[ks].abs() + (table.slope[ks] * xs).abs()).max().item()
+        torch.testing.assert_close(table.lookup(xs), expected, rtol=2 * eps, atol=2 * eps * scale)
+    assert 0 < on_centre.sum() < len(x) or table.kinks.numel() == 0
+    nan = table.lookup(torch.tensor([0.5, torch.nan, -0.5], dtype=dtype))
+    assert nan[1].isnan() and nan[[0, 2]].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_table_pullback_equals_autograd_through_the_lookup(dtype, split):
+    """The table's own vector-Jacobian product against autograd through a plain lookup
+    (index_select at brute-force pieces) on leaf copies of the pieces, with repeated pieces,
+    entries exactly on kinks (each belongs to the piece below it) and entries outside the
+    table's range (they extend the end pieces). Searching every entry sums in autograd's
+    order (equal); the centre split sums the piece of 0 with one
+    reduction (rounding)."""
     amp = amp64((6, 5), seed=2).to(dtype)
     table = piecewise_table(piecewise_plan(amp), -1.5, 1.5, dtype, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(200, generator=gen, dtype=dtype), torch.tensor([-3.0, 4.0], dtype=dtype)])
+    x = torch.cat([torch.randn(200, generator=gen, dtype=dtype), table.kinks,
+                   torch.tensor([-3.0, 4.0], dtype=dtype)])
     df = torch.randn(x.shape, generator=gen, dtype=dtype)
     leaves = [table.intercept.detach().clone().requires_grad_(), table.slope.detach().clone().requires_grad_()]
-    expected = torch.autograd.grad((type(table)(table.kinks, *leaves).lookup(x) * df).sum(), leaves)
+    k = brute_force_pieces(table, x)
+    expected = torch.autograd.grad((torch.addcmul(leaves[0][k], leaves[1][k], x) * df).sum(), leaves)
     got = [torch.zeros_like(t) for t in leaves]
-    table.pullback(x, df, got)
+    table.pullback(x, df.clone(), got)
+    tol = 0 if not split else len(x) * torch.finfo(dtype).eps
     for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=0, atol=0)
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol * (df * x).abs().max().item())
+        assert g.count_nonzero() >= 3  # several pieces take part
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 7])
 @pytest.mark.parametrize("use_table", [False, True])
-def test_gains_and_their_pullback_equal_the_mlp_under_autograd(use_table, chunk):
+def test_gains_and_their_pullback_equal_the_mlp_under_autograd(use_table, chunk, split):
     """Gains (table or module, any chunking) give the MLP's values, and their pullback into
     the amplifier's weights (through the table's pieces when there is one) is autograd's
     d<df, amp(x)>/dphi; fp64, summed in another order: rounding only."""

@@ -11,12 +11,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from grokopt import amplifier
 from grokopt.amplifier import make_amplifier, piecewise_plan
 from grokopt.gphi import amplify_gradients, amplify_gradients_vjp
 from test_amplifier import rounding_bound
 
 PATHS = ["pwl", "exact"]
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, params=[None, False], ids=["split-on-cpu", "search-all"])
+def locating(request, monkeypatch):
+    """Every test here both ways the table can locate the pieces (amplifier.CENTRE_SPLIT:
+    the default, which on a CPU searches only the entries off the piece of 0, and a search
+    of every entry, the GPU's way)."""
+    monkeypatch.setattr(amplifier, "CENTRE_SPLIT", request.param)
 
 
 def amp64(hidden=(16, 16), seed=0):
