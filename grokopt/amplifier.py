@@ -183,7 +183,7 @@ class PiecewiseTable(NamedTuple):
         centre = int(torch.searchsorted(kinks, kinks.new_zeros(1)))
         lo = kinks[centre - 1].item() if centre > 0 else -math.inf
         hi = kinks[centre].item() if centre < len(kinks) else math.inf
-        margin = 8 * torch.finfo(x.dtype).eps * (abs(lo) + abs(hi))
+        margin = 8 * torch.finfo(x.dtype).eps * sum(abs(e) for e in (lo, hi) if math.isfinite(e))
         if math.isinf(lo) and math.isinf(hi):
             off = x.new_zeros(x.shape, dtype=torch.bool)
         elif math.isinf(lo):

@@ -110,7 +110,8 @@ def test_table_lookup_finds_every_entrys_piece(dtype, span, split):
     x = torch.cat([torch.randn(300, generator=gen, dtype=dtype), table.kinks,
                    torch.tensor([-3.0, 4.0, 0.0], dtype=dtype)])
     k = brute_force_pieces(table, x)
-    on_centre = k == brute_force_pieces(table, torch.zeros(1, dtype=dtype))
+    centre = brute_force_pieces(table, torch.zeros(1, dtype=dtype)).item()
+    on_centre = k == centre
     eps = torch.finfo(dtype).eps
     for part in (slice(None), ~on_centre, on_centre):
         xs, ks = x[part], k[part]
@@ -120,6 +121,16 @@ def test_table_lookup_finds_every_entrys_piece(dtype, span, split):
         scale = (table.intercept[ks].abs() + (table.slope[ks] * xs).abs()).max().item()
         torch.testing.assert_close(table.lookup(xs), expected, rtol=2 * eps, atol=2 * eps * scale)
     assert 0 < on_centre.sum() < len(x) or table.kinks.numel() == 0
+    if split:
+        # Only the entries off the piece of 0, and those within the rounding margin of its
+        # ends, are searched (a margin of inf once searched every entry on one-sided pieces)
+        located = table.locate(x)
+        searched = torch.zeros(len(x), dtype=torch.bool)
+        searched[located.rest] = True
+        assert searched[~on_centre].all()
+        ends = table.kinks[max(centre - 1, 0):centre + 1]
+        near = ((x[:, None] - ends[None, :]).abs() <= 16 * eps * ends.abs()).any(1)
+        assert (searched & on_centre & ~near).sum() == 0
     nan = table.lookup(torch.tensor([0.5, torch.nan, -0.5], dtype=dtype))
     assert nan[1].isnan() and nan[[0, 2]].isfinite().all()
 
