@@ -4,16 +4,16 @@ The amplifier maps each gradient entry ``x`` to a gain ``f(x)`` (docs/methods.md
 of one scalar is a continuous *piecewise-linear* function with at most ``h1 + (h1 + 1) * h2``
 kinks, so :func:`piecewise_table` finds the kinks inside ``[lo, hi]`` and one affine piece
 (intercept, slope) per interval, computed with the MLP's own weights (differentiable in them).
-Each entry is then looked up, ``f = a[k] + s[k] * x`` with ``k`` from a binary search: the
-*same function*, not an approximation, in O(P log K) elementwise work plus an O(K * hidden^2)
-table independent of the number P of entries. :class:`Gains` evaluates the gain (by the table
+Each entry is then looked up, ``f = a[k] + s[k] * x`` with ``k`` its piece: the *same
+function*, not an approximation, in O(P log K) elementwise work at most plus an
+O(K * hidden^2) table independent of the number P of entries. (On a CPU only the entries off
+the piece that holds 0 are binary-searched, see :data:`CENTRE_SPLIT`.) :class:`Gains` evaluates the gain (by the table
 when there is one, else by the module in chunks) and its vector-Jacobian product; every user
 of the gain goes through it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -169,29 +169,31 @@ class PiecewiseTable(NamedTuple):
     slope: Tensor
 
     def locate(self, x: Tensor) -> Tensor | Located:
-        """The piece of each entry of ``x``: an index per entry, or on CPU a :class:`Located`
-        (see :data:`CENTRE_SPLIT`)."""
-        if CENTRE_SPLIT or (CENTRE_SPLIT is None and x.device.type == "cpu"):
+        """The piece of each entry of ``x``: an index per entry, or a :class:`Located` (on a
+        CPU, see :data:`CENTRE_SPLIT`)."""
+        split = CENTRE_SPLIT if CENTRE_SPLIT is not None else x.device.type == "cpu"
+        # Under torch.compile the split's host values would be guarded on and recompile
+        # every step; with another dtype than the kinks' its comparisons would round.
+        if split and x.dtype == self.kinks.dtype and not torch.compiler.is_compiling():
             return self._locate_around_zero(x)
         return torch.searchsorted(self.kinks, x)  # int64: index_select is ~2x faster than with int32
 
     def _locate_around_zero(self, x: Tensor) -> Located:
-        # searchsorted puts x on piece k when kinks[k-1] < x <= kinks[k]. One float pass and
-        # one comparison flag every entry off the piece (lo, hi] of 0, and a few beside its
-        # ends (a margin for the rounding of x - mid): the flagged ones are searched.
+        # searchsorted puts x on piece k when kinks[k-1] < x <= kinks[k]: the same test, in
+        # x's dtype (the kinks'), against the ends (lo, hi] of the piece of 0 flags the
+        # entries off it, and only those are searched.
         kinks = self.kinks
         centre = int(torch.searchsorted(kinks, kinks.new_zeros(1)))
-        lo = kinks[centre - 1].item() if centre > 0 else -math.inf
-        hi = kinks[centre].item() if centre < len(kinks) else math.inf
-        margin = 8 * torch.finfo(x.dtype).eps * sum(abs(e) for e in (lo, hi) if math.isfinite(e))
-        if math.isinf(lo) and math.isinf(hi):
+        lo = kinks[centre - 1].item() if centre > 0 else None
+        hi = kinks[centre].item() if centre < len(kinks) else None
+        if lo is None and hi is None:
             off = x.new_zeros(x.shape, dtype=torch.bool)
-        elif math.isinf(lo):
-            off = x > hi - margin
-        elif math.isinf(hi):
-            off = x <= lo + margin
+        elif lo is None:
+            off = x > hi
+        elif hi is None:
+            off = x <= lo
         else:
-            off = (x - (lo + hi) / 2).abs_() >= (hi - lo) / 2 - margin
+            off = (x <= lo).logical_or_(x > hi)
         rest = off.nonzero().view(-1)
         return Located(centre, rest, torch.searchsorted(kinks, x[rest]))
 
@@ -228,11 +230,12 @@ class PiecewiseTable(NamedTuple):
 CENTRE_SPLIT: bool | None = None
 """How :meth:`PiecewiseTable.locate` finds the pieces. Most gradient entries lie near zero,
 on the one piece that holds 0; on a CPU the binary search per entry costs several times a
-comparison, so there (None, the default) two comparisons find the entries off that piece and
-only those are searched (a :class:`Located`; the pullback then sums the piece of 0 with one
-reduction instead of a scatter). A GPU searches every entry (its search is bound by memory
-and finding the few others would synchronise it). True or False forces one way: the tests
-check each against the other."""
+comparison, so there (None, the default) two comparisons with the ends of that piece find
+the entries off it and only those are searched (a :class:`Located`; the pullback then sums
+the piece of 0 with one reduction instead of a scatter). A GPU searches every entry (its
+search is bound by memory, and finding the few others would synchronise it), and so does
+code being compiled by ``torch.compile`` and an input whose dtype is not the table's. True
+or False forces one way: the tests check each against the other."""
 
 
 class Located(NamedTuple):
@@ -309,12 +312,12 @@ class Gains:
     def _chunks(self, x: Tensor) -> Sequence[Tensor]:
         return x.split(self.chunk_size) if self.chunk_size is not None else (x,)
 
-    def locate(self, x: Tensor) -> Tensor | None:
-        """The table's piece of each entry (None without a table): pass it to
-        :meth:`__call__` and :meth:`pullback` to search once for both."""
+    def locate(self, x: Tensor) -> Tensor | Located | None:
+        """The table's piece of each entry (:meth:`PiecewiseTable.locate`; None without a
+        table): pass it to :meth:`__call__` and :meth:`pullback` to search once for both."""
         return None if self.table is None else self.table.locate(self._cast(x))
 
-    def __call__(self, x: Tensor, where: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, where: Tensor | Located | None = None) -> Tensor:
         x = self._cast(x)
         if where is not None:
             return self.table.lookup(x, where)  # type: ignore[union-attr]
@@ -325,8 +328,10 @@ class Gains:
             out = [self.amplifier(part[:, None]).reshape(-1) for part in parts]  # type: ignore[misc]
         return out[0] if len(out) == 1 else torch.cat(out)
 
-    def pullback(self, x: Tensor, df: Tensor, out: list[Tensor], where: Tensor | None = None) -> None:
-        """Add d<df, self(x)>/d params() into ``out`` (one tensor per parameter)."""
+    def pullback(self, x: Tensor, df: Tensor, out: list[Tensor],
+                 where: Tensor | Located | None = None) -> None:
+        """Add d<df, self(x)>/d params() into ``out`` (one tensor per parameter). ``df``
+        may be overwritten."""
         x = self._cast(x)
         if self.table is not None:
             self.table.pullback(x, df, out, where)

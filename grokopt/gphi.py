@@ -127,7 +127,7 @@ def _table(plan: list[tuple[str, Any]] | None, grads: list[Tensor], locals_: lis
                  else torch.cat([locals_[i].reshape(-1) for i in run])).detach()
             extremes.append(torch.stack(torch.aminmax(x)).to(device=device, dtype=dtype))
         both = torch.stack(extremes)
-        lo, hi = both[:, 0].min().item(), both[:, 1].max().item()
+        lo, hi = torch.stack([both[:, 0].min(), both[:, 1].max()]).tolist()  # one host read
     if not (math.isfinite(lo) and math.isfinite(hi)):
         lo = hi = 0.0  # inf/NaN entries make the output NaN, as in the paper
     return piecewise_table(plan, lo, hi, dtype, device)
@@ -156,8 +156,9 @@ def amplify_gradients(
 
     - ``"pwl"``: the amplifier is a ``Linear``/``ReLU``/``LeakyReLU`` stack, hence exactly
       piecewise linear in its input. Its kinks inside ``[min g, max g]`` and one
-      (intercept, slope) per piece are computed from the weights, and each entry is looked up
-      by binary search. No P x hidden activations exist at any time. Consecutive small
+      (intercept, slope) per piece are computed from the weights, and each entry's piece is
+      found by binary search (on a CPU only for the entries off the piece that holds 0,
+      which two comparisons find). No P x hidden activations exist at any time. Consecutive small
       tensors of one dtype and device, up to ``chunk_size`` entries in all, are looked up
       and normalised together as one flat vector (each over its own segment); without
       grad mode their outputs are views of one buffer per bucket, as ``torch.split``'s are.
@@ -440,6 +441,18 @@ def _buckets(grads: Sequence[Tensor], limit: int) -> list[list[int]]:
     return runs
 
 
+SEGMENT_KERNELS: bool | None = None
+"""How a bucket's per-segment shifts and scales run. On a CPU (None, the default) as one
+kernel per segment, each taking its 0-dim factor as a scalar (a multi-tensor op over the
+segments' views): ~4x faster there than repeating the factors over the entries and one
+multiply, which is what other devices do (one kernel per segment would be a launch each
+there). True or False forces one way: the tests check each."""
+
+
+def _per_segment_kernels(device: torch.device) -> bool:
+    return SEGMENT_KERNELS if SEGMENT_KERNELS is not None else device.type == "cpu"
+
+
 class _Segments(NamedTuple):
     """Consecutive segments of a flat tensor: one per gradient of a bucket."""
 
@@ -455,17 +468,23 @@ class _Segments(NamedTuple):
     def split(self, x: Tensor) -> tuple[Tensor, ...]:
         return x.split(self.sizes)
 
+    def spread(self, per_segment: Tensor) -> Tensor:
+        """Each segment's value repeated over its entries."""
+        return per_segment.repeat_interleave(self.lengths, output_size=self.total)
+
     def shift_(self, x: Tensor, per_segment: Tensor) -> Tensor:
         """``x`` less each segment's value over that segment, in place."""
-        torch._foreach_sub_(self.split(x), per_segment.unbind())
-        return x
+        if _per_segment_kernels(x.device):
+            torch._foreach_sub_(self.split(x), per_segment.unbind())
+            return x
+        return x.sub_(self.spread(per_segment))
 
     def scale_(self, x: Tensor, per_segment: Tensor) -> Tensor:
-        """``x`` times each segment's value over that segment, in place. (On a CPU the
-        0-dim factors are scalars to each kernel: ~4x faster than a repeat_interleave of
-        them and one multiply.)"""
-        torch._foreach_mul_(self.split(x), per_segment.unbind())
-        return x
+        """``x`` times each segment's value over that segment, in place."""
+        if _per_segment_kernels(x.device):
+            torch._foreach_mul_(self.split(x), per_segment.unbind())
+            return x
+        return x.mul_(self.spread(per_segment))
 
     def maxima(self, x: Tensor) -> Tensor:
         return torch.stack(torch._foreach_max(self.split(x)))

@@ -3,6 +3,8 @@ force and autograd) and the gain evaluation with its vector-Jacobian product."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -121,22 +123,89 @@ def test_table_lookup_finds_every_entrys_piece(dtype, span, split):
         scale = (table.intercept[ks].abs() + (table.slope[ks] * xs).abs()).max().item()
         torch.testing.assert_close(table.lookup(xs), expected, rtol=2 * eps, atol=2 * eps * scale)
     assert 0 < on_centre.sum() < len(x) or table.kinks.numel() == 0
-    if split:
-        # Only the entries off the piece of 0, and those within the rounding margin of its
-        # ends, are searched (a margin of inf once searched every entry on one-sided pieces)
-        located = table.locate(x)
+    if split:  # exactly the entries off the piece of 0 are searched
         searched = torch.zeros(len(x), dtype=torch.bool)
-        searched[located.rest] = True
-        assert searched[~on_centre].all()
-        ends = table.kinks[max(centre - 1, 0):centre + 1]
-        near = ((x[:, None] - ends[None, :]).abs() <= 16 * eps * ends.abs()).any(1)
-        assert (searched & on_centre & ~near).sum() == 0
+        searched[table.locate(x).rest] = True
+        assert torch.equal(searched, ~on_centre)
     nan = table.lookup(torch.tensor([0.5, torch.nan, -0.5], dtype=dtype))
     assert nan[1].isnan() and nan[[0, 2]].isfinite().all()
 
 
+def expand(located, n):
+    """The piece of each of n entries from a Located."""
+    pieces = torch.full((n,), located.centre, dtype=torch.int64)
+    pieces[located.rest] = located.rest_pieces
+    return pieces
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+@pytest.mark.parametrize("kinks", [
+    [-1.0, -0.25, 0.5, 2.0], [0.25, 0.5], [-0.5, -0.25], [0.0], [-0.5, 0.0, 0.5], [],
+    ["-3 tiny", "-tiny/4", "0"], ["-max/2", "max/2"], ["tiny/2", "max"],
+], ids=["between", "all-above-0", "all-below-0", "at-0", "one-at-0", "none",
+        "subnormal", "huge", "subnormal-and-max"])
+def test_centre_split_pieces_equal_brute_force_next_to_every_kink(dtype, kinks, monkeypatch):
+    """Every entry's piece from the centre split, against the kinks counted by brute force,
+    for entries on each kink and 1-4 ulps either side, 0, -0, +-inf and the extremes of the
+    dtype; with tables whose kinks are subnormal or near the largest finite value."""
+    monkeypatch.setattr(amplifier, "CENTRE_SPLIT", True)
+    info = torch.finfo(dtype)
+    named = {"tiny": info.tiny, "max": info.max}
+
+    def value(k):
+        if isinstance(k, float):
+            return k
+        sign = -1.0 if k.startswith("-") else 1.0
+        body = k.lstrip("-")
+        if body == "0":
+            return 0.0
+        if "/" in body:
+            name, div = body.split("/")
+            return sign * named[name] / float(div)
+        if " " in body:
+            mul, name = body.split(" ")
+            return sign * float(mul) * named[name]
+        return sign * named[body]
+
+    k = torch.tensor(sorted(value(v) for v in kinks), dtype=dtype)
+    table = amplifier.PiecewiseTable(k, torch.zeros(len(k) + 1, dtype=dtype),
+                                     torch.zeros(len(k) + 1, dtype=dtype))
+    xs = [torch.tensor([0.0, -0.0, math.inf, -math.inf, info.max, -info.max, info.tiny,
+                        -info.tiny], dtype=dtype)]
+    for point in k:
+        for direction in (math.inf, -math.inf):
+            step = point.clone()
+            for _ in range(4):
+                step = torch.nextafter(step, torch.tensor(direction, dtype=dtype))
+                xs.append(step.view(1))
+        xs.append(point.view(1))
+    x = torch.cat(xs)
+    located = table.locate(x)
+    assert isinstance(located, amplifier.Located)
+    torch.testing.assert_close(expand(located, len(x)), brute_force_pieces(table, x), rtol=0, atol=0)
+
+
+def test_compiled_code_and_other_dtypes_search_every_entry(monkeypatch):
+    """Inside torch.compile the split's host reads would be guarded on (a recompile each
+    step) and break the graph: the search of every entry is traced instead, in one graph.
+    An input of another dtype than the kinks is searched too (no rounded comparisons)."""
+    monkeypatch.setattr(amplifier, "CENTRE_SPLIT", True)
+    amp = amp64((6, 5), seed=2)
+    table = piecewise_table(piecewise_plan(amp), -1.5, 1.5, F64, torch.device("cpu"))
+    x = torch.randn(100, generator=torch.Generator().manual_seed(0), dtype=F64)
+    k = brute_force_pieces(table, x)
+    expected = torch.addcmul(table.intercept[k], table.slope[k], x).detach()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: table.lookup(t), fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), expected, rtol=0, atol=0)
+        assert torch.equal(table.locate(x.float()), brute_force_pieces(table, x.float()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_table_pullback_equals_autograd_through_the_lookup(dtype, split):
+@pytest.mark.parametrize("span", [(-1.5, 1.5), (0.6, 1.5), (-1.5, -0.6)],
+                         ids=["0-between-kinks", "0-below-all", "0-above-all"])
+def test_table_pullback_equals_autograd_through_the_lookup(dtype, span, split):
     """The table's own vector-Jacobian product against autograd through a plain lookup
     (index_select at brute-force pieces) on leaf copies of the pieces, with repeated pieces,
     entries exactly on kinks (each belongs to the piece below it) and entries outside the
@@ -144,7 +213,7 @@ def test_table_pullback_equals_autograd_through_the_lookup(dtype, split):
     order (equal); the centre split sums the piece of 0 with one
     reduction (rounding)."""
     amp = amp64((6, 5), seed=2).to(dtype)
-    table = piecewise_table(piecewise_plan(amp), -1.5, 1.5, dtype, torch.device("cpu"))
+    table = piecewise_table(piecewise_plan(amp), *span, dtype, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(200, generator=gen, dtype=dtype), table.kinks,
                    torch.tensor([-3.0, 4.0], dtype=dtype)])

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from grokopt import amplifier
+from grokopt import amplifier, gphi
 from grokopt.amplifier import make_amplifier, piecewise_plan
 from grokopt.gphi import amplify_gradients, amplify_gradients_vjp
 from test_amplifier import rounding_bound
@@ -20,12 +20,15 @@ PATHS = ["pwl", "exact"]
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, params=[None, False], ids=["split-on-cpu", "search-all"])
-def locating(request, monkeypatch):
-    """Every test here both ways the table can locate the pieces (amplifier.CENTRE_SPLIT:
-    the default, which on a CPU searches only the entries off the piece of 0, and a search
-    of every entry, the GPU's way)."""
+@pytest.fixture(autouse=True, params=[None, False], ids=["cpu-way", "gpu-way"])
+def device_way(request, monkeypatch):
+    """Every test here both ways the CPU and other devices differ: the table locates the
+    pieces (amplifier.CENTRE_SPLIT: on a CPU only the entries off the piece of 0 are
+    searched; elsewhere every entry) and buckets shift and scale their segments
+    (gphi.SEGMENT_KERNELS: one kernel per segment on a CPU; elsewhere the factors
+    repeated over the entries)."""
     monkeypatch.setattr(amplifier, "CENTRE_SPLIT", request.param)
+    monkeypatch.setattr(gphi, "SEGMENT_KERNELS", request.param)
 
 
 def amp64(hidden=(16, 16), seed=0):
