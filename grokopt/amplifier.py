@@ -186,15 +186,28 @@ class PiecewiseTable(NamedTuple):
         centre = int(torch.searchsorted(kinks, kinks.new_zeros(1)))
         lo = kinks[centre - 1].item() if centre > 0 else None
         hi = kinks[centre].item() if centre < len(kinks) else None
-        if lo is None and hi is None:
-            off = x.new_zeros(x.shape, dtype=torch.bool)
-        elif lo is None:
-            off = x > hi
-        elif hi is None:
-            off = x <= lo
+
+        def off(lowest: Tensor, highest: Tensor) -> Tensor:
+            flags = torch.zeros(lowest.shape, dtype=torch.bool, device=lowest.device)
+            if lo is not None:
+                flags.logical_or_(lowest <= lo)
+            if hi is not None:
+                flags.logical_or_(highest > hi)
+            return flags
+
+        # Rows of 64 entries first: a row whose min and max are both on the piece of 0
+        # needs no comparison per entry (two reductions and a short list of rows cost about
+        # half the comparisons and the scan of a mask over every entry).
+        n = len(x) - len(x) % _ROW
+        rows = x[:n].view(-1, _ROW)
+        bad = off(rows.amin(1), rows.amax(1)).nonzero().view(-1) if n else x.new_zeros(0, dtype=torch.long)
+        if len(bad) > len(rows) // 4:  # off entries everywhere: test them all at once
+            rest = off(x, x).nonzero().view(-1)
         else:
-            off = (x <= lo).logical_or_(x > hi)
-        rest = off.nonzero().view(-1)
+            picked = rows[bad]
+            where = off(picked, picked).nonzero()
+            tail = off(x[n:], x[n:]).nonzero().view(-1) + n
+            rest = torch.cat([bad[where[:, 0]] * _ROW + where[:, 1], tail])
         return Located(centre, rest, torch.searchsorted(kinks, x[rest]))
 
     def lookup(self, x: Tensor, k: Tensor | Located | None = None) -> Tensor:
@@ -226,6 +239,8 @@ class PiecewiseTable(NamedTuple):
         out[0].add_(sums[:, 0])
         out[1].add_(sums[:, 1])
 
+
+_ROW = 64
 
 CENTRE_SPLIT: bool | None = None
 """How :meth:`PiecewiseTable.locate` finds the pieces. Most gradient entries lie near zero,

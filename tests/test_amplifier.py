@@ -185,6 +185,28 @@ def test_centre_split_pieces_equal_brute_force_next_to_every_kink(dtype, kinks, 
     torch.testing.assert_close(expand(located, len(x)), brute_force_pieces(table, x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("n", [0, 5, 64, 64 * 40 + 17])
+@pytest.mark.parametrize("offs", ["none", "few", "row-ends", "tail", "many"])
+def test_centre_split_finds_off_entries_wherever_they_sit(n, offs, monkeypatch):
+    """The split looks at rows of entries first and only then at single entries: off-centre
+    entries at the first and last place of a row, in the tail after the last whole row, in
+    a few rows or in most (where it tests every entry at once), or nowhere; against brute
+    force, each off entry found once, in order."""
+    monkeypatch.setattr(amplifier, "CENTRE_SPLIT", True)
+    table = amplifier.PiecewiseTable(torch.tensor([-0.5, 0.25, 1.0], dtype=F64),
+                                     torch.zeros(4, dtype=F64), torch.zeros(4, dtype=F64))
+    gen = torch.Generator().manual_seed(n)
+    x = torch.rand(n, generator=gen, dtype=F64) * 0.7 - 0.45  # inside (-0.5, 0.25]
+    places = {"none": [], "few": [3, 700, 1500], "row-ends": [0, 63, 64, 127, 2559],
+              "tail": [n - 1, n - 17], "many": list(range(0, n, 50))}[offs]
+    for i, place in enumerate(p for p in places if 0 <= p < n):
+        x[place] = [-0.5, 0.2500001, 3.0, -7.0][i % 4]
+    located = table.locate(x)
+    k = brute_force_pieces(table, x)
+    assert torch.equal(expand(located, n), k)
+    assert torch.equal(located.rest, (k != 1).nonzero().view(-1))
+
+
 def test_compiled_code_and_other_dtypes_search_every_entry(monkeypatch):
     """Inside torch.compile the split's host reads would be guarded on (a recompile each
     step) and break the graph: the search of every entry is traced instead, in one graph.
