@@ -290,6 +290,10 @@ class AmplifiedOptimizer(GradientTransform):
 
     # ------------------------------------------------------------------ step
 
+    # With restore_grad the transform's outputs (new tensors) become the gradients the
+    # inner optimizer steps with, instead of a copy of every gradient written over.
+    _makes_scratch = True
+
     def _transform_gradients(self) -> object | None:
         if not screen_step(self, self.nonfinite):
             return SKIP_STEP
@@ -306,8 +310,12 @@ class AmplifiedOptimizer(GradientTransform):
             grads = [g for _, g, _ in pairs]
             new = amplify_gradients(grads, self.amplifier, c=[c for _, _, c in pairs],
                                     eps=self.eps, path=self.path, chunk_size=self.chunk_size)
-            for g, n in zip(grads, new):
-                g.copy_(n)
+            if self._making_scratch():
+                for (p, _, _), n in zip(pairs, new):
+                    p.grad = n
+            else:
+                for g, n in zip(grads, new):
+                    g.copy_(n)
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p, _, _ in pairs], self.max_grad_norm)
         self._counters["steps"] += 1
