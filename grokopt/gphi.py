@@ -55,6 +55,9 @@ def piecewise_plan_for(amplifier: nn.Module, path: str) -> list[tuple[str, Any]]
     return plan
 
 
+_UNSET = object()
+
+
 def _check_arguments(grads: Any, amplifier: Any, c: Any, eps: Any, path: Any,
                      chunk_size: Any) -> tuple[list[Tensor], list[float]]:
     check_choice("path", path, PATHS)
@@ -73,8 +76,11 @@ def _check_arguments(grads: Any, amplifier: Any, c: Any, eps: Any, path: Any,
             f"c must be a float or a sequence of {len(grads)} floats (one per gradient), got "
             f"{len(cs)} values"
         )
+    last: Any = _UNSET
     for value in cs:
-        check_float("c", value, minimum=0, min_open=True)
+        if value is not last:  # a group's c repeats: each object is checked once in a row
+            check_float("c", value, minimum=0, min_open=True)
+            last = value
     check_float("eps", eps, minimum=0)
     return grads, cs
 
@@ -104,9 +110,11 @@ def _reduce(values: list[Tensor], groups: list[Groups], op: Any) -> list[Tensor]
 
 
 def _table(plan: list[tuple[str, Any]] | None, grads: list[Tensor], locals_: list[Tensor],
-           groups: list[Groups], dtype: torch.dtype, device: torch.device) -> PiecewiseTable | None:
+           groups: list[Groups], dtype: torch.dtype, device: torch.device,
+           runs: list[list[int]] | None = None) -> PiecewiseTable | None:
     """The piecewise table over the range of all gradients, over every shard (as in the
-    unsharded run); differentiable in the amplifier while grad mode is on."""
+    unsharded run); differentiable in the amplifier while grad mode is on. ``runs``: the
+    unsharded gradients' :func:`_buckets`, if the caller has them."""
     nonempty = [i for i, g in enumerate(grads) if g.numel()]
     if plan is None or not nonempty:
         return None
@@ -122,7 +130,7 @@ def _table(plan: list[tuple[str, Any]] | None, grads: list[Tensor], locals_: lis
         # Small tensors together (at most a chunk's entries at a time): one reduction each
         # run instead of a few small operations per tensor.
         extremes = []
-        for run in _buckets(locals_, CHUNK_SIZE):
+        for run in _buckets(locals_, CHUNK_SIZE) if runs is None else runs:
             x = (locals_[run[0]] if len(run) == 1
                  else torch.cat([locals_[i].reshape(-1) for i in run])).detach()
             extremes.append(torch.stack(torch.aminmax(x)).to(device=device, dtype=dtype))
@@ -200,7 +208,8 @@ def amplify_gradients(
         return _amplify_sharded(grads, amplifier, cs, eps, plan, chunk_size, amp_dtype, amp_device)
 
     detached = [g.detach() for g in grads]
-    table = _table(plan, grads, detached, [()] * len(grads), amp_dtype, amp_device)
+    runs = _buckets(detached, chunk_size or CHUNK_SIZE)
+    table = _table(plan, grads, detached, [()] * len(grads), amp_dtype, amp_device, runs)
     # With autograd on, chunks would all be kept for backward anyway.
     gains = Gains(amplifier, table, None if differentiable and table is None else chunk_size,
                   amp_dtype, amp_device)
@@ -209,7 +218,7 @@ def amplify_gradients(
         # Small gradients together: a few flat operations per bucket instead of a dozen
         # per tensor (see _bucket_forward); the rest one by one below. A bucket holds at
         # most a chunk's entries even with chunk_size=None, which chunks nothing else.
-        for bucket in _buckets(detached, chunk_size or CHUNK_SIZE):
+        for bucket in runs:
             if len(bucket) < 2:
                 continue
             members = [detached[i] for i in bucket]

@@ -83,7 +83,9 @@ class _Lookahead(NamedTuple):
     def points(self) -> Iterator[tuple[Tensor, Tensor]]:
         """(parameter, theta'), one at a time (a DTensor's theta' as its local shard)."""
         for p, step, lr in zip(self.params, self.steps, self.lrs):
-            yield p, (local_shard(p.detach()) - lr * local_shard(step)).to(p.dtype)
+            base, step = local_shard(p.detach()), local_shard(step)
+            ahead = base - lr * step if isinstance(lr, Tensor) else torch.add(base, step, alpha=-lr)
+            yield p, ahead.to(p.dtype)
 
 
 class AmplifiedOptimizer(GradientTransform):
