@@ -141,13 +141,11 @@ _MEMORY_SCRIPT = MEMORY_PROBE + textwrap.dedent(
         p.grad.mul_(1e3)  # realistic spread of gradient magnitudes is not needed for memory
     out = {"params": sum(p.numel() for p in model.parameters())}
     opt.step()  # warm-up: allocator pools, last_grad buffers
-    before = rss("VmRSS")
-    reset_peak()
+    before = reset_peak()
     opt.step()
     out["step_peak_extra_bytes"] = rss("VmHWM") - before
     outer = lambda fwd: fwd(x).pow(2).mean()
-    before = rss("VmRSS")
-    reset_peak()
+    before = reset_peak()
     opt.meta_step(model, outer)
     out["meta_step_peak_extra_bytes"] = rss("VmHWM") - before
     print(json.dumps(out))

@@ -63,8 +63,7 @@ _MEMORY_SCRIPT = MEMORY_PROBE + textwrap.dedent(
         backward()
         opt.step()
     backward()
-    before = rss("VmRSS")
-    reset_peak()
+    before = reset_peak()
     opt.step()
     hwm = rss("VmHWM") - before
     backward()
