@@ -188,12 +188,14 @@ class PiecewiseTable(NamedTuple):
         hi = kinks[centre].item() if centre < len(kinks) else None
 
         def off(lowest: Tensor, highest: Tensor) -> Tensor:
-            flags = torch.zeros(lowest.shape, dtype=torch.bool, device=lowest.device)
+            # not provably on (lo, hi]: NaN is flagged too (and a row holding one is looked
+            # into), as searchsorted places it by its own rule
+            inside = torch.ones(lowest.shape, dtype=torch.bool, device=lowest.device)
             if lo is not None:
-                flags.logical_or_(lowest <= lo)
+                inside.logical_and_(lowest > lo)
             if hi is not None:
-                flags.logical_or_(highest > hi)
-            return flags
+                inside.logical_and_(highest <= hi)
+            return inside.logical_not_()
 
         # Rows of 64 entries first: a row whose min and max are both on the piece of 0
         # needs no comparison per entry (two reductions and a short list of rows cost about

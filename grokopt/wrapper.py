@@ -242,8 +242,10 @@ class GradientTransform(Optimizer):
             scratch copy: one extra buffer for the whole stack. Measured with 4 x 1024^2
             fp32 parameters (16 MiB of gradients) under foreach AdamW, the peak extra
             memory of a step is 16 MiB in place (AdamW's own temporaries, as bare) and
-            32 MiB restoring, for Grokfast, OrthoGrad and Grokfast(OrthoGrad(...)) alike
-            (benchmarks/test_restore_grad_bench.py). A behaviour switch, kept out of
+            32 MiB restoring for OrthoGrad and NeuralGrok; Grokfast on a CPU keeps its
+            copy allocated between steps, so its steps (and Grokfast(OrthoGrad(...))'s)
+            read 16 MiB either way (benchmarks/test_restore_grad_bench.py,
+            ``benchmarks/results/restore-grad-cpu.json``). A behaviour switch, kept out of
             ``state_dict``.
 
     Step hooks: hooks registered on the wrapper, and torch's global hooks

@@ -186,25 +186,32 @@ def test_centre_split_pieces_equal_brute_force_next_to_every_kink(dtype, kinks, 
 
 
 @pytest.mark.parametrize("n", [0, 5, 64, 64 * 40 + 17])
-@pytest.mark.parametrize("offs", ["none", "few", "row-ends", "tail", "many"])
+@pytest.mark.parametrize("offs", ["none", "few", "row-ends", "tail", "many", "nan-rows"])
 def test_centre_split_finds_off_entries_wherever_they_sit(n, offs, monkeypatch):
     """The split looks at rows of entries first and only then at single entries: off-centre
     entries at the first and last place of a row, in the tail after the last whole row, in
-    a few rows or in most (where it tests every entry at once), or nowhere; against brute
-    force, each off entry found once, in order."""
+    a few rows or in most (where it tests every entry at once), or nowhere, and rows that
+    hold a NaN beside an off entry (a NaN min or max rules nothing out); against brute
+    force and against searching every entry (NaN included), each off entry found once, in
+    order."""
     monkeypatch.setattr(amplifier, "CENTRE_SPLIT", True)
     table = amplifier.PiecewiseTable(torch.tensor([-0.5, 0.25, 1.0], dtype=F64),
                                      torch.zeros(4, dtype=F64), torch.zeros(4, dtype=F64))
     gen = torch.Generator().manual_seed(n)
     x = torch.rand(n, generator=gen, dtype=F64) * 0.7 - 0.45  # inside (-0.5, 0.25]
     places = {"none": [], "few": [3, 700, 1500], "row-ends": [0, 63, 64, 127, 2559],
-              "tail": [n - 1, n - 17], "many": list(range(0, n, 50))}[offs]
+              "tail": [n - 1, n - 17], "many": list(range(0, n, 50)),
+              "nan-rows": [2, 40, 130, 129, n - 2, n - 1]}[offs]
+    values = [-0.5, 0.2500001, 3.0, -7.0] if offs != "nan-rows" else [math.nan, 3.0]
     for i, place in enumerate(p for p in places if 0 <= p < n):
-        x[place] = [-0.5, 0.2500001, 3.0, -7.0][i % 4]
+        x[place] = values[i % len(values)]
     located = table.locate(x)
+    pieces = expand(located, n)
+    assert torch.equal(pieces, torch.searchsorted(table.kinks, x))
     k = brute_force_pieces(table, x)
-    assert torch.equal(expand(located, n), k)
-    assert torch.equal(located.rest, (k != 1).nonzero().view(-1))
+    finite = ~x.isnan()
+    assert torch.equal(pieces[finite], k[finite])
+    assert torch.equal(located.rest, ((k != 1) | ~finite).nonzero().view(-1))
 
 
 def test_compiled_code_and_other_dtypes_search_every_entry(monkeypatch):

@@ -123,6 +123,42 @@ def test_max_grad_norm_clips_after_the_transform(restore_grad):
             torch.testing.assert_close(p.grad, s, rtol=1e-12, atol=0)  # the clipped one
 
 
+@pytest.mark.parametrize("path", ["pwl", "exact"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_inner_optimizer_sees_the_amplified_gradients_in_the_gradients_layout(fused, path):
+    """With restore_grad the inner optimizer steps on G_phi's own outputs, which must be laid
+    out as the gradients were (a fused optimizer walks memory and takes the parameter's
+    layout): a channels_last conv weight and a transposed linear weight. The strides the
+    inner optimizer sees are the parameters', and the parameters after the step equal
+    those of restore_grad=False, which writes into the gradients themselves."""
+    results, seen = {}, {}
+    for restore in (True, False):
+        torch.manual_seed(0)
+        conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        weight = nn.Parameter(torch.randn(6, 5).t())  # a transposed (5, 6)
+        params = [conv.weight, conv.bias, weight]
+        gen = torch.Generator().manual_seed(1)
+        for p in params:
+            p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen))
+        assert not conv.weight.grad.is_contiguous() and not weight.grad.is_contiguous()
+        inner = torch.optim.Adam(params, lr=0.1, fused=fused)
+
+        def strides(optimizer, args, kwargs, restore=restore, params=params):
+            seen.setdefault(restore, [p.grad.stride() for p in params])
+
+        inner.register_step_pre_hook(strides)
+        opt = AmplifiedOptimizer(inner, hidden=(8,), g_hat="last", path=path,
+                                 restore_grad=restore)
+        raw = [p.grad.clone() for p in params]
+        opt.step()
+        results[restore] = [p.detach().clone() for p in params]
+        if restore:
+            assert all(torch.equal(p.grad, r) for p, r in zip(params, raw))
+    assert seen[True] == seen[False] == [p.stride() for p in params]
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------- meta-step: exact hypergradient
 
 
