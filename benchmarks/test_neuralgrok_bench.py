@@ -15,7 +15,20 @@ Each non-Adam result carries ``ratio_to_adam`` (two means) in its extra_info; ou
 ``ratio_to_adam_interleaved_median`` (rounds of each back to back, the order alternating: the
 figure the README quotes, robust to a shared machine's load).
 
-(b) 50M parameters (50 tensors of 1000 x 1000): peak extra resident memory of step()'s
+(b) The transform alone, G_phi of the decoder's 422,784 gradient entries (29 tensors, from
+one forward and backward at batch 512; no grad mode, as in step()), default amplifier:
+
+- ``ours``: the default on a CPU (the table's piece of 0 found by comparisons, only the
+  entries off it binary-searched; per-segment kernels in buckets);
+- ``search-every-entry``: the same with ``amplifier.CENTRE_SPLIT = False`` and
+  ``gphi.SEGMENT_KERNELS = False``, the way the GPU takes and every device took before;
+- ``floor-exp-and-copy``: one exponential and one copy of the entries (multi-tensor), the
+  least any G_phi does (it takes an exp of every entry and writes an output).
+
+``ours`` carries ``ratio_to_search_every_entry_interleaved_median`` and both non-floor rows
+``ratio_to_floor`` (means).
+
+(c) 50M parameters (50 tensors of 1000 x 1000): peak extra resident memory of step()'s
 transform and of one meta-step, measured in a fresh subprocess as VmHWM minus the resident
 size before (the peak is reset through /proc/self/clear_refs); the paper's way is estimated
 as P x sum(hidden) x 4 bytes of activations (it cannot run in this machine's memory).
@@ -24,6 +37,8 @@ Threads: GROKOPT_BENCH_THREADS (default 1: on a shared 2-core machine, two threa
 each other and make every elementwise kernel 10-20x slower).
 
 Run: pytest benchmarks/test_neuralgrok_bench.py --benchmark-json=benchmarks/results/<name>.json
+(recorded: (a) and (c) in neuralgrok-cpu.json, (b) alone with ``-k transform`` in
+neuralgrok-transform-cpu.json)
 """
 
 from __future__ import annotations
@@ -39,7 +54,7 @@ import torch
 from torch import nn
 
 from _common import MEMORY_PROBE, THREADS, interleaved_ratio
-from grokopt import AmplifiedOptimizer
+from grokopt import AmplifiedOptimizer, amplifier, amplify_gradients, gphi, make_amplifier
 
 P_LARGE = 50 * 1000 * 1000
 HIDDEN = (128, 128)
@@ -122,6 +137,55 @@ def test_training_step(benchmark, impl):
         adam(), four_steps()  # warm both
         benchmark.extra_info["ratio_to_adam_interleaved_median"] = interleaved_ratio(
             four_steps, adam, pairs=12, steps=1)
+
+
+def _decoder_grads() -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = _decoder()
+    x, y = _data(torch.Generator().manual_seed(1))
+    nn.functional.cross_entropy(model(x), y).backward()
+    return [p.grad for p in model.parameters()]
+
+
+def _transform(impl: str, grads: list[torch.Tensor]):
+    """One call of ``impl`` on ``grads`` (see the module docstring, (b))."""
+    torch.manual_seed(0)
+    amp = make_amplifier(HIDDEN)
+    if impl == "floor-exp-and-copy":
+        return lambda: torch._foreach_copy_([torch.empty_like(g) for g in grads],
+                                            torch._foreach_exp(grads))
+    split = None if impl == "ours" else False
+
+    @torch.no_grad()
+    def run():
+        saved = amplifier.CENTRE_SPLIT, gphi.SEGMENT_KERNELS
+        amplifier.CENTRE_SPLIT = gphi.SEGMENT_KERNELS = split
+        try:
+            amplify_gradients(grads, amp)
+        finally:
+            amplifier.CENTRE_SPLIT, gphi.SEGMENT_KERNELS = saved
+
+    return run
+
+
+@pytest.mark.parametrize("impl", ["floor-exp-and-copy", "search-every-entry", "ours"])
+def test_transform(benchmark, impl):
+    torch.set_num_threads(THREADS)
+    grads = _decoder_grads()
+    run = _transform(impl, grads)
+    benchmark.group = "neuralgrok/transform-decoder-422784/cpu"
+    benchmark.extra_info.update(threads=THREADS, entries=sum(g.numel() for g in grads),
+                                tensors=len(grads), machine="2-core x86-64 CPU, no GPU")
+    benchmark.pedantic(run, rounds=60, iterations=1, warmup_rounds=5)
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing was timed
+        return
+    _MEANS["transform/" + impl] = benchmark.stats.stats.mean
+    floor = _MEANS.get("transform/floor-exp-and-copy")
+    if impl != "floor-exp-and-copy" and floor:
+        benchmark.extra_info["ratio_to_floor"] = benchmark.stats.stats.mean / floor
+    if impl == "ours":
+        benchmark.extra_info["ratio_to_search_every_entry_interleaved_median"] = interleaved_ratio(
+            run, _transform("search-every-entry", grads), pairs=40, steps=5)
 
 
 _MEMORY_SCRIPT = MEMORY_PROBE + textwrap.dedent(
