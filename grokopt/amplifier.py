@@ -7,9 +7,9 @@ kinks, so :func:`piecewise_table` finds the kinks inside ``[lo, hi]`` and one af
 Each entry is then looked up, ``f = a[k] + s[k] * x`` with ``k`` its piece: the *same
 function*, not an approximation, in O(P log K) elementwise work at most plus an
 O(K * hidden^2) table independent of the number P of entries. (On a CPU only the entries off
-the piece that holds 0 are binary-searched, see :data:`CENTRE_SPLIT`.) :class:`Gains` evaluates the gain (by the table
-when there is one, else by the module in chunks) and its vector-Jacobian product; every user
-of the gain goes through it.
+the piece that holds 0 are binary-searched, see :data:`CENTRE_SPLIT`.) :class:`Gains`
+evaluates the gain (by the table when there is one, else by the module in chunks) and its
+vector-Jacobian product; every user of the gain goes through it.
 """
 
 from __future__ import annotations
@@ -202,7 +202,8 @@ class PiecewiseTable(NamedTuple):
         # half the comparisons and the scan of a mask over every entry).
         n = len(x) - len(x) % _ROW
         rows = x[:n].view(-1, _ROW)
-        bad = off(rows.amin(1), rows.amax(1)).nonzero().view(-1) if n else x.new_zeros(0, dtype=torch.long)
+        bad = (off(rows.amin(1), rows.amax(1)).nonzero().view(-1) if n
+               else x.new_zeros(0, dtype=torch.long))
         if len(bad) > len(rows) // 4:  # off entries everywhere: test them all at once
             rest = off(x, x).nonzero().view(-1)
         else:

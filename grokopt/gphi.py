@@ -166,8 +166,8 @@ def amplify_gradients(
       piecewise linear in its input. Its kinks inside ``[min g, max g]`` and one
       (intercept, slope) per piece are computed from the weights, and each entry's piece is
       found by binary search (on a CPU only for the entries off the piece that holds 0,
-      which two comparisons find). No P x hidden activations exist at any time. Consecutive small
-      tensors of one dtype and device, up to ``chunk_size`` entries in all, are looked up
+      which two comparisons find). No P x hidden activations exist at any time. Consecutive
+      small tensors of one dtype and device, up to ``chunk_size`` entries in all, are looked up
       and normalised together as one flat vector (each over its own segment); without
       grad mode their outputs are views of one buffer per bucket, as ``torch.split``'s are.
     - ``"exact"``: the MLP on every entry (the paper's way); without grad mode it runs in
