@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 from ._checks import check_bool, check_choice, check_float, check_int
 from ._nonfinite import NonFiniteGradientError, all_finite, check_mode, nonfinite_flag, screen_step
 from ._distributed import dtensor_type, is_dtensor, local_shard, local_shards
-from .wrapper import SKIP_STEP, GradientTransform
+from .wrapper import _KEEP_SCRATCH_BYTES, SKIP_STEP, GradientTransform
 
 __all__ = ["Grokfast", "NonFiniteGradientError", "grokfast_"]
 
@@ -67,13 +67,6 @@ class _SteadyPlan(NamedTuple):
     checked: list[int]  # screened by torch's multi-tensor check
     buffers: tuple[Tensor, Tensor, list[Tensor]] | None  # flat EMA, flat output, its views
     places: list[int]  # where the flat EMAs were laid out (data pointers)
-
-
-#: On CPU, the steady step keeps the scratch of gradients of this size and more from one
-#: step to the next: fresh CPU memory of that size comes from the OS page by page (a page
-#: fault per 4 KiB), which costs several times the filter itself; smaller tensors come from
-#: the allocator's pools and are allocated each step.
-_KEEP_SCRATCH_BYTES = 256 * 1024
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from ._checks import check_float
 from ._distributed import is_dtensor
-from .wrapper import GradientTransform
+from .wrapper import _KEEP_SCRATCH_BYTES, GradientTransform
 
 __all__ = ["OrthoGrad", "orthogonalize_"]
 
@@ -40,21 +40,38 @@ def _reference(w: Tensor, g: Tensor, eps: float) -> None:
     g.copy_(out.view_as(g))
 
 
-def _foreach(ws: list[Tensor], gs: list[Tensor], eps: float) -> None:
+def _flat(x: Tensor, dtype: torch.dtype) -> Tensor:
+    x = x.reshape(-1)
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _foreach(ws: list[Tensor], gs: list[Tensor], eps: float,
+             outs: list[Tensor | None] | None = None) -> list[Tensor]:
     """All tensors of one (device, dtype) at once: a handful of multi-tensor kernels plus
-    one dot product per tensor, and one gradient-sized temporary."""
+    one dot product per tensor. Returns the transformed gradients, flat and in the
+    accumulation dtype: in ``outs[i]`` where that is given (flat, contiguous, that dtype),
+    else in new tensors. The gradients are not written."""
     acc = _accumulate_dtype(gs[0].dtype)
-    wf = [w.reshape(-1).to(acc) for w in ws]
-    gf = [g.reshape(-1).to(acc) for g in gs]
+    wf = [_flat(w, acc) for w in ws]
+    gf = [_flat(g, acc) for g in gs]
     dots = torch.stack([torch.dot(w, g) for w, g in zip(wf, gf)])
     w_norms = torch.stack(torch._foreach_norm(wf))
     g_norms = torch.stack(torch._foreach_norm(gf))
     coefs = dots / (w_norms * w_norms + eps)
-    perp = torch._foreach_mul(wf, list(coefs.neg().unbind()))
+    neg = list(coefs.neg().unbind())
+    if outs is None or all(o is None for o in outs):
+        perp = torch._foreach_mul(wf, neg)
+    else:
+        # The given outputs one by one (few and large), the rest in one multi-tensor op.
+        fresh = [i for i, o in enumerate(outs) if o is None]
+        made = iter(torch._foreach_mul([wf[i] for i in fresh], [neg[i] for i in fresh])
+                    if fresh else ())
+        perp = [torch.mul(w, c, out=o) if o is not None else next(made)
+                for w, c, o in zip(wf, neg, outs)]
     torch._foreach_add_(perp, gf)
     scales = g_norms / (torch.stack(torch._foreach_norm(perp)) + eps)
     torch._foreach_mul_(perp, list(scales.unbind()))
-    torch._foreach_copy_(gs, [p.view_as(g) for p, g in zip(perp, gs)])
+    return perp
 
 
 def orthogonalize_(
@@ -75,6 +92,17 @@ def orthogonalize_(
         >>> g  # the part along w removed, the length sqrt(2) kept
         tensor([0.0000, 1.4142])
     """
+    _check_pairs(params, grads, eps)
+    if foreach is False:
+        for w, g in zip(params, grads):
+            if g.numel():
+                _reference(w, g, eps)
+        return
+    for ws, gs in _buckets(params, grads).values():
+        torch._foreach_copy_(gs, [p.view_as(g) for p, g in zip(_foreach(ws, gs, eps), gs)])
+
+
+def _check_pairs(params: list[Tensor], grads: list[Tensor], eps: Any) -> None:
     _check_eps(eps)
     if len(params) != len(grads):
         raise ValueError(f"params has {len(params)} tensors, grads has {len(grads)}")
@@ -87,19 +115,17 @@ def orthogonalize_(
                 f"OrthoGrad needs whole tensors: params[{i}] or grads[{i}] is sharded "
                 f"(DTensor, e.g. FSDP2), which is not supported"
             )
-    if foreach is False:
-        for w, g in zip(params, grads):
-            if g.numel():
-                _reference(w, g, eps)
-        return
+
+
+def _buckets(params: list[Tensor], grads: list[Tensor]) -> dict[Any, tuple[list[Tensor], list[Tensor]]]:
+    """The nonempty (weight, gradient) pairs by the gradients' (device, dtype)."""
     buckets: dict[Any, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
     for w, g in zip(params, grads):
         if g.numel():
             bucket = buckets[(g.device, g.dtype)]
             bucket[0].append(w)
             bucket[1].append(g)
-    for ws, gs in buckets.values():
-        _foreach(ws, gs, eps)
+    return buckets
 
 
 def _check_eps(eps: Any) -> None:
@@ -121,9 +147,12 @@ class OrthoGrad(GradientTransform):
         eps: guard added to ``w.w`` and ``||g_perp||`` (default 1e-30).
         foreach: multi-tensor kernels (default) or the per-tensor reference loop.
         restore_grad: ``True`` (default): after ``step()`` each ``p.grad`` is the gradient
-            backward produced, as with any torch optimizer (the transform works on a
-            scratch copy: one extra gradient-sized buffer during the step). ``False``: the
-            transformed gradient is written into ``p.grad`` in place, with no extra buffer.
+            backward produced, as with any torch optimizer: the transform writes into new
+            tensors, which the inner optimizer steps on (one extra gradient-sized buffer
+            during the step; on CPU, for gradients of 256 KiB and more, kept from one step
+            to the next, since fresh memory that size costs a page fault per 4 KiB).
+            ``False``: the transformed gradient is written into ``p.grad`` in place, with
+            no extra buffer but the transform's temporaries.
 
     Example:
         >>> import torch
@@ -149,9 +178,60 @@ class OrthoGrad(GradientTransform):
         if "orthograd_eps" in options:
             _check_eps(options["orthograd_eps"])
 
+    #: Under ``restore_grad`` the transformed gradients are written into new tensors, which
+    #: the inner optimizer steps on (the base copies nothing first). On CPU those of large
+    #: contiguous gradients are kept from one step to the next (see ``_KEEP_SCRATCH_BYTES``).
+    _makes_scratch = True
+
     def _transform_gradients(self) -> None:
+        if not self._making_scratch():
+            for group in self.param_groups:
+                pairs = list(self._grads(group))
+                if pairs:
+                    orthogonalize_([p.detach() for p, _ in pairs], [g for _, g in pairs],
+                                   eps=group["orthograd_eps"], foreach=self.foreach)
+            return
+        before = self.__dict__.pop("_kept_scratch", {})
+        kept: dict[int, Tensor] = {}
         for group in self.param_groups:
             pairs = list(self._grads(group))
-            if pairs:
-                orthogonalize_([p.detach() for p, _ in pairs], [g for _, g in pairs],
-                               eps=group["orthograd_eps"], foreach=self.foreach)
+            ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
+            ws = [p.detach() for p in ps]
+            eps = group["orthograd_eps"]
+            _check_pairs(ws, gs, eps)
+            if self.foreach is False:
+                for p, w, g in zip(ps, ws, gs):
+                    if g.numel():
+                        p.grad = out = g.clone()
+                        _reference(w, out, eps)
+                continue
+            kinds: dict[Any, list[int]] = defaultdict(list)
+            for i, g in enumerate(gs):
+                if g.numel():
+                    kinds[(g.device, g.dtype)].append(i)
+            for idx in kinds.values():
+                outs = [_scratch(ps[i], gs[i], before, kept) for i in idx]
+                done = _foreach([ws[i] for i in idx], [gs[i] for i in idx], eps, outs)
+                for i, out in zip(idx, done):
+                    g, out = gs[i], out.view(gs[i].shape)
+                    # in the gradient's layout: a fused optimizer walks memory, and expects
+                    # the parameter's (channels_last, transposed)
+                    same = out.dtype == g.dtype and out.stride() == g.stride()
+                    ps[i].grad = out if same else torch.empty_like(g).copy_(out)
+        self._kept_scratch = kept
+
+
+def _scratch(p: Tensor, g: Tensor, before: dict[int, Tensor],
+             kept: dict[int, Tensor]) -> Tensor | None:
+    """Flat scratch for the transform of ``p``'s gradient ``g`` that outlives the step (on
+    CPU, for large contiguous gradients the transform computes in their own dtype), reusing
+    the last step's; None for a new tensor instead."""
+    if (g.device.type != "cpu" or g.numel() * g.element_size() < _KEEP_SCRATCH_BYTES
+            or _accumulate_dtype(g.dtype) != g.dtype or not g.is_contiguous()):
+        return None
+    out = before.get(id(p))
+    if out is None or (out.shape, out.stride(), out.dtype, out.device) != (
+            g.shape, g.stride(), g.dtype, g.device):
+        out = torch.empty_like(g)
+    kept[id(p)] = out
+    return out.view(-1)

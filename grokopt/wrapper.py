@@ -31,6 +31,14 @@ __all__ = ["SKIP_STEP", "GradientTransform"]
 _STACK_KEY = "grokopt_stack"
 
 
+#: On CPU, a transform that writes into scratch (Grokfast's steady step, OrthoGrad under
+#: ``restore_grad``) keeps the scratch of gradients of this size and more from one step to
+#: the next: fresh CPU memory of that size comes from the OS page by page (a page fault per
+#: 4 KiB), which costs several times the transform itself; smaller tensors come from the
+#: allocator's pools and are allocated each step.
+_KEEP_SCRATCH_BYTES = 256 * 1024
+
+
 class _Skip:
     """The type of :data:`SKIP_STEP`."""
 
@@ -884,7 +892,8 @@ class GradientTransform(Optimizer):
             if not k.startswith("_optimizer_")
             and k not in ("step", "_opt_called", "_nested", "_checked", "_bucket_cache",
                           "_scratch_owed", "_ids_cache", "_step_pairs",
-                          "_step_counts", "_fast_plan", "_flat_buffers", "_scalars")
+                          "_step_counts", "_fast_plan", "_flat_buffers", "_scalars",
+                          "_kept_scratch")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
