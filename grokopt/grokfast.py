@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 from ._checks import check_bool, check_choice, check_float, check_int
 from ._nonfinite import NonFiniteGradientError, all_finite, check_mode, nonfinite_flag, screen_step
 from ._distributed import dtensor_type, is_dtensor, local_shard, local_shards
-from .wrapper import _KEEP_SCRATCH_BYTES, SKIP_STEP, GradientTransform
+from .wrapper import KEEP_SCRATCH_BYTES, SKIP_STEP, GradientTransform
 
 __all__ = ["Grokfast", "NonFiniteGradientError", "grokfast_"]
 
@@ -820,7 +820,7 @@ class Grokfast(GradientTransform):
             for i, (_, g) in enumerate(pairs, start):
                 if g.device.type != "cpu" and not self.fused:
                     fresh.append(i)
-                elif g.numel() * g.element_size() >= _KEEP_SCRATCH_BYTES:
+                elif g.numel() * g.element_size() >= KEEP_SCRATCH_BYTES:
                     (kept if not self.fused or g.is_contiguous() else fresh).append(i)
                 elif g.is_contiguous():
                     here.append(i)

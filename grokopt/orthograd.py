@@ -20,8 +20,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._checks import check_float
-from ._distributed import is_dtensor
-from .wrapper import _KEEP_SCRATCH_BYTES, GradientTransform
+from ._distributed import dtensor_type
+from .wrapper import KEEP_SCRATCH_BYTES, GradientTransform
 
 __all__ = ["OrthoGrad", "orthogonalize_"]
 
@@ -40,35 +40,30 @@ def _reference(w: Tensor, g: Tensor, eps: float) -> None:
     g.copy_(out.view_as(g))
 
 
-def _flat(x: Tensor, dtype: torch.dtype) -> Tensor:
-    x = x.reshape(-1)
-    return x if x.dtype == dtype else x.to(dtype)
-
-
 def _foreach(ws: list[Tensor], gs: list[Tensor], eps: float,
              outs: list[Tensor | None] | None = None) -> list[Tensor]:
     """All tensors of one (device, dtype) at once: a handful of multi-tensor kernels plus
-    one dot product per tensor. Returns the transformed gradients, flat and in the
-    accumulation dtype: in ``outs[i]`` where that is given (flat, contiguous, that dtype),
-    else in new tensors. The gradients are not written."""
+    one dot product per tensor. Returns the transformed gradients, shaped as the gradients
+    and in the accumulation dtype: in ``outs[i]`` where that is given (that dtype), else in
+    new tensors laid out as the weights. The gradients are not written."""
     acc = _accumulate_dtype(gs[0].dtype)
-    wf = [_flat(w, acc) for w in ws]
-    gf = [_flat(g, acc) for g in gs]
-    dots = torch.stack([torch.dot(w, g) for w, g in zip(wf, gf)])
-    w_norms = torch.stack(torch._foreach_norm(wf))
-    g_norms = torch.stack(torch._foreach_norm(gf))
+    wa = [w if w.dtype == acc else w.to(acc) for w in ws]
+    ga = [g if g.dtype == acc else g.to(acc) for g in gs]
+    dots = torch.stack([torch.dot(w.reshape(-1), g.reshape(-1)) for w, g in zip(wa, ga)])
+    w_norms = torch.stack(torch._foreach_norm(wa))
+    g_norms = torch.stack(torch._foreach_norm(ga))
     coefs = dots / (w_norms * w_norms + eps)
     neg = list(coefs.neg().unbind())
     if outs is None or all(o is None for o in outs):
-        perp = torch._foreach_mul(wf, neg)
+        perp = torch._foreach_mul(wa, neg)
     else:
         # The given outputs one by one (few and large), the rest in one multi-tensor op.
         fresh = [i for i, o in enumerate(outs) if o is None]
-        made = iter(torch._foreach_mul([wf[i] for i in fresh], [neg[i] for i in fresh])
+        made = iter(torch._foreach_mul([wa[i] for i in fresh], [neg[i] for i in fresh])
                     if fresh else ())
         perp = [torch.mul(w, c, out=o) if o is not None else next(made)
-                for w, c, o in zip(wf, neg, outs)]
-    torch._foreach_add_(perp, gf)
+                for w, c, o in zip(wa, neg, outs)]
+    torch._foreach_add_(perp, ga)
     scales = g_norms / (torch.stack(torch._foreach_norm(perp)) + eps)
     torch._foreach_mul_(perp, list(scales.unbind()))
     return perp
@@ -99,17 +94,18 @@ def orthogonalize_(
                 _reference(w, g, eps)
         return
     for ws, gs in _buckets(params, grads).values():
-        torch._foreach_copy_(gs, [p.view_as(g) for p, g in zip(_foreach(ws, gs, eps), gs)])
+        torch._foreach_copy_(gs, _foreach(ws, gs, eps))
 
 
 def _check_pairs(params: list[Tensor], grads: list[Tensor], eps: Any) -> None:
     _check_eps(eps)
     if len(params) != len(grads):
         raise ValueError(f"params has {len(params)} tensors, grads has {len(grads)}")
+    dtensor = dtensor_type()  # (one lookup: this runs every step, over every gradient)
     for i, (w, g) in enumerate(zip(params, grads)):
         if w.shape != g.shape:
             raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, params[{i}] {tuple(w.shape)}")
-        if is_dtensor(w) or is_dtensor(g):
+        if dtensor is not None and (isinstance(w, dtensor) or isinstance(g, dtensor)):
             # A shard-local dot product and norms would give a wrong, rank-dependent result.
             raise NotImplementedError(
                 f"OrthoGrad needs whole tensors: params[{i}] or grads[{i}] is sharded "
@@ -180,7 +176,7 @@ class OrthoGrad(GradientTransform):
 
     #: Under ``restore_grad`` the transformed gradients are written into new tensors, which
     #: the inner optimizer steps on (the base copies nothing first). On CPU those of large
-    #: contiguous gradients are kept from one step to the next (see ``_KEEP_SCRATCH_BYTES``).
+    #: gradients are kept from one step to the next (see ``KEEP_SCRATCH_BYTES``).
     _makes_scratch = True
 
     def _transform_gradients(self) -> None:
@@ -213,9 +209,9 @@ class OrthoGrad(GradientTransform):
                 outs = [_scratch(ps[i], gs[i], before, kept) for i in idx]
                 done = _foreach([ws[i] for i in idx], [gs[i] for i in idx], eps, outs)
                 for i, out in zip(idx, done):
-                    g, out = gs[i], out.view(gs[i].shape)
                     # in the gradient's layout: a fused optimizer walks memory, and expects
                     # the parameter's (channels_last, transposed)
+                    g = gs[i]
                     same = out.dtype == g.dtype and out.stride() == g.stride()
                     ps[i].grad = out if same else torch.empty_like(g).copy_(out)
         self._kept_scratch = kept
@@ -223,15 +219,15 @@ class OrthoGrad(GradientTransform):
 
 def _scratch(p: Tensor, g: Tensor, before: dict[int, Tensor],
              kept: dict[int, Tensor]) -> Tensor | None:
-    """Flat scratch for the transform of ``p``'s gradient ``g`` that outlives the step (on
-    CPU, for large contiguous gradients the transform computes in their own dtype), reusing
-    the last step's; None for a new tensor instead."""
-    if (g.device.type != "cpu" or g.numel() * g.element_size() < _KEEP_SCRATCH_BYTES
-            or _accumulate_dtype(g.dtype) != g.dtype or not g.is_contiguous()):
+    """Scratch in ``g``'s layout for the transform of ``p``'s gradient ``g`` that outlives
+    the step (on CPU, for large gradients the transform computes in their own dtype),
+    reusing the last step's; None for a new tensor instead."""
+    if (g.numel() * g.element_size() < KEEP_SCRATCH_BYTES or g.device.type != "cpu"
+            or _accumulate_dtype(g.dtype) != g.dtype):
         return None
     out = before.get(id(p))
     if out is None or (out.shape, out.stride(), out.dtype, out.device) != (
             g.shape, g.stride(), g.dtype, g.device):
         out = torch.empty_like(g)
     kept[id(p)] = out
-    return out.view(-1)
+    return out

@@ -36,7 +36,7 @@ _STACK_KEY = "grokopt_stack"
 #: the next: fresh CPU memory of that size comes from the OS page by page (a page fault per
 #: 4 KiB), which costs several times the transform itself; smaller tensors come from the
 #: allocator's pools and are allocated each step.
-_KEEP_SCRATCH_BYTES = 256 * 1024
+KEEP_SCRATCH_BYTES = 256 * 1024
 
 
 class _Skip:

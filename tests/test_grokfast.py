@@ -1004,7 +1004,7 @@ def test_steady_path_kept_scratch_equals_the_general_path_bit_for_bit(
     # general path's new tensors, bit for bit, and the user's gradients must come back.
     import grokopt.grokfast as gf
 
-    monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", keep_bytes)
+    monkeypatch.setattr(gf, "KEEP_SCRATCH_BYTES", keep_bytes)
 
     def run(steady):
         if not steady:
@@ -1029,7 +1029,7 @@ def test_steady_path_kept_scratch_equals_the_general_path_bit_for_bit(
             for p, g, v in zip(model.parameters(), raw, values):
                 assert p.grad is g and torch.equal(g, v)  # the user's gradients, untouched
         monkeypatch.undo()
-        monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", keep_bytes)
+        monkeypatch.setattr(gf, "KEEP_SCRATCH_BYTES", keep_bytes)
         return [p.detach().clone() for p in model.parameters()], state_tensors(opt), stepped
 
     a, b = run(True), run(False)
@@ -1097,7 +1097,7 @@ def test_steady_path_kept_scratch_follows_the_gradient_layout(monkeypatch):
 
     import grokopt.grokfast as gf
 
-    monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", 1024)
+    monkeypatch.setattr(gf, "KEEP_SCRATCH_BYTES", 1024)
     steady = run()
     monkeypatch.setattr(Grokfast, "_steady_step", lambda self: False)
     general = run()
@@ -1155,7 +1155,7 @@ def test_steady_flat_buffers_follow_the_plain_ema(hyper, monkeypatch):
     # must come back untouched.
     import grokopt.grokfast as gf
 
-    monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", 10_000)
+    monkeypatch.setattr(gf, "KEEP_SCRATCH_BYTES", 10_000)
     params = _flat_model()
     a, b, c, d, e = params
     opts = {"floats": [(0.9, 2.0), (0.5, 0.7)],
@@ -1299,7 +1299,7 @@ def _fused_run(fused, dtype, monkeypatch, tensor_hyper=False, steps=8):
     after every step, and which steps took the steady path."""
     import grokopt.grokfast as gf
 
-    monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", 5_000)  # d (6.4 KB in float32) is large
+    monkeypatch.setattr(gf, "KEEP_SCRATCH_BYTES", 5_000)  # d (6.4 KB in float32) is large
     params = [p.to(dtype).detach().requires_grad_() for p in _flat_model()]
     a, b, c, d, e = params
     hyper = (lambda v: torch.tensor(v, dtype=dtype)) if tensor_hyper else float
@@ -1404,7 +1404,7 @@ def test_fused_fallback_warning_as_an_error_leaves_the_step_undone(monkeypatch):
     monkeypatch.setattr(gf, "_READY", set())
     monkeypatch.setattr(gf, "_COMPILE_FAILED", [])
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", 10_000)
+    monkeypatch.setattr(gf, "KEEP_SCRATCH_BYTES", 10_000)
 
     def run(fused):
         params = _flat_model()
@@ -1431,7 +1431,7 @@ def test_fused_screens_before_anything_changes(monkeypatch):
     # (the flat buffer's sum): refused, nothing changed.
     import grokopt.grokfast as gf
 
-    monkeypatch.setattr(gf, "_KEEP_SCRATCH_BYTES", 10_000)
+    monkeypatch.setattr(gf, "KEEP_SCRATCH_BYTES", 10_000)
     params = _flat_model()
     opt = Grokfast(torch.optim.SGD(params, lr=0.1), fused=True)
     gen = torch.Generator().manual_seed(6)
