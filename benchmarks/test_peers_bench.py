@@ -75,12 +75,13 @@ from _common import (
     MACHINE,
     SHAPES,
     functional_jvp_penalty,
+    interleaved_ratio,
     paper_vjp_penalty,
     params_with_grads,
     pin_threads,
     sync,
 )
-from grokopt import Grokfast, GrokAlignLoss, grokfast_
+from grokopt import Grokfast, GrokAlignLoss, OrthoGrad, grokfast_
 from grokopt.jacobian import jacobian_frobenius_norm
 from grokopt import AmplifiedOptimizer, make_amplifier
 from grokopt.tasks.models import DecoderTransformer, OmnigrokMLP
@@ -261,6 +262,132 @@ def test_grokfast_step(benchmark, model, impl):
     benchmark.group = group
     benchmark.pedantic(run, setup=setup, rounds=40, warmup_rounds=3)
     _record(benchmark, group, impl == "adamw", n_tensors=len(saved), **info)
+
+
+# ======================================================================== OrthoGrad
+
+OG_IMPLS = ["adamw", "ours", "paper-loop", "po-OrthoGrad", "po-OrthoGrad-foreach"]
+
+
+class _NoStep(torch.optim.Optimizer):
+    """An optimizer whose step does nothing: a wrapper around it times the transform alone."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {"lr": 0.0})
+
+    def step(self, closure=None) -> None:
+        return None
+
+
+def _paper_orthograd_(params: list[Tensor], eps: float = 1e-30) -> None:
+    """The per-parameter loop users copy from the paper's code, written here from its
+    formula: each gradient replaced in place by its rescaled orthogonal part."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                continue
+            w, g = p.view(-1), p.grad.view(-1)
+            perp = g - torch.dot(w, g) / (torch.dot(w, w) + eps) * w
+            p.grad.copy_((perp * (g.norm() / (perp.norm() + eps))).view_as(p.grad))
+
+
+def _orthograd_step(impl: str, module: nn.Module, eps: float = 1e-8,
+                    inner: str = "adamw") -> Callable[[], None]:
+    """One OrthoGrad step of ``impl`` on the module's current gradients, around foreach
+    AdamW without weight decay (the paper's setting), or around an optimizer that does
+    nothing (``inner="none"``: the transform alone)."""
+    params = list(module.parameters())
+
+    def base() -> torch.optim.Optimizer:
+        if inner == "none":
+            return _NoStep(params)
+        return torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=0.0, eps=eps,
+                                 foreach=True)
+
+    if impl == "adamw":
+        return base().step
+    if impl == "ours":
+        return OrthoGrad(base()).step
+    if impl == "paper-loop":
+        opt = base()
+
+        def run() -> None:
+            _paper_orthograd_(params)
+            opt.step()
+
+        return run
+    if impl == "po-OrthoGrad":  # its default: batched on CUDA only
+        return po.OrthoGrad(base()).step
+    if impl == "po-OrthoGrad-foreach":
+        return po.OrthoGrad(base(), foreach=True).step
+    raise ValueError(impl)
+
+
+def _orthograd_run(impl: str, steps: int = 5) -> list[Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 8)).double()
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 16, generator=gen, dtype=torch.float64),
+             torch.randint(0, 8, (32,), generator=gen)) for _ in range(steps)]
+    step = _orthograd_step(impl, model, eps=1e-30)
+    for x, y in data:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@functools.cache
+def _orthograd_agreement(impl: str) -> dict[str, float]:
+    return {"max_abs_diff_fp64": _max_diff(_orthograd_run("ours"), _orthograd_run(impl))}
+
+
+@pytest.mark.parametrize("impl", ["paper-loop", "po-OrthoGrad", "po-OrthoGrad-foreach"])
+def test_agree_orthograd(impl):
+    """Same parameters as ours after 5 OrthoGrad(AdamW) steps (float64, eps=1e-30;
+    pytorch_optimizer's zero for ||g_perp|| <= 4 eps_machine ||g|| never fires here)."""
+    diffs = _orthograd_agreement(impl)
+    assert diffs["max_abs_diff_fp64"] < 1e-12, diffs
+
+
+@pytest.mark.parametrize("model", list(SHAPES))
+@pytest.mark.parametrize(("inner", "impl"), [("none", "copy-floor")]
+                         + [("none", i) for i in OG_IMPLS[1:]] + [("adamw", i) for i in OG_IMPLS])
+def test_orthograd_step(benchmark, model, impl, inner):
+    """``inner="none"``: the transform alone, each way around an optimizer that does
+    nothing, against ``copy-floor`` (in place of ``adamw``: one device copy of the gradient
+    bytes; the transform reads w and g and writes its output, about 1.5x that);
+    ``"adamw"``: the whole step, against foreach AdamW alone."""
+    info = {}
+    if impl not in ("adamw", "ours", "copy-floor"):
+        info = _orthograd_agreement(impl)
+        if info["max_abs_diff_fp64"] >= 1e-12:
+            pytest.fail(f"{impl} disagrees with ours ({info}); not timing a wrong answer")
+    module, saved = _filter_setup(model)
+    if impl == "copy-floor":
+        dst = [torch.empty_like(g) for g in saved]
+        step = functools.partial(torch._foreach_copy_, dst, [p.grad for p in module])
+    else:
+        step = _orthograd_step(impl, module, inner=inner)
+
+    def run() -> None:
+        step()
+        sync(DEVICE)
+
+    setup = _restore(module, saved)  # the loop and the peer write into the gradients
+    setup()
+    run()
+    group = f"orthograd-{'transform' if inner == 'none' else 'step'}/{model}/{DEVICE}"
+    benchmark.group = group
+    benchmark.pedantic(run, setup=setup, rounds=40, warmup_rounds=3)
+    _record(benchmark, group, impl in ("adamw", "copy-floor"), n_tensors=len(saved), **info)
+    if impl != "adamw" and inner == "adamw" and benchmark.stats is not None:
+        # Back-to-back pairs with AdamW alone, the order alternating (the transform's work
+        # does not depend on the gradients' values, so no restore is needed between calls).
+        base = _orthograd_step("adamw", _filter_setup(model)[0])
+        benchmark.extra_info["ratio_to_adamw_interleaved_median"] = interleaved_ratio(
+            run, lambda: (base(), sync(DEVICE)), pairs=40, steps=3)
 
 
 # ======================================================================== GrokAlign
