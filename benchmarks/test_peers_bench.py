@@ -21,6 +21,14 @@ Groups (each ratio is in the JSON's ``extra_info``, taken against the group's fi
   ``gp-GrokFastAdamW`` (grokfast_pytorch). Models: many small tensors (200 tensors, 0.42M
   parameters: per-tensor overhead dominates) and few large ones (4 x 1024x1024: bytes
   dominate).
+* ``orthograd-transform/<model>``: OrthoGrad's transform alone, each way around an optimizer
+  that does nothing: ``copy-floor`` (one copy of the gradient bytes), ``ours``
+  (``OrthoGrad(...).step()`` in the default configuration), ``paper-loop`` (the per-parameter
+  loop users copy from the paper's code, written here from its formula) and
+  pytorch_optimizer's ``OrthoGrad``, by default (per tensor on CPU) and with ``foreach=True``.
+  ``orthograd-step/<model>``: the same around foreach AdamW without weight decay, against
+  ``adamw`` alone (also as the median of back-to-back pairs). Run alone with ``-k orthograd``
+  (recorded in orthograd-cpu.json).
 * ``grokalign/<model>``: a whole training step. ``floor-plain-2B`` (a plain step on a doubled
   batch: one probe costs about one more pass), ``plain``, ``ours`` (``GrokAlignLoss
   (estimator="auto").forward_with_penalty``), ``paper-vjp`` (separate forward plus a
@@ -301,6 +309,8 @@ def _orthograd_step(impl: str, module: nn.Module, eps: float = 1e-8,
     def base() -> torch.optim.Optimizer:
         if inner == "none":
             return _NoStep(params)
+        if inner == "sgd":
+            return torch.optim.SGD(params, lr=LR)
         return torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=0.0, eps=eps,
                                  foreach=True)
 
@@ -323,14 +333,14 @@ def _orthograd_step(impl: str, module: nn.Module, eps: float = 1e-8,
     raise ValueError(impl)
 
 
-def _orthograd_run(impl: str, steps: int = 5) -> list[Tensor]:
+def _orthograd_run(impl: str, inner: str, steps: int = 5) -> list[Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                           nn.Linear(64, 8)).double()
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(32, 16, generator=gen, dtype=torch.float64),
              torch.randint(0, 8, (32,), generator=gen)) for _ in range(steps)]
-    step = _orthograd_step(impl, model, eps=1e-30)
+    step = _orthograd_step(impl, model, eps=1e-30, inner=inner)
     for x, y in data:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
@@ -340,13 +350,18 @@ def _orthograd_run(impl: str, steps: int = 5) -> list[Tensor]:
 
 @functools.cache
 def _orthograd_agreement(impl: str) -> dict[str, float]:
-    return {"max_abs_diff_fp64": _max_diff(_orthograd_run("ours"), _orthograd_run(impl))}
+    # Around AdamW (the benchmark's) and around SGD, which unlike Adam does not forgive a
+    # gradient off by a constant factor.
+    return {"max_abs_diff_fp64": max(
+        _max_diff(_orthograd_run("ours", inner), _orthograd_run(impl, inner))
+        for inner in ("adamw", "sgd"))}
 
 
 @pytest.mark.parametrize("impl", ["paper-loop", "po-OrthoGrad", "po-OrthoGrad-foreach"])
 def test_agree_orthograd(impl):
-    """Same parameters as ours after 5 OrthoGrad(AdamW) steps (float64, eps=1e-30;
-    pytorch_optimizer's zero for ||g_perp|| <= 4 eps_machine ||g|| never fires here)."""
+    """Same parameters as ours after 5 steps of OrthoGrad(AdamW) and of OrthoGrad(SGD)
+    (float64, eps=1e-30; pytorch_optimizer's zero for ||g_perp|| <= 4 eps_machine ||g||
+    never fires here)."""
     diffs = _orthograd_agreement(impl)
     assert diffs["max_abs_diff_fp64"] < 1e-12, diffs
 

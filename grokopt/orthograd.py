@@ -145,10 +145,11 @@ class OrthoGrad(GradientTransform):
         restore_grad: ``True`` (default): after ``step()`` each ``p.grad`` is the gradient
             backward produced, as with any torch optimizer: the transform writes into new
             tensors, which the inner optimizer steps on (one extra gradient-sized buffer
-            during the step; on CPU, for gradients of 256 KiB and more, kept from one step
-            to the next, since fresh memory that size costs a page fault per 4 KiB).
-            ``False``: the transformed gradient is written into ``p.grad`` in place, with
-            no extra buffer but the transform's temporaries.
+            during the step). On CPU those of fp32/fp64 gradients of 256 KiB and more are
+            kept from one step to the next (fresh memory that size costs a page fault per
+            4 KiB): an inner optimizer or hook that keeps a reference to ``p.grad``
+            across steps must copy it. ``False``: the transformed gradient is written into
+            ``p.grad`` in place, with no extra buffer but the transform's temporaries.
 
     Example:
         >>> import torch
@@ -206,28 +207,33 @@ class OrthoGrad(GradientTransform):
                 if g.numel():
                     kinds[(g.device, g.dtype)].append(i)
             for idx in kinds.values():
-                outs = [_scratch(ps[i], gs[i], before, kept) for i in idx]
+                outs = [_scratch(ps[i], ws[i], gs[i], before, kept) for i in idx]
                 done = _foreach([ws[i] for i in idx], [gs[i] for i in idx], eps, outs)
                 for i, out in zip(idx, done):
-                    # in the gradient's layout: a fused optimizer walks memory, and expects
-                    # the parameter's (channels_last, transposed)
+                    # In the gradient's dtype and layout, as the inner optimizer would get
+                    # it without this wrapper (a fused optimizer walks memory: channels_last
+                    # and transposed gradients stay so). The output is laid out as the
+                    # weight, as in place, so that both modes round alike.
                     g = gs[i]
                     same = out.dtype == g.dtype and out.stride() == g.stride()
                     ps[i].grad = out if same else torch.empty_like(g).copy_(out)
         self._kept_scratch = kept
 
 
-def _scratch(p: Tensor, g: Tensor, before: dict[int, Tensor],
+def _scratch(p: Tensor, w: Tensor, g: Tensor, before: dict[int, Tensor],
              kept: dict[int, Tensor]) -> Tensor | None:
-    """Scratch in ``g``'s layout for the transform of ``p``'s gradient ``g`` that outlives
-    the step (on CPU, for large gradients the transform computes in their own dtype),
-    reusing the last step's; None for a new tensor instead."""
+    """Scratch for the transform of parameter ``p``'s gradient ``g`` that outlives the step
+    (on CPU, for large gradients the transform computes in their own dtype), laid out as
+    the weight ``w`` (as :func:`_foreach`'s new outputs are), the last step's reused; None
+    for a new tensor instead."""
     if (g.numel() * g.element_size() < KEEP_SCRATCH_BYTES or g.device.type != "cpu"
             or _accumulate_dtype(g.dtype) != g.dtype):
         return None
     out = before.get(id(p))
     if out is None or (out.shape, out.stride(), out.dtype, out.device) != (
-            g.shape, g.stride(), g.dtype, g.device):
-        out = torch.empty_like(g)
+            w.shape, w.stride(), g.dtype, g.device):
+        out = torch.empty_like(w, dtype=g.dtype)
+        if out.stride() != w.stride():  # not dense: left to the multi-tensor op's layout
+            return None
     kept[id(p)] = out
     return out

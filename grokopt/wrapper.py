@@ -35,7 +35,8 @@ _STACK_KEY = "grokopt_stack"
 #: ``restore_grad``) keeps the scratch of gradients of this size and more from one step to
 #: the next: fresh CPU memory of that size comes from the OS page by page (a page fault per
 #: 4 KiB), which costs several times the transform itself; smaller tensors come from the
-#: allocator's pools and are allocated each step.
+#: allocator's pools and are allocated each step. A constant, not a setting: the modules
+#: that use it import their own reference to it.
 KEEP_SCRATCH_BYTES = 256 * 1024
 
 
@@ -242,17 +243,19 @@ class GradientTransform(Optimizer):
         hyperparameters: this wrapper's per-group hyperparameters, keyed without prefix.
         restore_grad: what ``p.grad`` holds after :meth:`step`. ``True`` (default): the
             gradient backward produced, the same tensor, bit for bit, as after any torch
-            optimizer; the transform works on a scratch copy that the inner optimizer
-            steps on, so a step briefly holds one extra gradient-sized buffer (freed
-            before ``step()`` returns). ``False``: the transformed gradient, written in
-            place (what the methods' reference code does), with no extra buffer. In a
-            stack of wrappers the outermost one decides, and the inner ones work on its
-            scratch copy: one extra buffer for the whole stack. Measured with 4 x 1024^2
-            fp32 parameters (16 MiB of gradients) under foreach AdamW, the peak extra
-            memory of a step is 16 MiB in place (AdamW's own temporaries, as bare) and
-            32 MiB restoring for OrthoGrad and NeuralGrok; Grokfast on a CPU keeps its
-            copy allocated between steps, so its steps (and Grokfast(OrthoGrad(...))'s)
-            read 16 MiB either way (benchmarks/test_restore_grad_bench.py,
+            optimizer; the transform works on a scratch copy (or writes new tensors) that
+            the inner optimizer steps on, so a step holds one extra gradient-sized buffer,
+            freed before ``step()`` returns, except that on a CPU Grokfast and OrthoGrad
+            keep that of gradients of KEEP_SCRATCH_BYTES and more from step to step.
+            ``False``: the transformed gradient, written in place (what the methods'
+            reference code does), with no extra buffer. In a stack of wrappers the
+            outermost one decides, and the inner ones work on its scratch copy: one extra
+            buffer for the whole stack. Measured with 4 x 1024^2 fp32 parameters (16 MiB of
+            gradients) under foreach AdamW, the peak extra memory of a step is 16 MiB in
+            place (AdamW's own temporaries, as bare) and 32 MiB restoring for NeuralGrok;
+            Grokfast and OrthoGrad keep their 16 MiB allocated between steps on a CPU, so
+            their steps (and Grokfast(OrthoGrad(...))'s) read 16 MiB either way
+            (benchmarks/test_restore_grad_bench.py,
             ``benchmarks/results/restore-grad-cpu.json``). A behaviour switch, kept out of
             ``state_dict``.
 
