@@ -11,9 +11,10 @@
 # 3. Runs the CUDA tests (`-m cuda`: every test marked cuda), the whole test suite under this torch, and every
 #    benchmark on the GPU, each under a time limit; the limits add up to 8 minutes, the
 #    whole suite runs only in what is left of them (the script has not yet run on a GPU).
-# 4. Writes into RESULTS_DIR: grokfast-cuda.json, peers-cuda.json (pytest-benchmark, with the
-#    GPU's name in machine_info.grokopt), cuda-tests.log, suite-cuda.log and cuda-summary.txt.
-# Exit status: 0 when the CUDA tests passed and both benchmark files were written, else 1.
+# 4. Writes into RESULTS_DIR: grokfast-cuda.json, peers-cuda.json, orthograd-cuda.json
+#    (pytest-benchmark, with the GPU's name in machine_info.grokopt), cuda-tests.log,
+#    suite-cuda.log and cuda-summary.txt.
+# Exit status: 0 when the CUDA tests passed and the three benchmark files were written, else 1.
 set -uo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
@@ -41,19 +42,22 @@ PY
 status=0
 
 echo "== CUDA tests"
-timeout 150 "$py" -m pytest -p no:cacheprovider -m cuda -rs tests 2>&1 | tee "$results/cuda-tests.log"
+timeout 120 "$py" -m pytest -p no:cacheprovider -m cuda -rs tests 2>&1 | tee "$results/cuda-tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmarks on the GPU"
-timeout 150 "$py" -m pytest -p no:cacheprovider -q benchmarks/test_grokfast_bench.py -k cuda \
+timeout 135 "$py" -m pytest -p no:cacheprovider -q benchmarks/test_grokfast_bench.py -k cuda \
     --benchmark-json="$results/grokfast-cuda.json" --benchmark-columns=mean,stddev,rounds 2>&1 | tail -n 40
 [ -s "$results/grokfast-cuda.json" ] || status=1
-timeout 120 "$py" -m pytest -p no:cacheprovider -q benchmarks/test_peers_bench.py \
+timeout 120 "$py" -m pytest -p no:cacheprovider -q benchmarks/test_peers_bench.py -k "not orthograd" \
     --benchmark-json="$results/peers-cuda.json" --benchmark-columns=mean,stddev,rounds 2>&1 | tail -n 40
 [ -s "$results/peers-cuda.json" ] || status=1
+timeout 45 "$py" -m pytest -p no:cacheprovider -q benchmarks/test_peers_bench.py -k orthograd \
+    --benchmark-json="$results/orthograd-cuda.json" --benchmark-columns=mean,stddev,rounds 2>&1 | tail -n 30
+[ -s "$results/orthograd-cuda.json" ] || status=1
 
 echo "== summary"
-for f in "$results/grokfast-cuda.json" "$results/peers-cuda.json"; do
+for f in "$results/grokfast-cuda.json" "$results/peers-cuda.json" "$results/orthograd-cuda.json"; do
     [ -s "$f" ] && "$py" benchmarks/summarize.py "$f"
 done 2>&1 | tee "$results/cuda-summary.txt"
 
