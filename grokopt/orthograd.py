@@ -13,7 +13,8 @@ the gradient's length, so the inner optimizer's learning rate keeps its meaning.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,13 +41,86 @@ def _reference(w: Tensor, g: Tensor, eps: float) -> None:
     g.copy_(out.view_as(g))
 
 
+class _Stack(NamedTuple):
+    """Tensors of one size as the rows of three matrices (weights, gradients, outputs), each
+    row also viewed in its tensor's shape."""
+
+    key: tuple[Any, ...]  # what the stack was built for: (size, dtype, device, shapes)
+    w: Tensor
+    g: Tensor
+    out: Tensor
+    w_rows: list[Tensor]
+    g_rows: list[Tensor]
+    out_rows: list[Tensor]
+
+
+def _stack_key(gs: list[Tensor], acc: torch.dtype) -> tuple[Any, ...]:
+    return (gs[0].numel(), acc, gs[0].device, tuple(g.shape for g in gs))
+
+
+def _new_stack(key: tuple[Any, ...]) -> _Stack:
+    numel, dtype, device, shapes = key
+    w, g, out = (torch.empty(len(shapes), numel, dtype=dtype, device=device) for _ in range(3))
+    rows = [[r.view(s) for r, s in zip(m.unbind(0), shapes)] for m in (w, g, out)]
+    return _Stack(key, w, g, out, *rows)
+
+
+def _stacked(stack: _Stack, ws: list[Tensor], gs: list[Tensor], eps: float) -> list[Tensor]:
+    """The transform of tensors of one size as the rows of a stack: a dozen batched
+    operations in all instead of a dozen per tensor. Returns the output rows, shaped."""
+    torch._foreach_copy_(stack.w_rows, ws)
+    torch._foreach_copy_(stack.g_rows, gs)
+    w, g, out = stack.w, stack.g, stack.out
+    dots = torch.mul(w, g, out=out).sum(1)  # (out as scratch: no temporary of this size)
+    w_norms = torch.linalg.vector_norm(w, dim=1)
+    coefs = dots / (w_norms * w_norms + eps)
+    torch.mul(w, coefs.neg().unsqueeze(1), out=out).add_(g)
+    scales = torch.linalg.vector_norm(g, dim=1) / (torch.linalg.vector_norm(out, dim=1) + eps)
+    out.mul_(scales.unsqueeze(1))
+    return stack.out_rows
+
+
+#: A function from a stack's key to the stack to use (see :class:`_KeptStacks`).
+Stacks = Callable[[tuple[Any, ...]], _Stack]
+
+
 def _foreach(ws: list[Tensor], gs: list[Tensor], eps: float,
-             outs: list[Tensor | None] | None = None) -> list[Tensor]:
-    """All tensors of one (device, dtype) at once: a handful of multi-tensor kernels plus
-    one dot product per tensor. Returns the transformed gradients, shaped as the gradients
-    and in the accumulation dtype: in ``outs[i]`` where that is given (that dtype), else in
-    new tensors laid out as the weights. The gradients are not written."""
+             outs: list[Tensor | None] | None = None, stacks: Stacks | None = None) -> list[Tensor]:
+    """All tensors of one (device, dtype) at once. Returns the transformed gradients, shaped
+    as the gradients and in the accumulation dtype: in ``outs[i]`` where that is given
+    (that dtype), else in new tensors laid out as the weights or in rows of a stack. The
+    gradients are not written.
+
+    With ``stacks``, small tensors (under KEEP_SCRATCH_BYTES) of a size that several share
+    go through in stacks (:func:`_stacked`, buffers from ``stacks``); the others one by one,
+    in multi-tensor kernels plus a dot product per tensor (:func:`_per_tensor`). The two
+    routes give the same function up to rounding."""
     acc = _accumulate_dtype(gs[0].dtype)
+    done: list[Tensor | None] = [None] * len(gs)
+    sizes: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(gs):
+        if (stacks is not None and (outs is None or outs[i] is None)
+                and g.numel() * g.element_size() < KEEP_SCRATCH_BYTES):
+            sizes[g.numel()].append(i)
+    for idx in sizes.values():
+        if len(idx) > 1:
+            these = [gs[i] for i in idx]
+            rows = _stacked(stacks(_stack_key(these, acc)), [ws[i] for i in idx], these, eps)
+            for i, row in zip(idx, rows):
+                done[i] = row
+    rest = [i for i, d in enumerate(done) if d is None]
+    if rest:
+        found = _per_tensor([ws[i] for i in rest], [gs[i] for i in rest], eps, acc,
+                            None if outs is None else [outs[i] for i in rest])
+        for i, d in zip(rest, found):
+            done[i] = d
+    return done  # type: ignore[return-value]
+
+
+def _per_tensor(ws: list[Tensor], gs: list[Tensor], eps: float, acc: torch.dtype,
+                outs: list[Tensor | None] | None) -> list[Tensor]:
+    """The transform one tensor at a time: multi-tensor kernels plus a dot product per
+    tensor; into ``outs[i]`` where given, else new tensors laid out as the weights."""
     wa = [w if w.dtype == acc else w.to(acc) for w in ws]
     ga = [g if g.dtype == acc else g.to(acc) for g in gs]
     dots = torch.stack([torch.dot(w.reshape(-1), g.reshape(-1)) for w, g in zip(wa, ga)])
@@ -79,7 +153,9 @@ def orthogonalize_(
         grads: their gradients, changed in place (same shapes as ``params``).
         eps: added to ``w.w`` and to ``||g_perp||``; keeps an all-zero weight or gradient
             from dividing by zero (default 1e-30, the paper's).
-        foreach: multi-tensor kernels (default) or the plain per-tensor reference.
+        foreach: multi-tensor kernels (default) or the plain per-tensor reference. (The
+            wrapper :class:`OrthoGrad` also stacks tensors of a shared size; the same
+            function up to rounding.)
 
     Example:
         >>> w, g = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
@@ -141,15 +217,22 @@ class OrthoGrad(GradientTransform):
     Args:
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
         eps: guard added to ``w.w`` and ``||g_perp||`` (default 1e-30).
-        foreach: multi-tensor kernels (default) or the per-tensor reference loop.
+        foreach: batched kernels (default) or the per-tensor reference loop. Batched,
+            gradients under 256 KiB that share their number of entries with others of
+            the group (same device and dtype) are transformed as the rows of a stack: a
+            dozen operations per size instead of a dozen per tensor, in three buffers of
+            their size (weights, gradients, outputs), which on CPU are kept from one step
+            to the next; the other gradients go through multi-tensor kernels one by one.
         restore_grad: ``True`` (default): after ``step()`` each ``p.grad`` is the gradient
             backward produced, as with any torch optimizer: the transform writes into new
-            tensors, which the inner optimizer steps on (one extra gradient-sized buffer
-            during the step). On CPU those of fp32/fp64 gradients of 256 KiB and more are
-            kept from one step to the next (fresh memory that size costs a page fault per
-            4 KiB): an inner optimizer or hook that keeps a reference to ``p.grad``
-            across steps must copy it. ``False``: the transformed gradient is written into
-            ``p.grad`` in place, with no extra buffer but the transform's temporaries.
+            tensors (or a stack's output rows), which the inner optimizer steps on (one
+            extra gradient-sized buffer during the step). On CPU those of fp32/fp64
+            gradients of 256 KiB and more are kept from one step to the next (fresh memory
+            that size costs a page fault per 4 KiB): an inner optimizer or hook that keeps
+            a reference to ``p.grad`` across steps must copy it. ``False``: the
+            transformed gradient is written into ``p.grad`` in place, with no extra
+            gradient-sized buffer (but the stacks and the transform's temporaries); both
+            modes give the same parameters, bit for bit.
 
     Example:
         >>> import torch
@@ -175,21 +258,17 @@ class OrthoGrad(GradientTransform):
         if "orthograd_eps" in options:
             _check_eps(options["orthograd_eps"])
 
-    #: Under ``restore_grad`` the transformed gradients are written into new tensors, which
-    #: the inner optimizer steps on (the base copies nothing first). On CPU those of large
-    #: gradients are kept from one step to the next (see ``KEEP_SCRATCH_BYTES``).
+    #: Under ``restore_grad`` the transformed gradients are written into new tensors (or
+    #: stack rows), which the inner optimizer steps on (the base copies nothing first). On
+    #: CPU those of large gradients are kept from one step to the next (see
+    #: ``KEEP_SCRATCH_BYTES``), as are the stacks.
     _makes_scratch = True
 
     def _transform_gradients(self) -> None:
-        if not self._making_scratch():
-            for group in self.param_groups:
-                pairs = list(self._grads(group))
-                if pairs:
-                    orthogonalize_([p.detach() for p, _ in pairs], [g for _, g in pairs],
-                                   eps=group["orthograd_eps"], foreach=self.foreach)
-            return
+        scratch = self._making_scratch()
         before = self.__dict__.pop("_kept_scratch", {})
         kept: dict[int, Tensor] = {}
+        stacks = _KeptStacks(self.__dict__.pop("_kept_stacks", None))
         for group in self.param_groups:
             pairs = list(self._grads(group))
             ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
@@ -199,8 +278,13 @@ class OrthoGrad(GradientTransform):
             if self.foreach is False:
                 for p, w, g in zip(ps, ws, gs):
                     if g.numel():
-                        p.grad = out = g.clone()
+                        out = g.clone() if scratch else g
                         _reference(w, out, eps)
+                        p.grad = out
+                continue
+            if not scratch:  # in place, as orthogonalize_, with the same stacks as below
+                for bws, bgs in _buckets(ws, gs).values():
+                    torch._foreach_copy_(bgs, _foreach(bws, bgs, eps, stacks=stacks))
                 continue
             kinds: dict[Any, list[int]] = defaultdict(list)
             for i, g in enumerate(gs):
@@ -208,7 +292,7 @@ class OrthoGrad(GradientTransform):
                     kinds[(g.device, g.dtype)].append(i)
             for idx in kinds.values():
                 outs = [_scratch(ps[i], ws[i], gs[i], before, kept) for i in idx]
-                done = _foreach([ws[i] for i in idx], [gs[i] for i in idx], eps, outs)
+                done = _foreach([ws[i] for i in idx], [gs[i] for i in idx], eps, outs, stacks)
                 for i, out in zip(idx, done):
                     # In the gradient's dtype and layout, as the inner optimizer would get
                     # it without this wrapper (a fused optimizer walks memory: channels_last
@@ -218,6 +302,25 @@ class OrthoGrad(GradientTransform):
                     same = out.dtype == g.dtype and out.stride() == g.stride()
                     ps[i].grad = out if same else torch.empty_like(g).copy_(out)
         self._kept_scratch = kept
+        self._kept_stacks = stacks.now
+
+
+class _KeptStacks:
+    """The stacks of one step, as :func:`_foreach` asks for them: on CPU those of the last
+    step reused where a stack of the same key was asked for as often (fresh CPU memory of a
+    stack's size costs a page fault per 4 KiB); fresh ones elsewhere."""
+
+    def __init__(self, before: dict[tuple[Any, ...], list[_Stack]] | None) -> None:
+        self.before = before or {}
+        self.now: dict[tuple[Any, ...], list[_Stack]] = {}
+
+    def __call__(self, key: tuple[Any, ...]) -> _Stack:
+        taken = self.now.setdefault(key, [])
+        last = self.before.get(key, [])
+        stack = last[len(taken)] if len(taken) < len(last) else _new_stack(key)
+        if key[2].type == "cpu":
+            taken.append(stack)
+        return stack
 
 
 def _scratch(p: Tensor, w: Tensor, g: Tensor, before: dict[int, Tensor],

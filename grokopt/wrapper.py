@@ -896,7 +896,7 @@ class GradientTransform(Optimizer):
             and k not in ("step", "_opt_called", "_nested", "_checked", "_bucket_cache",
                           "_scratch_owed", "_ids_cache", "_step_pairs",
                           "_step_counts", "_fast_plan", "_flat_buffers", "_scalars",
-                          "_kept_scratch")
+                          "_kept_scratch", "_kept_stacks")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:

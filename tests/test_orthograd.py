@@ -255,3 +255,56 @@ def test_kept_scratch_is_neither_copied_nor_kept_for_parameters_that_left(monkey
     b.grad = None
     opt.step()
     assert set(opt._kept_scratch) == {id(a)}
+
+
+@pytest.mark.parametrize("restore", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gradients_of_a_shared_size_go_through_in_stacks_as_the_formula(restore, dtype):
+    """OrthoGrad transforms small tensors that share a size as the rows of stacks (on CPU
+    kept from step to step): sizes shared within a group and across two groups with other
+    eps (two stacks of one key in a step), transposed and channels_last gradients, a zero
+    weight and a zero gradient, sizes alone, and an fp64 pair beside ``dtype``. What the
+    inner optimizer steps on, against the float64 formula at each of three steps; the
+    stacks are the same memory at every step."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 6), (6, 4), (24,), (3, 8), (2, 3, 2, 2), (5,), (5,), (7,), (2, 3, 2, 2)]
+
+    def make(dt):
+        return [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dt))
+                for s in shapes]
+
+    first, second = make(dtype), make(dtype)
+    first[4] = nn.Parameter(first[4].detach().contiguous(memory_format=torch.channels_last))
+    wide = [nn.Parameter(torch.randn(5, generator=gen, dtype=torch.float64)) for _ in range(2)]
+    groups = [dict(params=first + wide, orthograd_eps=1e-30), dict(params=second, orthograd_eps=1e-3)]
+    params = first + wide + second
+    eps = {id(p): g["orthograd_eps"] for g in groups for p in g["params"]}
+    inner = torch.optim.SGD([dict(params=g["params"]) for g in groups], lr=1.0)
+    seen = []
+    inner.register_step_pre_hook(lambda o, a, k: seen.append([p.grad.clone() for p in params]))
+    opt = OrthoGrad(inner, restore_grad=restore)
+    for group, g in zip(opt.param_groups, groups):
+        group["orthograd_eps"] = g["orthograd_eps"]
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    stacks = []
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+        first[1].grad = first[1].grad.t().contiguous().t()  # (6, 4) laid out transposed
+        second[4].grad = second[4].grad.contiguous(memory_format=torch.channels_last)
+        if step == 1:
+            first[0].data.zero_()
+            second[2].grad.zero_()
+        want = [_formula(p.detach(), p.grad, eps[id(p)]).view(p.shape) for p in params]
+        opt.step()
+        for p, got, ref in zip(params, seen[-1], want):
+            t = 1e-12 if p.dtype is torch.float64 else tol
+            torch.testing.assert_close(got.double(), ref, rtol=t, atol=t)
+        stacks.append({k: [s.out for s in v] for k, v in opt._kept_stacks.items()})
+    # a stack per group, kind (device, dtype) and shared size: in each group one of 24
+    # entries and one of 5; the fp64 pair a stack of its own in the first group, or rows
+    # of its stack of 5 when dtype is fp64 too
+    assert sum(len(v) for v in stacks[0].values()) == (4 if dtype is torch.float64 else 5)
+    for later in stacks[1:]:
+        assert later.keys() == stacks[0].keys()
+        assert all(a is b for k in later for a, b in zip(later[k], stacks[0][k]))
