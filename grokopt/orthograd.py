@@ -42,16 +42,14 @@ def _reference(w: Tensor, g: Tensor, eps: float) -> None:
 
 
 class _Stack(NamedTuple):
-    """Tensors of one size as the rows of three matrices (weights, gradients, outputs), each
-    row also viewed in its tensor's shape."""
+    """Tensors of one size as the rows of two matrices (weights, gradients), each row also
+    viewed in its tensor's shape; the transform's outputs replace the weights' rows."""
 
     key: tuple[Any, ...]  # what the stack was built for: (size, dtype, device, shapes)
     w: Tensor
     g: Tensor
-    out: Tensor
     w_rows: list[Tensor]
     g_rows: list[Tensor]
-    out_rows: list[Tensor]
 
 
 def _stack_key(gs: list[Tensor], acc: torch.dtype) -> tuple[Any, ...]:
@@ -60,24 +58,26 @@ def _stack_key(gs: list[Tensor], acc: torch.dtype) -> tuple[Any, ...]:
 
 def _new_stack(key: tuple[Any, ...]) -> _Stack:
     numel, dtype, device, shapes = key
-    w, g, out = (torch.empty(len(shapes), numel, dtype=dtype, device=device) for _ in range(3))
-    rows = [[r.view(s) for r, s in zip(m.unbind(0), shapes)] for m in (w, g, out)]
-    return _Stack(key, w, g, out, *rows)
+    w, g = (torch.empty(len(shapes), numel, dtype=dtype, device=device) for _ in range(2))
+    rows = [[r.view(s) for r, s in zip(m.unbind(0), shapes)] for m in (w, g)]
+    return _Stack(key, w, g, *rows)
 
 
 def _stacked(stack: _Stack, ws: list[Tensor], gs: list[Tensor], eps: float) -> list[Tensor]:
     """The transform of tensors of one size as the rows of a stack: a dozen batched
-    operations in all instead of a dozen per tensor. Returns the output rows, shaped."""
-    torch._foreach_copy_(stack.w_rows, ws)
+    operations in all instead of a dozen per tensor, and no temporary of the stack's size.
+    Returns the output rows, shaped (the weights' matrix, overwritten)."""
     torch._foreach_copy_(stack.g_rows, gs)
-    w, g, out = stack.w, stack.g, stack.out
-    dots = torch.mul(w, g, out=out).sum(1)  # (out as scratch: no temporary of this size)
+    torch._foreach_copy_(stack.w_rows, ws)
+    w, g = stack.w, stack.g
     w_norms = torch.linalg.vector_norm(w, dim=1)
+    g_norms = torch.linalg.vector_norm(g, dim=1)
+    dots = w.mul_(g).sum(1)
+    torch._foreach_copy_(stack.w_rows, ws)  # the weights again
     coefs = dots / (w_norms * w_norms + eps)
-    torch.mul(w, coefs.neg().unsqueeze(1), out=out).add_(g)
-    scales = torch.linalg.vector_norm(g, dim=1) / (torch.linalg.vector_norm(out, dim=1) + eps)
-    out.mul_(scales.unsqueeze(1))
-    return stack.out_rows
+    w.mul_(coefs.neg().unsqueeze(1)).add_(g)  # w * -c + g, as the per-tensor route rounds it
+    w.mul_((g_norms / (torch.linalg.vector_norm(w, dim=1) + eps)).unsqueeze(1))
+    return stack.w_rows
 
 
 #: A function from a stack's key to the stack to use (see :class:`_KeptStacks`).
@@ -220,18 +220,20 @@ class OrthoGrad(GradientTransform):
         foreach: batched kernels (default) or the per-tensor reference loop. Batched,
             gradients under 256 KiB that share their number of entries with others of
             the group (same device and dtype) are transformed as the rows of a stack: a
-            dozen operations per size instead of a dozen per tensor, in three buffers of
-            their size (weights, gradients, outputs), which on CPU are kept from one step
-            to the next; the other gradients go through multi-tensor kernels one by one.
+            dozen operations per size instead of a dozen per tensor, in two buffers of
+            their size (weights and gradients); the other gradients go through
+            multi-tensor kernels one by one.
         restore_grad: ``True`` (default): after ``step()`` each ``p.grad`` is the gradient
             backward produced, as with any torch optimizer: the transform writes into new
-            tensors (or a stack's output rows), which the inner optimizer steps on (one
-            extra gradient-sized buffer during the step). On CPU those of fp32/fp64
-            gradients of 256 KiB and more are kept from one step to the next (fresh memory
-            that size costs a page fault per 4 KiB): an inner optimizer or hook that keeps
-            a reference to ``p.grad`` across steps must copy it. ``False``: the
-            transformed gradient is written into ``p.grad`` in place, with no extra
-            gradient-sized buffer (but the stacks and the transform's temporaries); both
+            tensors (or a stack's rows), which the inner optimizer steps on. On CPU these
+            are kept from one step to the next (fresh memory of that size costs a page
+            fault per 4 KiB) for fp32/fp64 gradients of 256 KiB and more (one buffer of
+            their size) and for the stacks (two buffers of theirs); elsewhere they are
+            freed when the step ends. What the inner optimizer was handed as ``p.grad``
+            may thus be overwritten at the next step: an inner optimizer or hook that keeps
+            a reference to it across steps must copy it. ``False``: the transformed
+            gradient is written into ``p.grad`` in place, nothing kept between steps (the
+            stacks and the transform's temporaries are freed when the step ends); both
             modes give the same parameters, bit for bit.
 
     Example:
@@ -261,14 +263,16 @@ class OrthoGrad(GradientTransform):
     #: Under ``restore_grad`` the transformed gradients are written into new tensors (or
     #: stack rows), which the inner optimizer steps on (the base copies nothing first). On
     #: CPU those of large gradients are kept from one step to the next (see
-    #: ``KEEP_SCRATCH_BYTES``), as are the stacks.
+    #: ``KEEP_SCRATCH_BYTES``), as are the stacks; in place, nothing is kept.
     _makes_scratch = True
 
     def _transform_gradients(self) -> None:
         scratch = self._making_scratch()
         before = self.__dict__.pop("_kept_scratch", {})
         kept: dict[int, Tensor] = {}
-        stacks = _KeptStacks(self.__dict__.pop("_kept_stacks", None))
+        # The stacks outlive the step only where restore_grad already holds a buffer.
+        kept_stacks = _KeptStacks(self.__dict__.pop("_kept_stacks", None))
+        stacks = kept_stacks if scratch else _new_stack
         for group in self.param_groups:
             pairs = list(self._grads(group))
             ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
@@ -282,7 +286,7 @@ class OrthoGrad(GradientTransform):
                         _reference(w, out, eps)
                         p.grad = out
                 continue
-            if not scratch:  # in place, as orthogonalize_, with the same stacks as below
+            if not scratch:  # in place, with stacks as below (their buffers freed after)
                 for bws, bgs in _buckets(ws, gs).values():
                     torch._foreach_copy_(bgs, _foreach(bws, bgs, eps, stacks=stacks))
                 continue
@@ -302,7 +306,7 @@ class OrthoGrad(GradientTransform):
                     same = out.dtype == g.dtype and out.stride() == g.stride()
                     ps[i].grad = out if same else torch.empty_like(g).copy_(out)
         self._kept_scratch = kept
-        self._kept_stacks = stacks.now
+        self._kept_stacks = kept_stacks.now
 
 
 class _KeptStacks:

@@ -246,7 +246,9 @@ class GradientTransform(Optimizer):
             optimizer; the transform works on a scratch copy (or writes new tensors) that
             the inner optimizer steps on, so a step holds one extra gradient-sized buffer,
             freed before ``step()`` returns, except that on a CPU Grokfast and OrthoGrad
-            keep that of gradients of KEEP_SCRATCH_BYTES and more from step to step.
+            keep theirs from step to step (see each wrapper's ``restore_grad``): an inner
+            optimizer or hook that keeps a reference to ``p.grad`` across steps must copy
+            it.
             ``False``: the transformed gradient, written in place (what the methods'
             reference code does), with no extra buffer. In a stack of wrappers the
             outermost one decides, and the inner ones work on its scratch copy: one extra

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from contract import make_batches, make_model, params_of, train
-from grokopt import OrthoGrad
+from contract import assert_same_params, make_batches, make_model, params_of, train
+from grokopt import AmplifiedOptimizer, Grokfast, OrthoGrad
 from grokopt.orthograd import orthogonalize_
 
 
@@ -261,11 +263,12 @@ def test_kept_scratch_is_neither_copied_nor_kept_for_parameters_that_left(monkey
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_gradients_of_a_shared_size_go_through_in_stacks_as_the_formula(restore, dtype):
     """OrthoGrad transforms small tensors that share a size as the rows of stacks (on CPU
-    kept from step to step): sizes shared within a group and across two groups with other
-    eps (two stacks of one key in a step), transposed and channels_last gradients, a zero
-    weight and a zero gradient, sizes alone, and an fp64 pair beside ``dtype``. What the
-    inner optimizer steps on, against the float64 formula at each of three steps; the
-    stacks are the same memory at every step."""
+    kept from step to step under restore_grad, freed after the step in place): sizes
+    shared within a group and across two groups with other eps (two stacks of one key in a
+    step), transposed and channels_last gradients, a zero weight and a zero gradient, sizes
+    alone, and an fp64 pair beside ``dtype``. What the inner optimizer steps on, against
+    the float64 formula at each of three steps; the kept stacks are the same memory at
+    every step."""
     gen = torch.Generator().manual_seed(3)
     shapes = [(4, 6), (6, 4), (24,), (3, 8), (2, 3, 2, 2), (5,), (5,), (7,), (2, 3, 2, 2)]
 
@@ -300,7 +303,10 @@ def test_gradients_of_a_shared_size_go_through_in_stacks_as_the_formula(restore,
         for p, got, ref in zip(params, seen[-1], want):
             t = 1e-12 if p.dtype is torch.float64 else tol
             torch.testing.assert_close(got.double(), ref, rtol=t, atol=t)
-        stacks.append({k: [s.out for s in v] for k, v in opt._kept_stacks.items()})
+        stacks.append({k: [s.w for s in v] for k, v in opt._kept_stacks.items()})
+    if not restore:  # in place: no buffer outlives the step
+        assert stacks == [{}] * 3
+        return
     # a stack per group, kind (device, dtype) and shared size: in each group one of 24
     # entries and one of 5; the fp64 pair a stack of its own in the first group, or rows
     # of its stack of 5 when dtype is fp64 too
@@ -308,3 +314,61 @@ def test_gradients_of_a_shared_size_go_through_in_stacks_as_the_formula(restore,
     for later in stacks[1:]:
         assert later.keys() == stacks[0].keys()
         assert all(a is b for k in later for a, b in zip(later[k], stacks[0][k]))
+
+
+def _shared_sizes_model(seed: int = 0) -> nn.Module:
+    """A model whose weights (8 x 8 twice) and biases (8 three times) share sizes, so that
+    OrthoGrad stacks them (the contract's model has no two of one size)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                         nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+_STACKS = {
+    "orthograd": lambda o: OrthoGrad(o),
+    "grokfast(orthograd)": lambda o: Grokfast(OrthoGrad(o), alpha=0.9, lamb=2.0),
+    "orthograd(grokfast)": lambda o: OrthoGrad(Grokfast(o, alpha=0.9, lamb=2.0)),
+    "neuralgrok(orthograd)": lambda o: AmplifiedOptimizer(OrthoGrad(o), hidden=(8,),
+                                                          g_hat="last"),
+}
+_INNERS = {
+    # torch's foreach SGD with nesterov momentum adds into p.grad in place
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    "adamw-fused": lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True),
+    "adam-wd": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("inner", list(_INNERS))
+@pytest.mark.parametrize("stack", list(_STACKS))
+def test_stacked_gradients_in_every_stack_train_alike_in_both_modes(stack, inner):
+    """With gradients of shared sizes (the stacked route), alone and in stacks of wrappers,
+    around inner optimizers that write into p.grad or walk memory: restore_grad True and
+    False give the same parameters bit for bit, True gives each user's gradient back
+    untouched, and a deep copy taken midway continues as the original does."""
+    finals = {}
+    for restore in (True, False):
+        model = _shared_sizes_model()
+        torch.manual_seed(7)  # the amplifier's init, the same in both runs
+        opt = _STACKS[stack](_INNERS[inner](model.parameters()))
+        opt.restore_grad = restore
+        for i, (x, y) in enumerate(make_batches(4)):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            users = [(p.grad, p.grad.clone()) for p in model.parameters()]
+            opt.step()
+            if restore:
+                assert all(p.grad is g and torch.equal(p.grad, r)
+                           for p, (g, r) in zip(model.parameters(), users))
+            if i == 1:
+                twin_model, twin = copy.deepcopy((model, opt))  # one memo: shared params
+        if stack == "orthograd" and restore:
+            assert len(opt._kept_stacks) == 2  # the 8 x 8 weights, the biases of 8
+        finals[restore] = model
+        # the copy, from step 2 on the same batches
+        for x, y in make_batches(4)[2:]:
+            twin.zero_grad()
+            nn.functional.mse_loss(twin_model(x), y).backward()
+            twin.step()
+        assert_same_params(twin_model, model)
+    assert_same_params(finals[True], finals[False])
