@@ -213,3 +213,37 @@ def _copy_to(model: nn.Module, device: str) -> nn.Module:
     import copy
 
     return copy.deepcopy(model).to(device, torch.float64)
+
+
+def _orthograd_formula(w: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    w, g = w.double().flatten(), g.double().flatten()
+    perp = g - (w @ g) / (w @ w + eps) * w
+    return perp * g.norm() / (perp.norm() + eps)
+
+
+@pytest.mark.parametrize("restore", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_orthograd_on_cuda_matches_the_formula(dtype, restore):
+    """OrthoGrad on CUDA tensors, stacked (sizes shared) and one by one (sizes alone, and a
+    matrix of 256 KiB and more), in both restore_grad modes: what the inner optimizer steps
+    on, against the formula in float64 on the CPU, at three steps."""
+    shapes = [(16, 8), (8, 16), (128,), (5,), (5,), (7,), (512, 256)]
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(CUDA, dtype))
+              for s in shapes]
+    seen = []
+    inner = torch.optim.SGD(params, lr=0.1)
+    inner.register_step_pre_hook(lambda o, a, k: seen.append([p.grad.cpu() for p in params]))
+    opt = grokopt.OrthoGrad(inner, restore_grad=restore)
+    tol = 1e-5 if dtype is torch.float32 else 2e-2
+    for grads in _grad_sequence(shapes, 3, dtype=dtype, seed=1):
+        for p, g in zip(params, grads):
+            p.grad = g.to(CUDA)
+        want = [_orthograd_formula(p.detach().cpu(), p.grad.cpu(), 1e-30).view(p.shape)
+                for p in params]
+        raw = [p.grad.clone() for p in params]
+        opt.step()
+        for got, ref in zip(seen[-1], want):
+            torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+        if restore:
+            assert all(torch.equal(p.grad, r) for p, r in zip(params, raw))
