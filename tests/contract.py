@@ -74,13 +74,21 @@ def make_batches(n: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> l
     ]
 
 
+def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean squared error; written out in bf16, which torch 2.5's CPU mse_loss lacks
+    (the package supports torch >= 2.5)."""
+    if out.dtype is torch.bfloat16:
+        return (out - y).pow(2).mean()
+    return nn.functional.mse_loss(out, y)
+
+
 def train(
     model: nn.Module, opt: Optimizer, batches: list[Batch], case: WrapperCase | None = None
 ) -> None:
     for batch in batches:
         x, y = batch
         opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        mse(model(x), y).backward()
         opt.step()
         if case is not None and case.after_step is not None:
             case.after_step(opt, model, batch)
@@ -172,7 +180,6 @@ def per_param(sd: dict[str, Any]) -> dict[Any, dict[str, Any]]:
 def _neuralgrok_meta(opt: Optimizer, model: nn.Module, batch: Batch) -> None:
     """Meta-step on a held-out slice; g_hat from the step's own batch where recomputed."""
     x, y = batch
-    mse = nn.functional.mse_loss
     amplified = opt
     while not hasattr(amplified, "maybe_meta_step"):
         amplified = amplified.optimizer
@@ -231,5 +238,5 @@ def optimizer_stack(opt: Optimizer) -> list[Optimizer]:
 def one_step(model: nn.Module, opt: Optimizer, batch: Batch) -> None:
     """backward and step() on one batch, without the zero_grad and after_step of train()."""
     x, y = batch
-    nn.functional.mse_loss(model(x), y).backward()
+    mse(model(x), y).backward()
     opt.step()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from contract import INNER_OPTIMIZERS, WRAPPER_CASES, make_batches, make_model
+from contract import INNER_OPTIMIZERS, WRAPPER_CASES, make_batches, make_model, mse
 from grokopt import GrokAlignLoss
 
 CASES = [pytest.param(c, id=c.name) for c in WRAPPER_CASES]
@@ -26,7 +26,7 @@ def test_bf16_parameters_keep_filter_state_in_fp32(case):
     opt = case.build(INNER_OPTIMIZERS["adamw-foreach"](model.parameters()), model)
     for batch in make_batches(3, dtype=torch.bfloat16):
         opt.zero_grad()
-        nn.functional.mse_loss(model(batch[0]), batch[1]).backward()
+        mse(model(batch[0]), batch[1]).backward()
         opt.step()
         if case.after_step is not None:
             case.after_step(opt, model, batch)
