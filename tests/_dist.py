@@ -69,3 +69,12 @@ def launch(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: flo
                 if p.is_alive():
                     p.kill()
             raise TimeoutError(f"{fn.__name__} did not finish within {timeout} s on {world_size} ranks")
+
+
+def has_fully_shard() -> bool:
+    """Whether this torch has the public FSDP2 entry point (torch 2.6 and later)."""
+    try:
+        import torch.distributed.fsdp as fsdp
+    except ImportError:
+        return False
+    return hasattr(fsdp, "fully_shard")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _dist import launch  # noqa: E402
+from _dist import has_fully_shard, launch  # noqa: E402
 from contract import make_batches, make_model  # noqa: E402
 
 from grokopt import AmplifiedOptimizer, make_amplifier  # noqa: E402
@@ -121,15 +121,7 @@ def fsdp_worker(rank, world, out):
                    f"{out}.{lookahead_lr}.{rank}")
 
 
-def _has_fully_shard() -> bool:
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_fully_shard(),
+@pytest.mark.skipif(not has_fully_shard(),
                     reason=f"torch {torch.__version__} has no public FSDP2 fully_shard (2.6+)")
 def test_fsdp2_meta_step_uses_c_and_the_base_lr_and_keeps_the_buffers(tmp_path):
     launch(fsdp_worker, str(tmp_path / "amp"), world_size=WORLD, timeout=300.0)
