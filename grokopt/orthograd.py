@@ -64,20 +64,30 @@ def _new_stack(key: tuple[Any, ...]) -> _Stack:
 
 
 def _stacked(stack: _Stack, ws: list[Tensor], gs: list[Tensor], eps: float) -> list[Tensor]:
-    """The transform of tensors of one size as the rows of a stack: a dozen batched
-    operations in all instead of a dozen per tensor, and no temporary of the stack's size.
-    Returns the output rows, shaped (the weights' matrix, overwritten)."""
+    """The transform of tensors of one size as the rows of a stack: batched norms and
+    elementwise operations instead of a dozen operations per tensor, and no temporary of
+    the stack's size. Returns the output rows, shaped (the weights' matrix, overwritten).
+
+    The same arithmetic as :func:`_per_tensor`, so the same results bit for bit for
+    contiguous tensors: the dot products are taken on the tensors themselves (a BLAS dot
+    sums in an order that depends on where the data starts), the norms of rows reduce as
+    the norms of the tensors do, and the rest is elementwise."""
+    acc = stack.w.dtype
+    dots = torch.stack([torch.dot(w.reshape(-1), g.reshape(-1))
+                        for w, g in zip(_as(ws, acc), _as(gs, acc))])
     torch._foreach_copy_(stack.g_rows, gs)
     torch._foreach_copy_(stack.w_rows, ws)
     w, g = stack.w, stack.g
     w_norms = torch.linalg.vector_norm(w, dim=1)
-    g_norms = torch.linalg.vector_norm(g, dim=1)
-    dots = w.mul_(g).sum(1)
-    torch._foreach_copy_(stack.w_rows, ws)  # the weights again
     coefs = dots / (w_norms * w_norms + eps)
-    w.mul_(coefs.neg().unsqueeze(1)).add_(g)  # w * -c + g, as the per-tensor route rounds it
-    w.mul_((g_norms / (torch.linalg.vector_norm(w, dim=1) + eps)).unsqueeze(1))
+    scales = torch.linalg.vector_norm(g, dim=1)
+    w.mul_(coefs.neg().unsqueeze(1)).add_(g)  # w * -c + g
+    w.mul_((scales / (torch.linalg.vector_norm(w, dim=1) + eps)).unsqueeze(1))
     return stack.w_rows
+
+
+def _as(xs: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    return [x if x.dtype == dtype else x.to(dtype) for x in xs]
 
 
 #: A function from a stack's key to the stack to use (see :class:`_KeptStacks`).
@@ -91,16 +101,17 @@ def _foreach(ws: list[Tensor], gs: list[Tensor], eps: float,
     (that dtype), else in new tensors laid out as the weights or in rows of a stack. The
     gradients are not written.
 
-    With ``stacks``, small tensors (under KEEP_SCRATCH_BYTES) of a size that several share
-    go through in stacks (:func:`_stacked`, buffers from ``stacks``); the others one by one,
-    in multi-tensor kernels plus a dot product per tensor (:func:`_per_tensor`). The two
-    routes give the same function up to rounding."""
+    With ``stacks``, small contiguous tensors (under KEEP_SCRATCH_BYTES) of a size that
+    several share go through in stacks (:func:`_stacked`, buffers from ``stacks``); the
+    others one by one, in multi-tensor kernels plus a dot product per tensor
+    (:func:`_per_tensor`). The two routes give the same results, bit for bit."""
     acc = _accumulate_dtype(gs[0].dtype)
     done: list[Tensor | None] = [None] * len(gs)
     sizes: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(gs):
         if (stacks is not None and (outs is None or outs[i] is None)
-                and g.numel() * g.element_size() < KEEP_SCRATCH_BYTES):
+                and g.numel() * g.element_size() < KEEP_SCRATCH_BYTES
+                and g.is_contiguous() and ws[i].is_contiguous()):
             sizes[g.numel()].append(i)
     for idx in sizes.values():
         if len(idx) > 1:
@@ -121,8 +132,7 @@ def _per_tensor(ws: list[Tensor], gs: list[Tensor], eps: float, acc: torch.dtype
                 outs: list[Tensor | None] | None) -> list[Tensor]:
     """The transform one tensor at a time: multi-tensor kernels plus a dot product per
     tensor; into ``outs[i]`` where given, else new tensors laid out as the weights."""
-    wa = [w if w.dtype == acc else w.to(acc) for w in ws]
-    ga = [g if g.dtype == acc else g.to(acc) for g in gs]
+    wa, ga = _as(ws, acc), _as(gs, acc)
     dots = torch.stack([torch.dot(w.reshape(-1), g.reshape(-1)) for w, g in zip(wa, ga)])
     w_norms = torch.stack(torch._foreach_norm(wa))
     g_norms = torch.stack(torch._foreach_norm(ga))
@@ -153,9 +163,7 @@ def orthogonalize_(
         grads: their gradients, changed in place (same shapes as ``params``).
         eps: added to ``w.w`` and to ``||g_perp||``; keeps an all-zero weight or gradient
             from dividing by zero (default 1e-30, the paper's).
-        foreach: multi-tensor kernels (default) or the plain per-tensor reference. (The
-            wrapper :class:`OrthoGrad` also stacks tensors of a shared size; the same
-            function up to rounding.)
+        foreach: multi-tensor kernels (default) or the plain per-tensor reference.
 
     Example:
         >>> w, g = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
@@ -218,11 +226,12 @@ class OrthoGrad(GradientTransform):
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
         eps: guard added to ``w.w`` and ``||g_perp||`` (default 1e-30).
         foreach: batched kernels (default) or the per-tensor reference loop. Batched,
-            gradients under 256 KiB that share their number of entries with others of
-            the group (same device and dtype) are transformed as the rows of a stack: a
-            dozen operations per size instead of a dozen per tensor, in two buffers of
-            their size (weights and gradients); the other gradients go through
-            multi-tensor kernels one by one.
+            under ``restore_grad``, contiguous gradients under 256 KiB that share their
+            number of entries with others of the group (same device and dtype) are
+            transformed as the rows of a stack (two buffers of their size, weights and
+            gradients): batched norms and elementwise operations instead of a dozen
+            operations per tensor, with the same results bit for bit. The other gradients
+            go through multi-tensor kernels one by one.
         restore_grad: ``True`` (default): after ``step()`` each ``p.grad`` is the gradient
             backward produced, as with any torch optimizer: the transform writes into new
             tensors (or a stack's rows), which the inner optimizer steps on. On CPU these
@@ -232,9 +241,8 @@ class OrthoGrad(GradientTransform):
             freed when the step ends. What the inner optimizer was handed as ``p.grad``
             may thus be overwritten at the next step: an inner optimizer or hook that keeps
             a reference to it across steps must copy it. ``False``: the transformed
-            gradient is written into ``p.grad`` in place, nothing kept between steps (the
-            stacks and the transform's temporaries are freed when the step ends); both
-            modes give the same parameters, bit for bit.
+            gradient is written into ``p.grad`` in place, one tensor at a time, nothing
+            kept between steps; both modes give the same parameters, bit for bit.
 
     Example:
         >>> import torch
@@ -263,16 +271,18 @@ class OrthoGrad(GradientTransform):
     #: Under ``restore_grad`` the transformed gradients are written into new tensors (or
     #: stack rows), which the inner optimizer steps on (the base copies nothing first). On
     #: CPU those of large gradients are kept from one step to the next (see
-    #: ``KEEP_SCRATCH_BYTES``), as are the stacks; in place, nothing is kept.
+    #: ``KEEP_SCRATCH_BYTES``), as are the stacks; in place, nothing is kept and nothing
+    #: is stacked.
     _makes_scratch = True
 
     def _transform_gradients(self) -> None:
         scratch = self._making_scratch()
         before = self.__dict__.pop("_kept_scratch", {})
         kept: dict[int, Tensor] = {}
-        # The stacks outlive the step only where restore_grad already holds a buffer.
+        # Stacks (kept from step to step on CPU) only where restore_grad already holds a
+        # buffer: they change no result, and in place they would cost memory.
         kept_stacks = _KeptStacks(self.__dict__.pop("_kept_stacks", None))
-        stacks = kept_stacks if scratch else _new_stack
+        stacks = kept_stacks if scratch else None
         for group in self.param_groups:
             pairs = list(self._grads(group))
             ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
@@ -286,9 +296,9 @@ class OrthoGrad(GradientTransform):
                         _reference(w, out, eps)
                         p.grad = out
                 continue
-            if not scratch:  # in place, with stacks as below (their buffers freed after)
+            if not scratch:  # in place, one tensor at a time, as orthogonalize_
                 for bws, bgs in _buckets(ws, gs).values():
-                    torch._foreach_copy_(bgs, _foreach(bws, bgs, eps, stacks=stacks))
+                    torch._foreach_copy_(bgs, _foreach(bws, bgs, eps))
                 continue
             kinds: dict[Any, list[int]] = defaultdict(list)
             for i, g in enumerate(gs):
