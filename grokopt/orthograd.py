@@ -73,21 +73,25 @@ def _stacked(stack: _Stack, ws: list[Tensor], gs: list[Tensor], eps: float) -> l
     sums in an order that depends on where the data starts), the norms of rows reduce as
     the norms of the tensors do, and the rest is elementwise."""
     acc = stack.w.dtype
-    dots = torch.stack([torch.dot(w.reshape(-1), g.reshape(-1))
-                        for w, g in zip(_as(ws, acc), _as(gs, acc))])
+    dots = _dots(_as(ws, acc), _as(gs, acc))
     torch._foreach_copy_(stack.g_rows, gs)
     torch._foreach_copy_(stack.w_rows, ws)
     w, g = stack.w, stack.g
     w_norms = torch.linalg.vector_norm(w, dim=1)
+    g_norms = torch.linalg.vector_norm(g, dim=1)
     coefs = dots / (w_norms * w_norms + eps)
-    scales = torch.linalg.vector_norm(g, dim=1)
     w.mul_(coefs.neg().unsqueeze(1)).add_(g)  # w * -c + g
-    w.mul_((scales / (torch.linalg.vector_norm(w, dim=1) + eps)).unsqueeze(1))
+    w.mul_((g_norms / (torch.linalg.vector_norm(w, dim=1) + eps)).unsqueeze(1))
     return stack.w_rows
 
 
 def _as(xs: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     return [x if x.dtype == dtype else x.to(dtype) for x in xs]
+
+
+def _dots(ws: list[Tensor], gs: list[Tensor]) -> Tensor:
+    """w.g for each pair, one BLAS dot each (both routes: see :func:`_stacked`)."""
+    return torch.stack([torch.dot(w.reshape(-1), g.reshape(-1)) for w, g in zip(ws, gs)])
 
 
 #: A function from a stack's key to the stack to use (see :class:`_KeptStacks`).
@@ -133,7 +137,7 @@ def _per_tensor(ws: list[Tensor], gs: list[Tensor], eps: float, acc: torch.dtype
     """The transform one tensor at a time: multi-tensor kernels plus a dot product per
     tensor; into ``outs[i]`` where given, else new tensors laid out as the weights."""
     wa, ga = _as(ws, acc), _as(gs, acc)
-    dots = torch.stack([torch.dot(w.reshape(-1), g.reshape(-1)) for w, g in zip(wa, ga)])
+    dots = _dots(wa, ga)
     w_norms = torch.stack(torch._foreach_norm(wa))
     g_norms = torch.stack(torch._foreach_norm(ga))
     coefs = dots / (w_norms * w_norms + eps)
