@@ -40,6 +40,16 @@ def layouts(device: str) -> dict[str, list[tuple[int, ...]]]:
     return {**SHAPES, **(GPU_SHAPES if device != "cpu" else {})}
 
 
+class NoStep(torch.optim.Optimizer):
+    """An optimizer whose step does nothing: a wrapper around it times its transform alone."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {"lr": 0.0})
+
+    def step(self, closure=None) -> None:
+        return None
+
+
 def pin_threads() -> int:
     """Set torch's CPU threads to :data:`THREADS` and return it."""
     torch.set_num_threads(THREADS)

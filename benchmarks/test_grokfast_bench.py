@@ -32,7 +32,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _common import DEVICES, interleaved_ratio, layouts
+from _common import DEVICES, NoStep, interleaved_ratio, layouts
 from _common import params_with_grads as _params
 from _common import sync as _sync
 from grokopt import Grokfast, grokfast_
@@ -45,16 +45,6 @@ def _inplace_loop(grads, mus, alpha=0.98, lamb=2.0):
     for g, mu in zip(grads, mus):
         mu.lerp_(g, 1 - alpha)
         g.add_(mu, alpha=lamb)
-
-
-class _NoStep(torch.optim.Optimizer):
-    """An optimizer whose step does nothing: Grokfast around it times the wrapper alone."""
-
-    def __init__(self, params):
-        super().__init__(params, {"lr": 0.0})
-
-    def step(self, closure=None):
-        return None
 
 
 def _paper_loop(named_grads, ema, alpha=0.98, lamb=2.0):
@@ -87,7 +77,7 @@ def test_filter(benchmark, device, model, impl):
             _inplace_loop(grads, mus)
             _sync(device)
     elif impl in ("default", "fused"):
-        opt = Grokfast(_NoStep(params), fused=impl == "fused")
+        opt = Grokfast(NoStep(params), fused=impl == "fused")
         opt.step()  # the general path, which plans the steady one (compiled on its 1st run)
 
         def run():

@@ -81,6 +81,7 @@ from torch import Tensor, nn
 
 from _common import (
     MACHINE,
+    NoStep,
     SHAPES,
     functional_jvp_penalty,
     interleaved_ratio,
@@ -277,16 +278,6 @@ def test_grokfast_step(benchmark, model, impl):
 OG_IMPLS = ["adamw", "ours", "paper-loop", "po-OrthoGrad", "po-OrthoGrad-foreach"]
 
 
-class _NoStep(torch.optim.Optimizer):
-    """An optimizer whose step does nothing: a wrapper around it times the transform alone."""
-
-    def __init__(self, params) -> None:
-        super().__init__(params, {"lr": 0.0})
-
-    def step(self, closure=None) -> None:
-        return None
-
-
 def _paper_orthograd_(params: list[Tensor], eps: float = 1e-30) -> None:
     """The per-parameter loop users copy from the paper's code, written here from its
     formula: each gradient replaced in place by its rescaled orthogonal part."""
@@ -308,7 +299,7 @@ def _orthograd_step(impl: str, module: nn.Module, eps: float = 1e-8,
 
     def base() -> torch.optim.Optimizer:
         if inner == "none":
-            return _NoStep(params)
+            return NoStep(params)
         if inner == "sgd":
             return torch.optim.SGD(params, lr=LR)
         return torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=0.0, eps=eps,

@@ -317,9 +317,7 @@ class AmplifiedOptimizer(GradientTransform):
                                     eps=self.eps, path=self.path, chunk_size=self.chunk_size)
             if self._making_scratch():
                 for (p, g, _), n in zip(pairs, new):
-                    # in the gradient's layout: a fused optimizer walks memory, and expects
-                    # the parameter's (channels_last, transposed)
-                    p.grad = n if n.stride() == g.stride() else torch.empty_like(g).copy_(n)
+                    p.grad = self._as_gradient(n, g)
             else:
                 for g, n in zip(grads, new):
                     g.copy_(n)

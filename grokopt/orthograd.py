@@ -292,17 +292,15 @@ class OrthoGrad(GradientTransform):
             ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
             ws = [p.detach() for p in ps]
             eps = group["orthograd_eps"]
+            if not scratch:  # in place, one tensor at a time
+                orthogonalize_(ws, gs, eps=eps, foreach=self.foreach)
+                continue
             _check_pairs(ws, gs, eps)
             if self.foreach is False:
                 for p, w, g in zip(ps, ws, gs):
                     if g.numel():
-                        out = g.clone() if scratch else g
+                        p.grad = out = g.clone()
                         _reference(w, out, eps)
-                        p.grad = out
-                continue
-            if not scratch:  # in place, one tensor at a time, as orthogonalize_
-                for bws, bgs in _buckets(ws, gs).values():
-                    torch._foreach_copy_(bgs, _foreach(bws, bgs, eps))
                 continue
             kinds: dict[Any, list[int]] = defaultdict(list)
             for i, g in enumerate(gs):
@@ -312,13 +310,9 @@ class OrthoGrad(GradientTransform):
                 outs = [_scratch(ps[i], ws[i], gs[i], before, kept) for i in idx]
                 done = _foreach([ws[i] for i in idx], [gs[i] for i in idx], eps, outs, stacks)
                 for i, out in zip(idx, done):
-                    # In the gradient's dtype and layout, as the inner optimizer would get
-                    # it without this wrapper (a fused optimizer walks memory: channels_last
-                    # and transposed gradients stay so). The output is laid out as the
-                    # weight, as in place, so that both modes round alike.
-                    g = gs[i]
-                    same = out.dtype == g.dtype and out.stride() == g.stride()
-                    ps[i].grad = out if same else torch.empty_like(g).copy_(out)
+                    # (the output is laid out as the weight, as in place, so that both
+                    # modes round alike; the inner optimizer gets the gradient's layout)
+                    ps[i].grad = self._as_gradient(out, gs[i])
         self._kept_scratch = kept
         self._kept_stacks = kept_stacks.now
 

@@ -508,6 +508,16 @@ class GradientTransform(Optimizer):
         """Called when an entry of this wrapper's is written or deleted through ``state``;
         a subclass drops what it cached of its state."""
 
+    @staticmethod
+    def _as_gradient(out: Tensor, g: Tensor) -> Tensor:
+        """A transform's output ``out`` for gradient ``g``, to point ``p.grad`` at under
+        ``restore_grad``: in ``g``'s dtype and memory layout, as the inner optimizer would
+        get ``g`` without the wrapper (a fused optimizer walks memory: channels_last and
+        transposed gradients stay so); ``out`` itself where it already is."""
+        if out.dtype == g.dtype and out.stride() == g.stride():
+            return out
+        return torch.empty_like(g).copy_(out)
+
     def _making_scratch(self) -> bool:
         """Whether this step's transform must leave the gradients it is given unwritten
         (``restore_grad`` under a wrapper with ``_makes_scratch``)."""
