@@ -8,6 +8,9 @@ A few things users combine with grokopt are newer; asking for them on an older t
 
 The checks look for the feature itself, not at the version number, so a nightly or a
 vendor build that has it works; the version is only what the message recommends.
+
+It also holds the spellings that only some supported torch versions accept (see
+:func:`extremes`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["MIN_TORCH", "TorchTooOldError", "check_torch_floor", "fully_shard", "muon", "torch_version"]
+__all__ = [
+    "MIN_TORCH", "TorchTooOldError", "check_torch_floor", "extremes", "fully_shard", "muon",
+    "torch_version",
+]
 
 #: The oldest torch grokopt supports; keep equal to the floor in pyproject.toml.
 MIN_TORCH = (2, 5)
@@ -49,6 +55,20 @@ def torch_version(version: str | None = None) -> tuple[int, int, int]:
         raise ValueError(f"version must look like 'MAJOR.MINOR[.PATCH]...', got {text!r}")
     major, minor, patch = match.groups()
     return int(major), int(minor), int(patch or 0)
+
+
+def extremes(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s smallest and largest entry, stacked, in one pass (``torch.aminmax``).
+
+    The pair is unpacked before it is stacked: torch 2.5's compiler cannot iterate the
+    result of ``aminmax`` itself, and a compiled step would fail there.
+
+    Example:
+        >>> extremes(torch.tensor([3.0, -1.0, 2.0]))
+        tensor([-1.,  3.])
+    """
+    lo, hi = torch.aminmax(x)
+    return torch.stack((lo, hi))
 
 
 def _dotted(version: tuple[int, ...]) -> str:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._checks import check_choice
+from ._compat import extremes
 from ._distributed import dtensor_type, local_shards, shard_groups
 
 __all__ = ["NonFiniteGradientError"]
@@ -94,7 +95,7 @@ def _one(device: torch.device) -> Tensor:
 def _local_flags(local: Sequence[Tensor], device: torch.device) -> Tensor:
     """Per tensor: every entry finite (exact; empty tensors count as finite)."""
     return torch.stack([
-        torch.stack(torch.aminmax(g)).isfinite().all().to(device) if g.numel()
+        extremes(g).isfinite().all().to(device) if g.numel()
         else torch.ones((), dtype=torch.bool, device=device)
         for g in local
     ])

@@ -202,7 +202,11 @@ def reverse_sq_norms(tape: Tape, cotangents: Tensor) -> Tensor:
     ``(out, out)`` Gram matrix is cheaper than ``(B, in)`` products, their gradient and the
     gradient of ``a`` (see :func:`gram_pays` and :class:`GramQuadratic`).
     """
-    first = next((i for i, (op, _) in enumerate(tape) if op == "linear"), None)
+    first = None  # (a loop, not next(..., None): torch 2.5's compiler cannot trace that)
+    for i, (op, _) in enumerate(tape):
+        if op == "linear":
+            first = i
+            break
     if first is None or any(op != "reshape" for op, _ in tape[:first]):
         g = reverse(tape, cotangents)
         return g.flatten(2).pow(2).sum(-1)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._checks import check_choice, check_float, check_int, check_type, describe
+from ._compat import extremes
 from ._distributed import is_dtensor, local_shard, shard_groups
 from .amplifier import (
     Gains,
@@ -120,7 +121,7 @@ def _table(plan: list[tuple[str, Any]] | None, grads: list[Tensor], locals_: lis
         return None
     if any(groups):
         # min and -max, so that one MIN reduction serves both ends
-        ends = [torch.stack(torch.aminmax(x.detach())).to(device=device, dtype=dtype) * torch.tensor(
+        ends = [extremes(x.detach()).to(device=device, dtype=dtype) * torch.tensor(
                     [1.0, -1.0], dtype=dtype, device=device) if x.numel()
                 else torch.full((2,), math.inf, dtype=dtype, device=device) for x in locals_]
         ends = _reduce(ends, groups, dist.ReduceOp.MIN)
@@ -129,12 +130,12 @@ def _table(plan: list[tuple[str, Any]] | None, grads: list[Tensor], locals_: lis
     else:
         # Small tensors together (at most a chunk's entries at a time): one reduction each
         # run instead of a few small operations per tensor.
-        extremes = []
+        ends = []
         for run in _buckets(locals_, CHUNK_SIZE) if runs is None else runs:
             x = (locals_[run[0]] if len(run) == 1
                  else torch.cat([locals_[i].reshape(-1) for i in run])).detach()
-            extremes.append(torch.stack(torch.aminmax(x)).to(device=device, dtype=dtype))
-        both = torch.stack(extremes)
+            ends.append(extremes(x).to(device=device, dtype=dtype))
+        both = torch.stack(ends)
         lo, hi = torch.stack([both[:, 0].min(), both[:, 1].max()]).tolist()  # one host read
     if not (math.isfinite(lo) and math.isfinite(hi)):
         lo = hi = 0.0  # inf/NaN entries make the output NaN, as in the paper

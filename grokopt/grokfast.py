@@ -806,7 +806,7 @@ class Grokfast(GradientTransform):
             return self._release_flat_output()
         states: list[dict[str, Any]] = []
         splits = []
-        kinds = set()
+        kinds: list[tuple[torch.device, torch.dtype]] = []  # (a set of them: see below)
         for group, pairs in groups:
             if not pairs:
                 continue
@@ -815,7 +815,7 @@ class Grokfast(GradientTransform):
                 return self._release_flat_output()
             start = len(states)
             states += group_states
-            kinds.update((g.device, g.dtype) for _, g in pairs)
+            kinds += [(g.device, g.dtype) for _, g in pairs]
             fresh, kept, here = [], [], []
             for i, (_, g) in enumerate(pairs, start):
                 if g.device.type != "cpu" and not self.fused:
@@ -827,9 +827,11 @@ class Grokfast(GradientTransform):
                 else:
                     fresh.append(i)
             splits.append((group, fresh, kept, here))
-        if len(kinds) != 1:
+        kind = kinds[0] if kinds else None
+        # Compared one by one, not gathered in a set: torch 2.5's compiler handed a set's
+        # (device, dtype) tuple on as the device alone, where the step is compiled.
+        if kind is None or any(k != kind for k in kinds):
             return self._release_flat_output()
-        kind = next(iter(kinds))
         flat = [i for *_, here in splits for i in here]
         buffers = self._flatten([states[i] for i in flat], kind)
         plans, at = [], 0  # at: position in flat
