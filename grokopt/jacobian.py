@@ -426,13 +426,19 @@ class FrobeniusEstimate(NamedTuple):
     """The estimator used ("vjp", "jvp" or "exact"; what "auto" resolved to)."""
 
 
+# Probes for half-precision tensors are drawn in float32 and rounded. torch's own fp16 /
+# bf16 normal_ draws another stream in some versions (2.5; from some later version it rounds
+# the float32 one), so the same seed would give other probes under autocast than in float32.
+_DRAWN_WIDER = (torch.float16, torch.bfloat16)
+
+
 def _draw(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
     # empty().normal_() rather than randn: the same stream as the fast path's in-place draw.
-    if generator is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device).normal_()
-    # Draw on the generator's own device so a CPU generator also serves CUDA inputs.
-    z = torch.empty(shape, dtype=like.dtype, device=generator.device).normal_(generator=generator)
-    return z.to(like.device)
+    # With a generator, drawn on its own device, so that a CPU generator serves CUDA inputs.
+    device = like.device if generator is None else generator.device
+    dtype = torch.float32 if like.dtype in _DRAWN_WIDER else like.dtype
+    z = torch.empty(shape, dtype=dtype, device=device).normal_(generator=generator)
+    return z.to(device=like.device, dtype=like.dtype)
 
 
 
@@ -440,7 +446,7 @@ def _stack_with_probes(x: Tensor, k: int, generator: torch.Generator | None) -> 
     # Gaussian probes drawn straight into the stacked buffer: drawing and copying ~B*d
     # numbers is a visible share of a small network's step.
     z = x.new_empty((1 + k,) + tuple(x.shape))
-    if generator is None or generator.device == x.device:
+    if (generator is None or generator.device == x.device) and x.dtype not in _DRAWN_WIDER:
         z[1:].normal_(generator=generator)
     else:
         z[1:].copy_(_draw((k,) + tuple(x.shape), x, generator))
