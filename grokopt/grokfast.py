@@ -415,6 +415,21 @@ _READY: set[tuple[torch.device, torch.dtype]] = set()  # compiled and run once
 _COMPILE_FAILED: list[str] = []  # why torch.compile failed, once it has: eager from then on
 
 
+def _subnormals_kept() -> bool:
+    """Whether this thread's floating point still represents subnormal numbers (no
+    flush-to-zero): half the smallest normal double is not zero."""
+    return sys.float_info.min / 2 > 0
+
+
+def _keep_subnormals(kept_before: bool) -> None:
+    """Undo a flush-to-zero that loading a compiled kernel turned on. Inductor's CPU
+    kernels in torch 2.5 were built with -ffast-math, and loading one switches the whole
+    thread to flushing subnormal numbers to zero (measured on 2.5.1; not on 2.13): the
+    fused option must not change how every later computation rounds."""
+    if kept_before and not _subnormals_kept():
+        torch.set_flush_denormal(False)
+
+
 def _fused_ready(kind: tuple[torch.device, torch.dtype]) -> bool:
     """Whether the fused kernels run compiled for gradients of ``kind`` (device, dtype):
     compiled by torch.compile (Inductor: C++ on CPU, Triton on CUDA) and run once on small
@@ -426,6 +441,7 @@ def _fused_ready(kind: tuple[torch.device, torch.dtype]) -> bool:
         return True
     if not _COMPILE_FAILED:
         device, dtype = kind
+        kept = _subnormals_kept()
         try:
             for kernel in _KERNELS:
                 compiled = _COMPILED.get(kernel)
@@ -443,6 +459,8 @@ def _fused_ready(kind: tuple[torch.device, torch.dtype]) -> bool:
                 f"({_COMPILE_FAILED[0][:300]}); running the eager kernels instead",
                 RuntimeWarning, stacklevel=_caller_level(),
             )
+        finally:
+            _keep_subnormals(kept)
     return False
 
 
@@ -462,7 +480,9 @@ def _run_fused(kernel: Any, *args: Tensor) -> None:
     if torch.compiler.is_compiling():
         kernel(*args)
     else:
-        _COMPILED[kernel](*args)
+        kept = _subnormals_kept()
+        _COMPILED[kernel](*args)  # (a new shape or layout may load another kernel)
+        _keep_subnormals(kept)
 
 
 def _lerp_and_amplify(

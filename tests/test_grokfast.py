@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import math
+import sys
 
 import pytest
 import torch
@@ -1339,6 +1340,7 @@ def test_fused_steady_step_agrees_with_the_eager_one(dtype, tensor_hyper, monkey
     fused, taken = _fused_run(True, dtype, monkeypatch, tensor_hyper)
     eager, taken_eager = _fused_run(False, dtype, monkeypatch, tensor_hyper)
     assert not gf._COMPILE_FAILED
+    assert sys.float_info.min / 2 > 0  # loading the kernels flushed nothing to zero
     assert taken == taken_eager == [False] + [True] * 7
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     for x, y in zip(fused, eager):
@@ -1357,6 +1359,38 @@ def test_fused_kernels_do_not_recompile_when_the_values_change(monkeypatch):
     _, taken = _fused_run(True, torch.float32, monkeypatch, steps=10)
     assert graphs == 2 and counters["stats"]["unique_graphs"] == graphs
     assert taken == [False] + [True] * 9
+
+
+@pytest.mark.parametrize("flushing_before", [False, True])
+def test_fused_kernels_leave_flush_to_zero_as_it_was(flushing_before, monkeypatch):
+    # torch 2.5's Inductor CPU kernels were built with -ffast-math: loading one switched
+    # the thread to flushing subnormal numbers to zero, for every later computation. The
+    # fused option puts it back, on first use and after every call (a new shape may load
+    # another kernel). Simulated by kernels that switch it on whenever they run (torch
+    # 2.13's leave it alone); a user's own setting stays.
+    import grokopt.grokfast as gf
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals to zero (no SSE3)")
+
+    def flushing_compile(fn, **kwargs):
+        def run(*args):
+            torch.set_flush_denormal(True)
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(gf, "_COMPILED", {})
+    monkeypatch.setattr(gf, "_READY", set())
+    monkeypatch.setattr(gf, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(torch, "compile", flushing_compile)
+    try:
+        torch.set_flush_denormal(flushing_before)
+        _, taken = _fused_run(True, torch.float32, monkeypatch)
+        subnormals = sys.float_info.min / 2 > 0
+    finally:
+        torch.set_flush_denormal(False)
+    assert taken == [False] + [True] * 7
+    assert subnormals is not flushing_before
 
 
 @pytest.mark.parametrize("where", ["compile", "first-call"])
