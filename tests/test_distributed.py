@@ -17,6 +17,7 @@ Ranks are compared with each other *exactly*: DDP hands every rank bit-identical
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -418,8 +419,15 @@ def test_dcp_flattened_checkpoint_of_another_configuration_is_refused_by_name():
     other = Grokfast(torch.optim.AdamW(other_model.parameters(), lr=1e-2), filter="ma", window=3)
     _train_single("grokfast", other_model, other, combined(1), outer_combined())
     before = other.state_dict()
-    with pytest.raises(ValueError, match="grokfast_ma_buffer.*empty placeholder"):
+    with pytest.raises((ValueError, KeyError)) as info:
         set_optimizer_state_dict(other_model, other, saved, options=options)
+    if info.type is KeyError:
+        # torch 2.5's DCP unflattens by the live optimizer's key names itself and refuses
+        # the missing one before grokopt is called; newer DCP hands it on to grokopt.
+        assert os.sep.join(("distributed", "checkpoint")) in str(info.traceback[-1].path)
+        assert "grokfast_ma_buffer" in str(info.value)
+    else:
+        assert re.search("grokfast_ma_buffer.*empty placeholder", str(info.value))
     assert _same(other.state_dict(), before)
 
 
