@@ -705,7 +705,8 @@ class Grokfast(GradientTransform):
             alpha/lamb/lr values do not recompile. Results agree with the eager kernels to
             rounding (the compiled kernel may contract a multiply and an add). Where
             compiling fails (no C++ compiler, no Triton) it warns once and runs the eager
-            kernels.
+            kernels. Where loading a compiled CPU kernel turns on flushing subnormal
+            numbers to zero (torch 2.5), the setting is put back after the kernel runs.
 
     A checkpoint of the bare optimizer upgrades to Grokfast: load it into the inner
     optimizer before wrapping, or into ``grokfast.optimizer`` after; groups that lack the
