@@ -76,6 +76,12 @@ def nonfinite_flag(tensors: Sequence[Tensor]) -> Tensor:
     tensor is inf or NaN. The tensors are plain (local) tensors of one device and dtype;
     :func:`all_finite` is the general screen."""
     device = tensors[0].device
+    if torch.compiler.is_compiling():
+        # Traced, a reduction per tensor, which the compiler fuses: torch 2.5's Inductor
+        # could not take the multi-tensor check's list argument (AttributeError in its
+        # fake-tensor pass).
+        bad = [(~torch.isfinite(t)).any() for t in tensors]
+        return torch.stack(bad).any().to(torch.float32).reshape(1)
     flag = torch.zeros(1, device=device)
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, _one(device))
     return flag

@@ -62,6 +62,34 @@ def test_compiled_step_matches_eager_without_recompiles(filt):
     assert graphs_per_step[2:] == [graphs_per_step[1]] * (len(batches) - 2)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_compiled_step_skips_a_nonfinite_gradient_as_eager_does(bad):
+    # Traced, the inf/NaN screen is a reduction per tensor (torch 2.5's Inductor could not
+    # take the multi-tensor check): a bad entry in any one gradient, here the last of four,
+    # must still skip the step and leave parameters and filter state untouched.
+    torch._dynamo.reset()
+    runs = {}
+    for mode in ("eager", "compiled"):
+        model = make_model(0)
+        opt = _grokfast(model, "ema", "skip")
+        step = torch.compile(opt.step, backend=CountingBackend()) if mode == "compiled" else opt.step
+        for i, (x, y) in enumerate(make_batches(6)):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            params = list(model.parameters())
+            if i in (2, 4):
+                params[-1 if i == 2 else 0].grad.view(-1)[1] = bad
+                before = [p.detach().clone() for p in params] + [
+                    opt.state[p]["grokfast_ema"].clone() for p in params]
+            step()
+            if i in (2, 4):
+                after = [p.detach() for p in params] + [opt.state[p]["grokfast_ema"] for p in params]
+                assert all(torch.equal(a, b) for a, b in zip(before, after)), (mode, i)
+        runs[mode] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(runs["eager"], runs["compiled"]):
+        torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------- every wrapper (issue 7)
 
 # GrokAlignLoss(estimator="jvp") under torch.compile is tested against eager in
@@ -91,7 +119,7 @@ def _wrapper(kind, model):
 def test_every_wrapper_compiled_matches_eager_and_a_scheduler_does_not_recompile(kind):
     torch._dynamo.reset()
     backend = CountingBackend()
-    batches = make_batches(8)
+    batches = make_batches(12)
     runs, graphs_per_step = {}, []
     for mode in ("eager", "compiled"):
         model = make_model(0)
@@ -108,7 +136,8 @@ def test_every_wrapper_compiled_matches_eager_and_a_scheduler_does_not_recompile
         runs[mode] = [p.detach().clone() for p in model.parameters()]
     for a, b in zip(runs["eager"], runs["compiled"]):
         torch.testing.assert_close(a, b)  # traced graphs may reorder fp32 ops, nothing more
-    # Graphs are built over the first steps (state creation, the MA window filling up);
-    # from then on a changing lr must not compile anything new.
+    # Graphs are built over the first steps (state creation, the MA window filling up and,
+    # on torch 2.5, its ring index wrapping once: step 6); from then on a changing lr must
+    # not compile anything new.
     assert graphs_per_step[-1] > 0
-    assert graphs_per_step[-3:] == [graphs_per_step[-4]] * 3, graphs_per_step
+    assert graphs_per_step[-6:] == [graphs_per_step[-7]] * 6, graphs_per_step
