@@ -481,8 +481,10 @@ def _run_fused(kernel: Any, *args: Tensor) -> None:
         kernel(*args)
     else:
         kept = _subnormals_kept()
-        _COMPILED[kernel](*args)  # (a new shape or layout may load another kernel)
-        _keep_subnormals(kept)
+        try:
+            _COMPILED[kernel](*args)  # (a new shape or layout may load another kernel)
+        finally:
+            _keep_subnormals(kept)
 
 
 def _lerp_and_amplify(

@@ -427,8 +427,9 @@ class FrobeniusEstimate(NamedTuple):
 
 
 # Probes for half-precision tensors are drawn in float32 and rounded. torch's own fp16 /
-# bf16 normal_ draws another stream in some versions (2.5; from some later version it rounds
-# the float32 one), so the same seed would give other probes under autocast than in float32.
+# bf16 normal_ draws another stream than float32's: all of it on 2.5, the last 16 values of
+# a draw whose length is over 16 and not a multiple of 16 on 2.13. The same seed would give
+# other probes under autocast than in float32.
 _DRAWN_WIDER = (torch.float16, torch.bfloat16)
 
 
