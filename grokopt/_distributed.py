@@ -28,7 +28,7 @@ def local_shard(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
-def dtensor_type() -> type | None:
+def dtensor_type() -> type[Any] | None:
     """The DTensor class if ``torch.distributed.tensor`` is imported, else None.
 
     No DTensor can exist before that module is imported (by FSDP2, or by the user), so it

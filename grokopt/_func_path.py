@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,11 @@ def grad_ready(x: Tensor) -> Tensor:
     return x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
 
 
+def _jvp(model: Model, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    # torch.func.jvp without has_aux: (output, J u) (its annotation also allows the aux)
+    return cast("tuple[Tensor, Tensor]", torch.func.jvp(model, (x,), (u,)))
+
+
 def func_jvp(model: Model, x: Tensor, tangents: Tensor, *, refuse_layer_norm: bool) -> tuple[Tensor, Tensor]:
     """``(model(x), J u)`` for tangents ``(k, B, *in)`` by ``torch.func.jvp`` (vmapped over k)."""
     watch = LayerNormWatch(refuse=refuse_layer_norm)
@@ -104,15 +110,17 @@ def func_jvp(model: Model, x: Tensor, tangents: Tensor, *, refuse_layer_norm: bo
     try:
         with higher_order_attention(), watch:
             if tangents.shape[0] == 1:
-                out, tan = torch.func.jvp(model, (x,), (tangents[0],))
+                out, tan = _jvp(model, x, tangents[0])
                 tan = tan.unsqueeze(0)
             else:
 
                 def one(u: Tensor) -> tuple[Tensor, Tensor]:
-                    return torch.func.jvp(model, (x,), (u,))
+                    return _jvp(model, x, u)
 
                 # The primal does not depend on the vmapped tangent, so it is computed once.
-                out, tan = torch.func.vmap(one, out_dims=(None, 0), randomness="same")(tangents)
+                # (torch's annotation of out_dims leaves out None entries)
+                out, tan = torch.func.vmap(
+                    one, out_dims=(None, 0), randomness="same")(tangents)  # type: ignore[arg-type]
     except ValueError:
         if rng is not None:
             set_rng_states(rng)

@@ -83,7 +83,7 @@ def nonfinite_flag(tensors: Sequence[Tensor]) -> Tensor:
         bad = [(~torch.isfinite(t)).any() for t in tensors]
         return torch.stack(bad).any().to(torch.float32).reshape(1)
     flag = torch.zeros(1, device=device)
-    torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, _one(device))
+    torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), flag, _one(device))
     return flag
 
 

@@ -15,6 +15,7 @@ and ``("reshape", shape)`` entries. :mod:`grokopt.jacobian` decides when this pa
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,7 @@ def plan_of(model: object) -> Plan | None:
         kind = type(m)
         if kind is nn.Linear or kind in ACTIVATIONS or kind in PASSTHROUGH:
             continue
-        if kind is nn.Flatten and (m.start_dim >= 1 or m.start_dim < 0):
+        if kind is nn.Flatten and cast(nn.Flatten, m).start_dim != 0:  # keeps the batch
             continue
         if kind is nn.Dropout and (not m.training or m.p == 0.0):
             continue
@@ -111,7 +112,8 @@ def activation_slope(m: nn.Module, pre: Tensor) -> tuple[Tensor, Tensor | None]:
         return (pre > 0).to(pre.dtype), None
     if type(m) is nn.LeakyReLU:
         return torch.where(pre > 0, pre.new_ones(()), pre.new_full((), m.negative_slope)), None
-    lo, hi = float(m.min_val), float(m.max_val)
+    clip = cast(nn.Hardtanh, m)
+    lo, hi = float(clip.min_val), float(clip.max_val)
     inside = (pre > lo) & (pre < hi)
     const = torch.where(pre <= lo, pre.new_full((), lo), pre.new_zeros(())) + torch.where(
         pre >= hi, pre.new_full((), hi), pre.new_zeros(())

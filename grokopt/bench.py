@@ -321,7 +321,7 @@ class _Trainer:
         for name in arm.components:
             METHODS[name].apply(ctx, self.parts, arm.params[name])
         self.clip = None if clip is None or arm.uses_outer else (
-            list(self.model.parameters()), float(clip))
+            list[Tensor](self.model.parameters()), float(clip))
 
     def step(self) -> None:
         x, y = self.batches[self.step_count % len(self.batches)]
@@ -652,10 +652,11 @@ def bench(
     finally:
         torch.set_num_threads(old_threads)
 
-    results = [MethodResult(arm.label, arm.components, samples[arm.label],
-                            *(peaks[arm.label] if arm.label in peaks else (None, None)),
-                            not_applicable=not_applicable.get(arm.label))
-               for arm in arms]
+    results = []
+    for arm in arms:
+        peak, retained = peaks.get(arm.label, (None, None))
+        results.append(MethodResult(arm.label, arm.components, samples[arm.label], peak,
+                                    retained, not_applicable=not_applicable.get(arm.label)))
     _set_ratios(results)
     config = dict(model=name, description=spec.description, parameters=n_params,
                   batch_size=spec.batch_size, outer_batch_size=spec.outer_batch_size,

@@ -113,8 +113,10 @@ def _add_race_parser(sub: Any) -> None:
 
     def preset(field: str | None = None, shown: str | None = None) -> str:
         # Flags left unset keep the preset's value; name the default preset's value once.
-        text = shown if shown is not None else _show(getattr(quick, field))
-        return f"(default: the preset's; quick: {text})"
+        if shown is None:
+            assert field is not None, "preset() needs a field or the text shown"
+            shown = _show(getattr(quick, field))
+        return f"(default: the preset's; quick: {shown})"
 
     p = sub.add_parser(
         "race",

@@ -191,7 +191,7 @@ def absolute_gradient_entropy(params_or_tensors: Tensor | nn.Module | Iterable[T
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.device, torch.promote_types(t.dtype, torch.float32)), []).append(t)
-    parts = []
+    parts: list[Tensor] = []
     for (_, dtype), ts in groups.items():
         # One fused abs per group; xlogy has no multi-tensor kernel, but it is one pass.
         mags = torch._foreach_abs([t.to(dtype) for t in ts])

@@ -27,6 +27,7 @@ from ._compat import extremes
 from ._distributed import is_dtensor, local_shard, shard_groups
 from .amplifier import (
     Gains,
+    Located,
     PiecewiseTable,
     amplifier_dtype_device,
     piecewise_plan,
@@ -336,7 +337,7 @@ def _gphi_vjp(
     """
     device = gains.device
 
-    def chunks(i: int) -> Iterable[tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]]:
+    def chunks(i: int) -> Iterable[tuple[Tensor, Tensor | Located | None, Tensor, Tensor, Tensor]]:
         """(x, its pieces, [f = m], u, v) per chunk of tensor i."""
         for x, v in zip(xs[i].split(chunk), vs[i].split(chunk)):
             if x.numel() == 0:

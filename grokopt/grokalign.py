@@ -69,6 +69,8 @@ class GrokAlignLoss(nn.Module):
         (0, True, 'vjp')
     """
 
+    model: Model  # (an nn.Module, or any callable, registered as a submodule when it is one)
+
     def __init__(
         self,
         model: Model,

@@ -20,6 +20,7 @@ import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import FrameType
 from typing import Any, NamedTuple
 
 import torch
@@ -29,7 +30,7 @@ from torch.optim import Optimizer
 from ._checks import check_bool, check_choice, check_float, check_int
 from ._nonfinite import NonFiniteGradientError, all_finite, check_mode, nonfinite_flag, screen_step
 from ._distributed import dtensor_type, is_dtensor, local_shard, local_shards
-from .wrapper import KEEP_SCRATCH_BYTES, SKIP_STEP, GradientTransform
+from .wrapper import KEEP_SCRATCH_BYTES, SKIP_STEP, GradientTransform, TransformResult
 
 __all__ = ["Grokfast", "NonFiniteGradientError", "grokfast_"]
 
@@ -381,8 +382,8 @@ def _lerp_weight(alpha: Any, n: int) -> Any:
 def _amplified(grads: list[Tensor], mus: list[Tensor], lamb: Any) -> list[Tensor]:
     """``g + lamb * mu`` as new tensors (plain tensors of one dtype)."""
     if isinstance(lamb, Tensor):
-        return torch._foreach_add(grads, torch._foreach_mul(mus, lamb))
-    return torch._foreach_add(grads, mus, alpha=lamb)
+        return list(torch._foreach_add(grads, torch._foreach_mul(mus, lamb)))
+    return list(torch._foreach_add(grads, mus, alpha=lamb))  # (a tuple, as torch returns it)
 
 
 def _amplify_into(g: Tensor, mu: Tensor, lamb: Any, out: Tensor) -> None:
@@ -467,8 +468,9 @@ def _fused_ready(kind: tuple[torch.device, torch.dtype]) -> bool:
 def _caller_level() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside grokopt and
     torch (the user's ``step()`` call), whatever decorators torch wraps around it."""
-    skip = tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules["grokopt"], torch))
-    frame, level = sys._getframe(1), 1
+    skip = tuple(os.path.dirname(str(m.__file__)) + os.sep for m in (sys.modules["grokopt"], torch))
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
     return level
@@ -507,8 +509,8 @@ def _amplifies(lamb: Any) -> bool:
 def _add_scaled(xs: list[Tensor], ys: list[Tensor], scale: Any) -> list[Tensor]:
     """Out of place ``x + scale * y`` for a float or 0-d tensor scale."""
     if isinstance(scale, Tensor):
-        return torch._foreach_add(xs, torch._foreach_mul(ys, scale))
-    return torch._foreach_add(xs, ys, alpha=scale)
+        return list(torch._foreach_add(xs, torch._foreach_mul(ys, scale)))
+    return list(torch._foreach_add(xs, ys, alpha=scale))
 
 
 # ---------------------------------------------------------------------------- MA
@@ -728,6 +730,9 @@ class Grokfast(GradientTransform):
     """
 
     _prefix = "grokfast_"
+    # The flat buffers (see _flatten): EMA buffer, output buffer (None once released), the
+    # output's views, the states laid out in them. Set in the instance's __dict__ only.
+    _flat_buffers: tuple[Tensor, Tensor | None, list[Tensor], list[dict[str, Any]]]
 
     def __init__(
         self,
@@ -778,7 +783,7 @@ class Grokfast(GradientTransform):
     def _state_edited(self) -> None:
         self.__dict__.pop("_fast_plan", None)
 
-    def _transform_gradients(self) -> Tensor | object | None:
+    def _transform_gradients(self) -> TransformResult:
         _check_lr(self.param_groups)
         if self._steady_step():
             return None
@@ -839,7 +844,9 @@ class Grokfast(GradientTransform):
             start = len(states)
             states += group_states
             kinds += [(g.device, g.dtype) for _, g in pairs]
-            fresh, kept, here = [], [], []
+            fresh: list[int] = []
+            kept: list[int] = []
+            here: list[int] = []
             for i, (_, g) in enumerate(pairs, start):
                 if g.device.type != "cpu" and not self.fused:
                     fresh.append(i)

@@ -324,7 +324,7 @@ def vjp(
     with contextlib.nullcontext() if create_graph else torch.no_grad():
         out, x_, tape = _forward_for_reverse(model, x, plan)
         _check_output(out, x.shape[0])
-        if constant:
+        if not isinstance(cotangents, Tensor):  # (constant)
             single, cots = True, out.new_full((1,) + tuple(out.shape), float(cotangents))
         else:
             single = cotangents.shape == out.shape

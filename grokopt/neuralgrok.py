@@ -23,7 +23,7 @@ from ._distributed import all_reduce_mean, is_dtensor, local_shard, unwrap_ddp
 from ._nonfinite import check_mode, screen_step
 from .amplifier import check_amplifier, make_amplifier
 from .gphi import CHUNK_SIZE, PATHS, amplify_gradients, amplify_gradients_vjp, piecewise_plan_for
-from .wrapper import SKIP_STEP, GradientTransform
+from .wrapper import SKIP_STEP, GradientTransform, TransformResult
 
 __all__ = ["AmplifiedOptimizer"]
 
@@ -299,7 +299,7 @@ class AmplifiedOptimizer(GradientTransform):
     # inner optimizer steps with, instead of a copy of every gradient written over.
     _makes_scratch = True
 
-    def _transform_gradients(self) -> object | None:
+    def _transform_gradients(self) -> TransformResult:
         if not screen_step(self, self.nonfinite):
             return SKIP_STEP
         pairs = [(p, g, group["neuralgrok_c"]) for group in self.param_groups
@@ -324,6 +324,7 @@ class AmplifiedOptimizer(GradientTransform):
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p, _, _ in pairs], self.max_grad_norm)
         self._counters["steps"] += 1
+        return None
 
     # ------------------------------------------------------------------ meta-step
 

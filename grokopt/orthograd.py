@@ -118,7 +118,7 @@ def _foreach(ws: list[Tensor], gs: list[Tensor], eps: float,
                 and g.is_contiguous() and ws[i].is_contiguous()):
             sizes[g.numel()].append(i)
     for idx in sizes.values():
-        if len(idx) > 1:
+        if len(idx) > 1 and stacks is not None:  # (sizes is empty without stacks)
             these = [gs[i] for i in idx]
             rows = _stacked(stacks(_stack_key(these, acc)), [ws[i] for i in idx], these, eps)
             for i, row in zip(idx, rows):
@@ -143,7 +143,7 @@ def _per_tensor(ws: list[Tensor], gs: list[Tensor], eps: float, acc: torch.dtype
     coefs = dots / (w_norms * w_norms + eps)
     neg = list(coefs.neg().unbind())
     if outs is None or all(o is None for o in outs):
-        perp = torch._foreach_mul(wa, neg)
+        perp = list(torch._foreach_mul(wa, neg))
     else:
         # The given outputs one by one (few and large), the rest in one multi-tensor op.
         fresh = [i for i, o in enumerate(outs) if o is None]

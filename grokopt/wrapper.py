@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 
 from ._checks import check_bool
 
-__all__ = ["SKIP_STEP", "GradientTransform"]
+__all__ = ["SKIP_STEP", "GradientTransform", "TransformResult"]
 
 # A state_dict's top-level key listing the wrappers, outermost first, that produced it.
 _STACK_KEY = "grokopt_stack"
@@ -50,6 +50,10 @@ class _Skip:
 #: What :meth:`GradientTransform._transform_gradients` returns to skip the step: nothing was
 #: changed and the inner optimizer must not step.
 SKIP_STEP = _Skip()
+
+#: What :meth:`GradientTransform._transform_gradients` returns: None (step the inner
+#: optimizer), :data:`SKIP_STEP` (skip the step) or a 0-d bool tensor ``found_inf``.
+TransformResult = Tensor | _Skip | None
 
 # Every wrapper's key prefix, to tell a wrapper's entries from an inner optimizer's.
 _PREFIXES: dict[str, str] = {}
@@ -283,6 +287,7 @@ class GradientTransform(Optimizer):
     """
 
     _prefix: str = ""
+    optimizer: Optimizer  # the wrapped optimizer (set in __init__)
     #: What :meth:`_transform_gradients` returns to skip the step (also ``grokopt.wrapper.SKIP_STEP``).
     SKIP_STEP = SKIP_STEP
 
@@ -476,7 +481,7 @@ class GradientTransform(Optimizer):
                     f"must return None (step the inner optimizer), SKIP_STEP (skip the step) "
                     f"or a 0-d bool tensor found_inf"
                 )
-            if found_inf is not SKIP_STEP:
+            if not isinstance(found_inf, _Skip):  # (SKIP_STEP)
                 if users and self._makes_scratch and isinstance(self.optimizer, GradientTransform):
                     # A nested wrapper writes into the gradients it is given: it must not
                     # be given the user's, which the transform left where it changed nothing.
@@ -555,7 +560,7 @@ class GradientTransform(Optimizer):
         for p, g in users:
             p.grad = g.clone()
 
-    def _transform_gradients(self) -> Tensor | _Skip | None:
+    def _transform_gradients(self) -> TransformResult:
         """Transform ``p.grad`` in place for every parameter, and say how the step goes on.
 
         Returns ``None`` to step the inner optimizer, :data:`SKIP_STEP` to skip the step
@@ -591,7 +596,7 @@ class GradientTransform(Optimizer):
         inner = self.optimizer
         nested = isinstance(inner, GradientTransform)
         if nested:
-            inner._nested = True
+            inner.__dict__["_nested"] = True
         try:
             _step_without_global_hooks(inner)
         finally:
@@ -786,7 +791,7 @@ class GradientTransform(Optimizer):
                 f"state_dict has {len(saved_groups)} parameter groups, this optimizer has "
                 f"{len(self.param_groups)}"
             )
-        params = []
+        params: list[tuple[Any, Tensor]] = []
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(
@@ -941,7 +946,7 @@ def _step_without_global_hooks(optimizer: Optimizer) -> None:
             patched()
             return
         optimizer._opt_called = True  # type: ignore[attr-defined]
-    hooked = type(optimizer).step
+    hooked: Any = type(optimizer).step
     if not getattr(hooked, "hooked", False) or not hasattr(hooked, "__wrapped__"):
         hooked(optimizer)
         return

@@ -64,8 +64,8 @@ def load_data(cfg: RaceConfig, seed: int, device: torch.device) -> RaceData:
         n_outer = max(1, round(0.01 * n_total))
         out = dict(x_outer=x_tr[:n_outer], y_outer=y_tr[:n_outer],
                    x_inner=x_tr[n_outer:], y_inner=y_tr[n_outer:])
-        extra = dict(num_classes=d.num_classes, vocab_size=None, seq_len=None,
-                     input_dim=d.input_dim)
+        extra: dict[str, Any] = dict(num_classes=d.num_classes, vocab_size=None, seq_len=None,
+                                     input_dim=d.input_dim)
     else:
         m = modular_dataset(cfg.task, cfg.p)
         if cfg.split == "neuralgrok":
@@ -82,7 +82,8 @@ def load_data(cfg: RaceConfig, seed: int, device: torch.device) -> RaceData:
         extra = dict(num_classes=m.num_classes, vocab_size=m.vocab_size, seq_len=m.seq_len,
                      input_dim=None)
     tensors = dict(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, **out)
-    return RaceData(**{k: v.to(device) for k, v in tensors.items()}, **extra)
+    fields: dict[str, Any] = {k: v.to(device) for k, v in tensors.items()}
+    return RaceData(**fields, **extra)
 
 
 def build_model(cfg: RaceConfig, data: RaceData) -> nn.Module:
@@ -90,18 +91,19 @@ def build_model(cfg: RaceConfig, data: RaceData) -> nn.Module:
     if kind == "auto":
         kind = "omnigrok-mlp" if cfg.task in IMAGE_TASKS else "mlp"
     kw = dict(cfg.model_kwargs)
+    dim, vocab, seq_len, classes = data.input_dim, data.vocab_size, data.seq_len, data.num_classes
     if cfg.task in IMAGE_TASKS:
         if kind != "omnigrok-mlp":
             raise ValueError(f"model: the {cfg.task} task takes 'omnigrok-mlp' or 'auto', got {kind!r}")
+        assert dim is not None
         build: Callable[..., nn.Module] = lambda: OmnigrokMLP(  # noqa: E731
-            data.input_dim, num_classes=data.num_classes, **kw)
+            dim, num_classes=classes, **kw)
     elif kind == "transformer":
-        assert data.vocab_size is not None
-        build = lambda: DecoderTransformer(data.vocab_size, data.num_classes, **kw)  # noqa: E731
+        assert vocab is not None
+        build = lambda: DecoderTransformer(vocab, classes, **kw)  # noqa: E731
     elif kind == "mlp":
-        assert data.vocab_size is not None and data.seq_len is not None
-        build = lambda: EmbeddingMLP(  # noqa: E731
-            data.vocab_size, data.seq_len, data.num_classes, **kw)
+        assert vocab is not None and seq_len is not None
+        build = lambda: EmbeddingMLP(vocab, seq_len, classes, **kw)  # noqa: E731
     else:
         raise ValueError(f"model: modular tasks take 'transformer', 'mlp' or 'auto', got {kind!r}")
     try:
@@ -168,7 +170,7 @@ class Run:
         self.reached: dict[str, dict[str, float] | None] = {
             threshold_key(t): None for t in cfg.thresholds}
         self.rng_cpu = torch.Generator().manual_seed(seed).get_state()
-        self.rng_cuda = None
+        self.rng_cuda: Tensor | None = None
         self._perm: Tensor | None = None
         self._perm_epoch = -1
         self.resumed_from: int | None = None
@@ -203,7 +205,7 @@ class Run:
                 group["lr"] = group["initial_lr"] * factor
         # NeuralGrok clips inside its own step (after the amplifier), as its paper does.
         clip = None if self.clip is None or self.spec.uses_outer else (
-            list(self.model.parameters()), self.clip)
+            list[Tensor](self.model.parameters()), self.clip)
         training_step(self.parts, self.route, self.loss_fn, x, y, self.step, clip)
         self.step += 1
 

@@ -195,8 +195,9 @@ def plot_leaderboard(results: Sequence[Mapping[str, Any]], path: str | os.PathLi
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.2 * rows), dpi=110, squeeze=False)
     arms = arm_order(results)
     # One colour and line style per arm in every panel.
-    palette = plt.get_cmap("tab10").colors
-    look = {a: (palette[i % 10], "-" if i < 10 else "--") for i, a in enumerate(arms)}
+    palette = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # (a ListedColormap)
+    look: dict[str, tuple[Any, Any]] = {
+        a: (palette[i % 10], "-" if i < 10 else "--") for i, a in enumerate(arms)}
     for ax, race in zip(axes.flat, results):
         by_arm: dict[str, list[Mapping[str, Any]]] = {}
         for run in race["runs"]:

@@ -347,7 +347,8 @@ def penalty_route(model: nn.Module) -> PenaltyRoute:
         ('input', True)
     """
     if hasattr(model, "embed") and hasattr(model, "forward_embeddings"):
-        return PenaltyRoute(model.embed, model.forward_embeddings, "embeddings")
+        split: Any = model  # (a module's attributes type as Tensor | Module)
+        return PenaltyRoute(split.embed, split.forward_embeddings, "embeddings")
     if isinstance(model, OmnigrokMLP):
         return PenaltyRoute(lambda x: x.flatten(1), model.net, "input")
     return PenaltyRoute(lambda x: x, model, "input")

@@ -42,7 +42,7 @@ def muon_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
             chosen.setdefault(id(m.in_proj_weight), m.in_proj_weight)
     hidden = list(chosen.values())
-    rest = [p for p in model.parameters() if id(p) not in chosen]
+    rest: list[Tensor] = [p for p in model.parameters() if id(p) not in chosen]
     return hidden, rest
 
 
