@@ -55,11 +55,11 @@ def _restore_buffers(saved: _BufferSnapshot) -> None:
     those that changed are written, so a buffer that some graph saved for backward (BatchNorm's
     running statistics in eval mode) keeps its version counter and that graph stays usable."""
     with torch.no_grad():
-        for m, name, b, copy in saved:
+        for m, name, b, value in saved:
             if m._buffers.get(name) is not b:  # a module may rebind a buffer, not update it
                 m._buffers[name] = b
-            if b is not None and copy is not None and not torch.equal(b, copy):
-                b.copy_(copy)
+            if b is not None and value is not None and not torch.equal(b, value):
+                b.copy_(value)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ groups behave as documented and lose nothing already accumulated."""
 from __future__ import annotations
 
 import copy
-import os
 import signal
 import subprocess
 import sys
