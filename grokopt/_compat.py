@@ -126,7 +126,8 @@ def fully_shard() -> Callable[..., Any]:
     """
 
     def load() -> Any:
-        from torch.distributed.fsdp import fully_shard as found
+        # (no such name before torch 2.6, which type checkers see there)
+        from torch.distributed.fsdp import fully_shard as found  # type: ignore[attr-defined]
 
         return found
 
@@ -138,4 +139,5 @@ def muon() -> type[torch.optim.Optimizer]:
 
     Raises :class:`TorchTooOldError` naming torch 2.9 where it is missing.
     """
-    return _require(OPTIM_MUON, lambda: torch.optim.Muon)
+    # (no such name before torch 2.9, which type checkers see there)
+    return _require(OPTIM_MUON, lambda: torch.optim.Muon)  # type: ignore[attr-defined]

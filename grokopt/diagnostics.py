@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -136,17 +136,20 @@ def jacobian_pc1_share(model: Model, x: Tensor) -> float:
 
 
 def _tensors(items: Tensor | nn.Module | Iterable[Tensor]) -> list[Tensor]:
+    given: Iterable[Tensor]
     if isinstance(items, nn.Module):
-        items = items.parameters()
+        given = items.parameters()
     elif isinstance(items, Tensor):
-        items = [items]
+        given = [items]
     elif isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
         raise TypeError(
             f"params_or_tensors must be a module, a tensor, or an iterable of tensors or "
             f"parameters, got {type(items).__name__}"
         )
+    else:  # (what it holds is checked below)
+        given = cast("Iterable[Tensor]", items)
     out = []
-    for t in items:
+    for t in given:
         if isinstance(t, nn.Parameter):
             if t.grad is not None:
                 out.append(t.grad)

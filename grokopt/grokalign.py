@@ -69,7 +69,7 @@ class GrokAlignLoss(nn.Module):
         (0, True, 'vjp')
     """
 
-    model: Model  # (an nn.Module, or any callable, registered as a submodule when it is one)
+    model: Model  # (kept out of this module's submodules and state_dict: see __init__)
 
     def __init__(
         self,

@@ -468,7 +468,8 @@ def _fused_ready(kind: tuple[torch.device, torch.dtype]) -> bool:
 def _caller_level() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside grokopt and
     torch (the user's ``step()`` call), whatever decorators torch wraps around it."""
-    skip = tuple(os.path.dirname(str(m.__file__)) + os.sep for m in (sys.modules["grokopt"], torch))
+    skip = tuple(os.path.dirname(f) + os.sep for m in (sys.modules["grokopt"], torch)
+                 if (f := m.__file__) is not None)
     frame: FrameType | None = sys._getframe(1)
     level = 1
     while frame is not None and frame.f_code.co_filename.startswith(skip):

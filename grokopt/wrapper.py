@@ -46,6 +46,10 @@ class _Skip:
     def __repr__(self) -> str:
         return "SKIP_STEP"
 
+    def __reduce__(self) -> str:
+        # copy, deepcopy and pickle give back the one SKIP_STEP (looked up by name)
+        return "SKIP_STEP"
+
 
 #: What :meth:`GradientTransform._transform_gradients` returns to skip the step: nothing was
 #: changed and the inner optimizer must not step.

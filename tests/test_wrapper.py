@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -287,6 +289,10 @@ def test_transform_answers_step_skip_or_found_inf_and_only_the_base_steps():
     p.grad = torch.ones(3)
     opt.step()
     assert torch.equal(p.detach(), torch.zeros(3))  # skipped
+    # copied or pickled (a transform that keeps it in its state), it is still the one
+    for copied in (copy.copy(SKIP_STEP), copy.deepcopy(SKIP_STEP),
+                   pickle.loads(pickle.dumps(SKIP_STEP))):
+        assert copied is SKIP_STEP
     opt.answer = True  # the protocol before SKIP_STEP: refused by name, not misread
     p.grad = torch.ones(3)
     with pytest.raises(TypeError, match="must return None .* SKIP_STEP"):
