@@ -71,7 +71,7 @@ def all_finite(grads: Sequence[Tensor]) -> Tensor:
     return _agree(finite.to(device), grads)
 
 
-def nonfinite_flag(tensors: Sequence[Tensor]) -> Tensor:
+def nonfinite_flag(tensors: list[Tensor]) -> Tensor:
     """A 1-element float tensor on the tensors' device: nonzero iff some entry of some
     tensor is inf or NaN. The tensors are plain (local) tensors of one device and dtype;
     :func:`all_finite` is the general screen."""
@@ -83,7 +83,7 @@ def nonfinite_flag(tensors: Sequence[Tensor]) -> Tensor:
         bad = [(~torch.isfinite(t)).any() for t in tensors]
         return torch.stack(bad).any().to(torch.float32).reshape(1)
     flag = torch.zeros(1, device=device)
-    torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), flag, _one(device))
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, _one(device))
     return flag
 
 

@@ -34,6 +34,9 @@ from .wrapper import KEEP_SCRATCH_BYTES, SKIP_STEP, GradientTransform, Transform
 
 __all__ = ["Grokfast", "NonFiniteGradientError", "grokfast_"]
 
+#: What torch's multi-tensor ops return (a tuple) or take (a list or a tuple) as tensors.
+_Tensors = tuple[Tensor, ...] | list[Tensor]
+
 _FILTERS = ("ema", "ma")
 _REDUCTIONS = ("mean", "sum")
 # The state entry whose presence means "this tensor's filter has started".
@@ -336,7 +339,7 @@ def _ema_reference(
 def _ema_foreach(
     grads: list[Tensor], states: list[dict[str, Any]], alpha: Any, lamb: Any, finite: Tensor | None,
     out_of_place: bool = False,
-) -> list[Tensor] | None:
+) -> _Tensors | None:
     """The EMA filter over one device/dtype bucket. With ``out_of_place`` the gradients are
     read only and the filtered ones are returned (None where lamb is 0: unchanged), so that
     a caller who must give the user's gradients back needs no copy of them."""
@@ -379,11 +382,11 @@ def _lerp_weight(alpha: Any, n: int) -> Any:
     return [weight] * n if isinstance(weight, Tensor) else weight
 
 
-def _amplified(grads: list[Tensor], mus: list[Tensor], lamb: Any) -> list[Tensor]:
+def _amplified(grads: list[Tensor], mus: list[Tensor], lamb: Any) -> _Tensors:
     """``g + lamb * mu`` as new tensors (plain tensors of one dtype)."""
     if isinstance(lamb, Tensor):
-        return list(torch._foreach_add(grads, torch._foreach_mul(mus, lamb)))
-    return list(torch._foreach_add(grads, mus, alpha=lamb))  # (a tuple, as torch returns it)
+        return torch._foreach_add(grads, torch._foreach_mul(mus, lamb))
+    return torch._foreach_add(grads, mus, alpha=lamb)
 
 
 def _amplify_into(g: Tensor, mu: Tensor, lamb: Any, out: Tensor) -> None:
@@ -492,7 +495,7 @@ def _run_fused(kernel: Any, *args: Tensor) -> None:
 
 def _lerp_and_amplify(
     grads: list[Tensor], mus: list[Tensor], alpha: Any, lamb: Any
-) -> list[Tensor] | None:
+) -> _Tensors | None:
     """The out-of-place EMA step on started filters of plain tensors of one dtype:
     ``mu <- lerp(mu, g, 1 - alpha)`` in place, then ``g + lamb * mu`` returned as new
     tensors (None where a float ``lamb`` is 0); ``grads`` are only read."""
@@ -507,11 +510,11 @@ def _amplifies(lamb: Any) -> bool:
     return isinstance(lamb, Tensor) or lamb != 0
 
 
-def _add_scaled(xs: list[Tensor], ys: list[Tensor], scale: Any) -> list[Tensor]:
+def _add_scaled(xs: list[Tensor], ys: list[Tensor], scale: Any) -> _Tensors:
     """Out of place ``x + scale * y`` for a float or 0-d tensor scale."""
     if isinstance(scale, Tensor):
-        return list(torch._foreach_add(xs, torch._foreach_mul(ys, scale)))
-    return list(torch._foreach_add(xs, ys, alpha=scale))
+        return torch._foreach_add(xs, torch._foreach_mul(ys, scale))
+    return torch._foreach_add(xs, ys, alpha=scale)
 
 
 # ---------------------------------------------------------------------------- MA

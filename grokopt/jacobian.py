@@ -433,13 +433,17 @@ class FrobeniusEstimate(NamedTuple):
 _DRAWN_WIDER = (torch.float16, torch.bfloat16)
 
 
-def _draw(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    # empty().normal_() rather than randn: the same stream as the fast path's in-place draw.
-    # With a generator, drawn on its own device, so that a CPU generator serves CUDA inputs.
+def _drawn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    # Gaussian probes for ``like`` as drawn: empty().normal_() rather than randn (the same
+    # stream as the fast path's in-place draw), in float32 for a half ``like``, and with a
+    # generator on its own device, so that a CPU generator serves CUDA inputs.
     device = like.device if generator is None else generator.device
     dtype = torch.float32 if like.dtype in _DRAWN_WIDER else like.dtype
-    z = torch.empty(shape, dtype=dtype, device=device).normal_(generator=generator)
-    return z.to(device=like.device, dtype=like.dtype)
+    return torch.empty(shape, dtype=dtype, device=device).normal_(generator=generator)
+
+
+def _draw(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    return _drawn(shape, like, generator).to(device=like.device, dtype=like.dtype)
 
 
 
@@ -450,7 +454,7 @@ def _stack_with_probes(x: Tensor, k: int, generator: torch.Generator | None) -> 
     if (generator is None or generator.device == x.device) and x.dtype not in _DRAWN_WIDER:
         z[1:].normal_(generator=generator)
     else:
-        z[1:].copy_(_draw((k,) + tuple(x.shape), x, generator))
+        z[1:].copy_(_drawn((k,) + tuple(x.shape), x, generator))  # (copy_ rounds and moves)
     z[0].copy_(x)  # autograd records the copy, so gradients still reach x
     return z
 

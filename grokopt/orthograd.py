@@ -111,18 +111,19 @@ def _foreach(ws: list[Tensor], gs: list[Tensor], eps: float,
     (:func:`_per_tensor`). The two routes give the same results, bit for bit."""
     acc = _accumulate_dtype(gs[0].dtype)
     done: list[Tensor | None] = [None] * len(gs)
-    sizes: dict[int, list[int]] = defaultdict(list)
-    for i, g in enumerate(gs):
-        if (stacks is not None and (outs is None or outs[i] is None)
-                and g.numel() * g.element_size() < KEEP_SCRATCH_BYTES
-                and g.is_contiguous() and ws[i].is_contiguous()):
-            sizes[g.numel()].append(i)
-    for idx in sizes.values():
-        if len(idx) > 1 and stacks is not None:  # (sizes is empty without stacks)
-            these = [gs[i] for i in idx]
-            rows = _stacked(stacks(_stack_key(these, acc)), [ws[i] for i in idx], these, eps)
-            for i, row in zip(idx, rows):
-                done[i] = row
+    if stacks is not None:
+        sizes: dict[int, list[int]] = defaultdict(list)
+        for i, g in enumerate(gs):
+            if ((outs is None or outs[i] is None)
+                    and g.numel() * g.element_size() < KEEP_SCRATCH_BYTES
+                    and g.is_contiguous() and ws[i].is_contiguous()):
+                sizes[g.numel()].append(i)
+        for idx in sizes.values():
+            if len(idx) > 1:
+                these = [gs[i] for i in idx]
+                rows = _stacked(stacks(_stack_key(these, acc)), [ws[i] for i in idx], these, eps)
+                for i, row in zip(idx, rows):
+                    done[i] = row
     rest = [i for i, d in enumerate(done) if d is None]
     if rest:
         found = _per_tensor([ws[i] for i in rest], [gs[i] for i in rest], eps, acc,
@@ -133,7 +134,7 @@ def _foreach(ws: list[Tensor], gs: list[Tensor], eps: float,
 
 
 def _per_tensor(ws: list[Tensor], gs: list[Tensor], eps: float, acc: torch.dtype,
-                outs: list[Tensor | None] | None) -> list[Tensor]:
+                outs: list[Tensor | None] | None) -> tuple[Tensor, ...] | list[Tensor]:
     """The transform one tensor at a time: multi-tensor kernels plus a dot product per
     tensor; into ``outs[i]`` where given, else new tensors laid out as the weights."""
     wa, ga = _as(ws, acc), _as(gs, acc)
@@ -142,8 +143,9 @@ def _per_tensor(ws: list[Tensor], gs: list[Tensor], eps: float, acc: torch.dtype
     g_norms = torch.stack(torch._foreach_norm(ga))
     coefs = dots / (w_norms * w_norms + eps)
     neg = list(coefs.neg().unbind())
+    perp: tuple[Tensor, ...] | list[Tensor]
     if outs is None or all(o is None for o in outs):
-        perp = list(torch._foreach_mul(wa, neg))
+        perp = torch._foreach_mul(wa, neg)
     else:
         # The given outputs one by one (few and large), the rest in one multi-tensor op.
         fresh = [i for i, o in enumerate(outs) if o is None]
