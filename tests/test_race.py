@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _features import HAS_MUON, needs_muon
+
 import grokopt
 from grokopt.race import (
     METHODS,
@@ -183,9 +185,6 @@ class _MuonByHand:
             o.step()
 
 
-HAS_MUON = hasattr(torch.optim, "Muon")
-
-
 def _adamw(cfg: RaceConfig):
     return lambda model, lr, wd: torch.optim.AdamW(model.parameters(), lr=lr, betas=cfg.betas,
                                                    weight_decay=wd)
@@ -203,8 +202,7 @@ def _adamw(cfg: RaceConfig):
     ("egd:until=none", grokopt.EGD, 1e-3, 0.1),
     # EGD switched off at the first evaluation (step 0): exactly the bare optimizer.
     ("egd:until=1e-9", None, 1e-3, 0.1),
-    pytest.param("muon:muon_lr=0.01,ns_steps=3", "muon", 1e-3, 0.1, marks=pytest.mark.skipif(
-        not HAS_MUON, reason=f"torch {torch.__version__} has no torch.optim.Muon (2.9+)")),
+    pytest.param("muon:muon_lr=0.01,ns_steps=3", "muon", 1e-3, 0.1, marks=needs_muon),
 ])
 def test_arm_equals_a_plain_training_loop(arm, make, lr, wd) -> None:
     cfg = RaceConfig(**FULL_BATCH, methods=(arm,))

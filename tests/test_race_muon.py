@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from _features import needs_muon
+
 import grokopt
 from grokopt.race.muon import MuonWithAuxiliary, muon_parameters
 from grokopt.tasks.models import DecoderTransformer, EmbeddingMLP, OmnigrokMLP
 
-needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
-                                reason=f"torch {torch.__version__} has no torch.optim.Muon (2.9+)")
 
 
 def _names(model, params):
