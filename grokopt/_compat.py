@@ -127,7 +127,7 @@ def fully_shard() -> Callable[..., Any]:
 
     def load() -> Any:
         # (no such name before torch 2.6, which type checkers see there)
-        from torch.distributed.fsdp import fully_shard as found  # type: ignore[attr-defined]
+        from torch.distributed.fsdp import fully_shard as found  # type: ignore[attr-defined, unused-ignore]
 
         return found
 
@@ -140,4 +140,4 @@ def muon() -> type[torch.optim.Optimizer]:
     Raises :class:`TorchTooOldError` naming torch 2.9 where it is missing.
     """
     # (no such name before torch 2.9, which type checkers see there)
-    return _require(OPTIM_MUON, lambda: torch.optim.Muon)  # type: ignore[attr-defined]
+    return _require(OPTIM_MUON, lambda: torch.optim.Muon)  # type: ignore[attr-defined, unused-ignore]

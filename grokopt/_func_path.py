@@ -55,7 +55,7 @@ class LayerNormWatch(TorchFunctionMode):
         self.refuse = refuse
         self.seen = False
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in self._FUNCS:
             if self.refuse:
                 raise ValueError(
@@ -120,7 +120,7 @@ def func_jvp(model: Model, x: Tensor, tangents: Tensor, *, refuse_layer_norm: bo
                 # The primal does not depend on the vmapped tangent, so it is computed once.
                 # (torch's annotation of out_dims leaves out None entries)
                 out, tan = torch.func.vmap(
-                    one, out_dims=(None, 0), randomness="same")(tangents)  # type: ignore[arg-type]
+                    one, out_dims=(None, 0), randomness="same")(tangents)  # type: ignore[arg-type, unused-ignore]
     except ValueError:
         if rng is not None:
             set_rng_states(rng)

@@ -182,9 +182,9 @@ def reverse(tape: Tape, cotangents: Tensor) -> Tensor:
     k = g.shape[0]
     for op, val in reversed(tape):
         if op == "linear":
-            g = g @ val  # type: ignore[operator]
+            g = g @ val  # type: ignore[operator, unused-ignore]
         elif op == "scale":
-            g = g * val  # type: ignore[operator]
+            g = g * val  # type: ignore[operator, unused-ignore]
         else:
             g = g.reshape((k,) + tuple(val))  # type: ignore[arg-type]
     return g
@@ -274,13 +274,13 @@ class GramQuadratic(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(a: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+    def forward(a: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         m = symmetric_gram(w)
         y = a @ m
         return (y * a).sum(-1), y, m
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def, override]
+    def setup_context(ctx, inputs, output):
         a, w = inputs
         _, y, m = output
         ctx.save_for_backward(a, w, y, m)
@@ -288,7 +288,7 @@ class GramQuadratic(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, gq, gy, gm):  # type: ignore[no-untyped-def, override]
+    def backward(ctx, gq, gy, gm):
         a, w, y, m = ctx.saved_tensors
         rows = a.reshape(-1, a.shape[-1])
         ga, dm = None, gm

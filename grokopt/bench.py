@@ -342,7 +342,7 @@ def _cpu_peak(run: Callable[[], Any]) -> tuple[int, int, Any]:
         value = run()
     # The raw allocation records, not prof.events(): those fold most records into the ops
     # that made them and lose the order needed for a peak.
-    records = [e for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+    records = [e for e in prof.profiler.kineto_results.events()
                if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     records.sort(key=lambda e: e.start_ns())
     live = peak = 0

@@ -543,7 +543,7 @@ def _like_sharded(g: Tensor, local: Tensor, lead: int = 0) -> Tensor:
         return local
     from torch.distributed.tensor import DTensor, Shard
 
-    placements = [Shard(p.dim + lead) if p.is_shard() else p  # type: ignore[attr-defined]
+    placements = [Shard(p.dim + lead) if p.is_shard() else p
                   for p in g.placements]  # type: ignore[attr-defined]
     shape = (*local.shape[:lead], *g.shape)
     return DTensor.from_local(local, g.device_mesh, placements, run_check=False,  # type: ignore[attr-defined]
@@ -571,7 +571,7 @@ def _resize_window(state: dict[str, Any], window: int) -> None:
         from torch.distributed.tensor import DTensor
 
         shape = torch.Size((window, *old_t.shape[1:]))
-        new = DTensor.from_local(new, old_t.device_mesh, old_t.placements, run_check=False,  # type: ignore[attr-defined]
+        new = DTensor.from_local(new, old_t.device_mesh, old_t.placements, run_check=False,
                                  shape=shape, stride=_contiguous_stride(shape))
         local_shard(state["ma_sum"]).copy_(total)
     else:

@@ -405,7 +405,7 @@ class GradientTransform(Optimizer):
 
     # ------------------------------------------------------------------ param groups
 
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         # Always the inner optimizer's *current* list: load_state_dict replaces it, and an
         # alias taken at construction would leave schedulers changing stale dicts.

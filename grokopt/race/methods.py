@@ -206,7 +206,7 @@ def _apply_muon(ctx: MethodContext, parts: TrainParts, params: Mapping[str, Any]
     reason = _muon_missing()
     if reason:
         raise RuntimeError(reason)
-    muon_cls = torch.optim.Muon  # type: ignore[attr-defined]
+    muon_cls = torch.optim.Muon  # type: ignore[attr-defined, unused-ignore]
     options = dict(params)
     options["lr"] = options.pop("muon_lr")
     wd = options.pop("muon_wd")

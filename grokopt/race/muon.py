@@ -69,7 +69,7 @@ class MuonWithAuxiliary(Optimizer):
         super().__init__(params, {})
         self._ready = True
 
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         # The inner optimizers' current dicts: load_state_dict replaces them.
         return [*self.muon.param_groups, *self.auxiliary.param_groups]
