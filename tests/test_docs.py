@@ -95,3 +95,46 @@ def test_no_user_facing_text_cites_the_internal_spec():
 def test_readme_and_package_docstring_link_the_methods_doc():
     assert "docs/methods.md" in README.read_text()
     assert "docs/methods.md" in (grokopt.__doc__ or "")
+
+
+def _api_table_calls() -> list[tuple[str, str]]:
+    """(name, argument text) of every call written in the README's Public API table."""
+    text = README.read_text()
+    table = text[text.index("## Public API"):text.index("## The grokking race")]
+    return [(name, args) for name, args in re.findall(r"`(\w+)\(([^`]*)\)`", table)
+            if hasattr(grokopt, name)]  # (not `step()`, `reg(x)`: methods and instances)
+
+
+def test_readme_api_table_has_signatures():
+    assert len(_api_table_calls()) >= 15
+
+
+@pytest.mark.parametrize(("name", "args"), _api_table_calls(), ids=lambda v: v[:40])
+def test_readme_api_table_signature_matches_the_code(name, args):
+    """A signature in the table names the real parameters, in order, of the same kind and
+    with the real defaults; a row that ends in ``...`` may leave the rest out."""
+    import ast
+    import inspect
+
+    partial = args.rstrip().endswith("...")
+    if partial:
+        args = args.rstrip()[:-3].rstrip().rstrip(",")
+    tree = ast.parse(f"def f({args}): pass").body[0].args
+    written = [(a.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD) for a in tree.args]
+    written += [(a.arg, inspect.Parameter.KEYWORD_ONLY) for a in tree.kwonlyargs]
+    defaults = dict(zip([a.arg for a in tree.args][len(tree.args) - len(tree.defaults):],
+                        tree.defaults))
+    defaults.update({a.arg: d for a, d in zip(tree.kwonlyargs, tree.kw_defaults) if d})
+    obj = getattr(grokopt, name)
+    real = [p for p in inspect.signature(obj).parameters.values() if p.name != "self"]
+    real_kinds = [(p.name, p.kind) for p in real]
+    if partial:
+        assert real_kinds[:len(written)] == written, (name, real_kinds)
+    else:
+        assert real_kinds == written, (name, real_kinds)
+    by_name = {p.name: p for p in real}
+    for arg, node in defaults.items():
+        value = eval(ast.unparse(node), {"torch": torch})  # the README's own text
+        assert by_name[arg].default == value, (name, arg, by_name[arg].default)
+    if not partial:  # every default written
+        assert {p.name for p in real if p.default is not inspect.Parameter.empty} == set(defaults), name
