@@ -82,7 +82,8 @@ def nonfinite_flag(tensors: list[Tensor]) -> Tensor:
         # fake-tensor pass).
         bad = [(~torch.isfinite(t)).any() for t in tensors]
         return torch.stack(bad).any().to(torch.float32).reshape(1)
-    flag = torch.zeros(1, device=device)
+    # float32 whatever the default dtype: the check takes nothing else
+    flag = torch.zeros(1, dtype=torch.float32, device=device)
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, _one(device))
     return flag
 
@@ -94,7 +95,7 @@ def _one(device: torch.device) -> Tensor:
     """A cached 1-element 1.0 on ``device`` (the check's scale)."""
     one = _ONES.get(device)
     if one is None:
-        one = _ONES[device] = torch.ones(1, device=device)
+        one = _ONES[device] = torch.ones(1, dtype=torch.float32, device=device)
     return one
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from contract import INNER_OPTIMIZERS, WRAPPER_CASES, make_batches, make_model, mse
-from grokopt import GrokAlignLoss
+from grokopt import GrokAlignLoss, _nonfinite
 from grokopt.jacobian import jacobian_frobenius_norm
 
 CASES = [pytest.param(c, id=c.name) for c in WRAPPER_CASES]
@@ -140,3 +140,53 @@ def test_half_precision_probes_are_the_float32_draw_rounded(dtype, estimator, se
     want = penalty(model, x)
     # a half forward of the same probes: within half precision of float32's norms
     torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=0)
+
+
+def _float64_run(case, default):
+    """Three steps of ``case`` on a float64 model, with ``default`` as torch's default
+    dtype; the parameters after them. (The model and data are made first: under another
+    default, initialisation draws other numbers.)"""
+    model = make_model(0, torch.float64)
+    batches = make_batches(3, dtype=torch.float64)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        opt = case.build(INNER_OPTIMIZERS["adam"](model.parameters()), model)
+        for batch in batches:
+            opt.zero_grad()
+            mse(model(batch[0]), batch[1]).backward()
+            opt.step()
+            if case.after_step is not None:
+                case.after_step(opt, model, batch)
+        return [p.detach().clone() for p in model.parameters()]
+    finally:
+        torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_float64_default_dtype_changes_nothing(case):
+    """``torch.set_default_dtype(torch.float64)`` (common in grokking studies) must not
+    break a step or change its result: the run on a float64 model is the same as with the
+    float32 default."""
+    expected = _float64_run(case, torch.float32)
+    _nonfinite._ONES.clear()  # the screen's cached scale is made anew under float64
+    got = _float64_run(case, torch.float64)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(p.dtype == torch.float64 for p in got)
+
+
+def test_grokalign_float64_default_dtype_changes_nothing():
+    out = {}
+    for default in (torch.float32, torch.float64):
+        model = make_model(0, torch.float64)
+        x = make_batches(1, dtype=torch.float64)[0][0]
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            reg = GrokAlignLoss(model, weight=1.0, generator=torch.Generator().manual_seed(3))
+            out[default] = reg(x).detach()
+        finally:
+            torch.set_default_dtype(before)
+    assert out[torch.float64].dtype == torch.float64
+    torch.testing.assert_close(out[torch.float64], out[torch.float32], rtol=0, atol=0)
