@@ -821,3 +821,37 @@ def test_tuned_leaderboard_arms_are_the_recorded_tuning_runs_best(task: str) -> 
             assert float(got.get("lr", TUNED_LR)) == 1e-3, arm  # never grokked: default
         else:
             assert float(got.get("lr", TUNED_LR)) == float(kv["lr"]), arm
+
+
+def test_grokfast_mul_preset_is_the_reference_setup() -> None:
+    """Grokfast's own modular-multiplication setup (its README's three commands on its
+    main.py): x*y mod 97 with y != 0 (9,312 equations) split 50/50, torch.optim.Adam (the
+    script's default, so weight decay is an L2 term in the gradient, not AdamW's
+    decoupled decay) at lr 1e-3, betas (0.9, 0.98), batch 512, and per arm the README's
+    filter and weight decay."""
+    from grokopt.race.engine import Run, load_data
+
+    cfg = PRESETS["grokfast-mul"].configs[0]
+    assert (cfg.task, cfg.p, cfg.split, cfg.batch_size) == ("a*b", 97, "grokfast", 512)
+    data = load_data(cfg, 0, torch.device("cpu"))
+    assert (len(data.y_train), len(data.y_test)) == (4656, 4656)
+    assert bool((data.x_train[:, 2] != 0).all())  # y != 0
+    expected = {  # arm -> (weight decay, Grokfast options)
+        "baseline:wd=0": (0.0, None),
+        "grokfast-ma:wd=0.01": (0.01, {"grokfast_filter": "ma", "grokfast_window": 100,
+                                       "grokfast_lamb": 5.0}),
+        "grokfast:wd=0.005": (0.005, {"grokfast_filter": "ema", "grokfast_alpha": 0.98,
+                                      "grokfast_lamb": 2.0}),
+    }
+    specs = {s.label: s for s in cfg.specs()}
+    for label, (wd, options) in expected.items():
+        run = Run(cfg, specs[label], 0, data, torch.device("cpu"))
+        assert type(run.base) is torch.optim.Adam, label
+        assert not run.base.defaults.get("decoupled_weight_decay", False), label
+        group = run.parts.optimizer.param_groups[0]
+        assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-3, (0.9, 0.98), wd)
+        if options is None:
+            assert run.parts.optimizer is run.base
+        else:
+            assert isinstance(run.parts.optimizer, grokopt.Grokfast), label
+            assert {k: group[k] for k in options} == options, label
