@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -855,3 +856,26 @@ def test_grokfast_mul_preset_is_the_reference_setup() -> None:
         else:
             assert isinstance(run.parts.optimizer, grokopt.Grokfast), label
             assert {k: group[k] for k in options} == options, label
+
+
+def test_transformer_races_name_the_decoder_block_in_their_fingerprint() -> None:
+    """Results and checkpoints of 0.2 (whose decoder had the pre-LN block, and whose
+    fingerprint did not name a block) are not taken for a race of today's default."""
+    import hashlib
+
+    cfg = PRESETS["grokfast-mul"].configs[0]
+    d = cfg.to_dict()
+    for key in ("name", "device", "published", "published_note"):
+        d.pop(key)
+    old = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert cfg.fingerprint() != old
+    explicit = dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, "block": "reference"})
+    assert explicit.fingerprint() == cfg.fingerprint()
+    pre_ln = dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, "block": "pre-ln"})
+    assert pre_ln.fingerprint() not in (cfg.fingerprint(), old)
+    mlp = RaceConfig()  # the embedding MLP: unchanged
+    d = mlp.to_dict()
+    for key in ("name", "device", "published", "published_note"):
+        d.pop(key)
+    assert mlp.fingerprint() == hashlib.sha256(
+        json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -238,3 +238,44 @@ def test_mnist_race_from_the_command_line(tmp_path):
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert [r["label"] for r in runs] == ["baseline", "orthograd+stablemax:wd=0"]
     assert all(r["steps"] == 4 for r in runs)
+
+
+def _papers_decoder_logits(model: DecoderTransformer, tokens: torch.Tensor, kind: str) -> torch.Tensor:
+    """The papers' decoder written out (sequence-first, a float -inf mask, every position's
+    logits, the last one read), on ``model``'s weights."""
+    x = tokens.T  # (T, B)
+    t = x.shape[0]
+    h = model.tok(x) + model.pos(torch.arange(t)[:, None]).expand(t, x.shape[1], -1)
+    mask = torch.triu(torch.full((t, t), -float("inf")), diagonal=1)
+    for block in model.blocks:
+        attn = torch.nn.MultiheadAttention(h.shape[-1], block.attn.num_heads)
+        attn.load_state_dict(block.attn.state_dict())
+        if kind == "reference":
+            h = block.ln1(h)
+            h = h + attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        else:
+            a = block.ln1(h)
+            h = h + attn(a, a, a, attn_mask=mask, need_weights=False)[0]
+        h = h + block.mlp(block.ln2(h))
+    return model.head(model.ln_f(h))[-1]
+
+
+@pytest.mark.parametrize("block", ["reference", "pre-ln"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_decoder_transformer_blocks_match_the_written_out_decoder(block, layers) -> None:
+    torch.manual_seed(layers)
+    kwargs = {} if block == "reference" else {"block": block}  # the default is the papers'
+    model = DecoderTransformer(vocab_size=13, num_classes=13, dim=32, heads=4, layers=layers,
+                               **kwargs)
+    with torch.no_grad():  # LayerNorm weights off 1 and 0, so that every term shows
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randint(0, 13, (6, 4))
+    with torch.no_grad():
+        got = model(x)
+        torch.testing.assert_close(got, _papers_decoder_logits(model, x, block), rtol=1e-5, atol=1e-5)
+        other = _papers_decoder_logits(model, x, "pre-ln" if block == "reference" else "reference")
+    assert (got - other).abs().max() > 1e-2  # the two blocks differ on these weights
+    with pytest.raises(ValueError, match="block: expected one of 'reference', 'pre-ln'"):
+        DecoderTransformer(vocab_size=13, block="post-ln")

@@ -125,6 +125,11 @@ class RaceConfig:
         d = self.to_dict()
         for key in ("name", "device", "published", "published_note"):
             d.pop(key)
+        if self.model == "transformer":
+            # The decoder's block is named even at its default: before it was an option
+            # (0.2) the decoder had the other block, and that race's results or checkpoint
+            # must not pass for this one's.
+            d["model_kwargs"].setdefault("block", "reference")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -10,8 +10,11 @@ from torch import Tensor, nn
 __all__ = ["DecoderTransformer", "OmnigrokMLP", "EmbeddingMLP"]
 
 
+BLOCKS = ("reference", "pre-ln")
+
+
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, kind: str) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
@@ -19,20 +22,30 @@ class _Block(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
         )
+        self.kind = kind
 
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
         a = self.ln1(h)
-        h = h + self.attn(a, a, a, attn_mask=mask, need_weights=False)[0]
+        # "reference": the attention's residual adds to the normalised stream, as in both
+        # papers' code; "pre-ln": to the stream itself, the usual pre-LayerNorm block.
+        h = (a if self.kind == "reference" else h) + self.attn(
+            a, a, a, attn_mask=mask, need_weights=False)[0]
         return h + self.mlp(self.ln2(h))
 
 
 class DecoderTransformer(nn.Module):
     """The decoder-only transformer of the Grokfast and NeuralGrok modular-arithmetic runs.
 
-    Token and learned position embeddings, ``layers`` pre-LayerNorm blocks (causal
-    multi-head attention, GELU MLP ``mlp_ratio`` x wide), a final LayerNorm and a bias-free
-    output head; logits are read at the last position. With the defaults at ``vocab_size=99``
-    (p = 97) it has exactly 422,784 parameters.
+    Token and learned position embeddings, ``layers`` blocks (causal multi-head attention,
+    GELU MLP ``mlp_ratio`` x wide, a LayerNorm before each), a final LayerNorm and a
+    bias-free output head; logits are read at the last position. With the defaults at
+    ``vocab_size=99`` (p = 97) it has exactly 422,784 parameters.
+
+    ``block="reference"`` (the default) is the block of both papers' code: the stream is
+    replaced by its LayerNorm before the attention's residual is added,
+    ``h = LN1(h); h = h + Attn(h); h = h + MLP(LN2(h))``. ``block="pre-ln"`` is the usual
+    pre-LayerNorm block, ``h = h + Attn(LN1(h)); h = h + MLP(LN2(h))`` (the same
+    parameters; grokopt 0.2's decoder, with which the NeuralGrok races recorded in 0.2 ran).
 
     :meth:`forward_embeddings` maps token embeddings to logits, so a Jacobian w.r.t. the
     embeddings (GrokAlign) can be taken.
@@ -55,8 +68,11 @@ class DecoderTransformer(nn.Module):
         layers: int = 2,
         max_len: int = 5,
         mlp_ratio: int = 4,
+        block: str = "reference",
     ) -> None:
         super().__init__()
+        if block not in BLOCKS:
+            raise ValueError(f"block: expected one of {', '.join(map(repr, BLOCKS))}, got {block!r}")
         for name, value in (("vocab_size", vocab_size), ("dim", dim), ("heads", heads),
                             ("layers", layers), ("max_len", max_len), ("mlp_ratio", mlp_ratio)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -67,7 +83,7 @@ class DecoderTransformer(nn.Module):
         self.max_len = max_len
         self.tok = nn.Embedding(vocab_size, dim)
         self.pos = nn.Embedding(max_len, dim)
-        self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio) for _ in range(layers))
+        self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio, block) for _ in range(layers))
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, self.num_classes, bias=False)
 
