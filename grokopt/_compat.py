@@ -10,7 +10,7 @@ The checks look for the feature itself, not at the version number, so a nightly 
 vendor build that has it works; the version is only what the message recommends.
 
 It also holds the spellings that only some supported torch versions accept (see
-:func:`extremes`).
+:func:`extremes`), and :data:`Tensors`, how the multi-tensor ops' results are typed.
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ from typing import Any
 import torch
 
 __all__ = [
-    "MIN_TORCH", "TorchTooOldError", "check_torch_floor", "extremes", "fully_shard", "muon",
-    "torch_version",
+    "MIN_TORCH", "Tensors", "TorchTooOldError", "check_torch_floor", "extremes", "fully_shard",
+    "muon", "torch_version",
 ]
+
+#: What torch's multi-tensor (``torch._foreach_*``) ops return (a tuple) or take (a list or
+#: a tuple) as tensors.
+Tensors = tuple[torch.Tensor, ...] | list[torch.Tensor]
 
 #: The oldest torch grokopt supports; keep equal to the floor in pyproject.toml.
 MIN_TORCH = (2, 5)

@@ -28,14 +28,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._checks import check_bool, check_choice, check_float, check_int
+from ._compat import Tensors
 from ._nonfinite import NonFiniteGradientError, all_finite, check_mode, nonfinite_flag, screen_step
 from ._distributed import dtensor_type, is_dtensor, local_shard, local_shards
 from .wrapper import KEEP_SCRATCH_BYTES, SKIP_STEP, GradientTransform, TransformResult
 
 __all__ = ["Grokfast", "NonFiniteGradientError", "grokfast_"]
-
-#: What torch's multi-tensor ops return (a tuple) or take (a list or a tuple) as tensors.
-_Tensors = tuple[Tensor, ...] | list[Tensor]
 
 _FILTERS = ("ema", "ma")
 _REDUCTIONS = ("mean", "sum")
@@ -339,7 +337,7 @@ def _ema_reference(
 def _ema_foreach(
     grads: list[Tensor], states: list[dict[str, Any]], alpha: Any, lamb: Any, finite: Tensor | None,
     out_of_place: bool = False,
-) -> _Tensors | None:
+) -> Tensors | None:
     """The EMA filter over one device/dtype bucket. With ``out_of_place`` the gradients are
     read only and the filtered ones are returned (None where lamb is 0: unchanged), so that
     a caller who must give the user's gradients back needs no copy of them."""
@@ -382,7 +380,7 @@ def _lerp_weight(alpha: Any, n: int) -> Any:
     return [weight] * n if isinstance(weight, Tensor) else weight
 
 
-def _amplified(grads: list[Tensor], mus: list[Tensor], lamb: Any) -> _Tensors:
+def _amplified(grads: list[Tensor], mus: list[Tensor], lamb: Any) -> Tensors:
     """``g + lamb * mu`` as new tensors (plain tensors of one dtype)."""
     if isinstance(lamb, Tensor):
         return torch._foreach_add(grads, torch._foreach_mul(mus, lamb))
@@ -495,7 +493,7 @@ def _run_fused(kernel: Any, *args: Tensor) -> None:
 
 def _lerp_and_amplify(
     grads: list[Tensor], mus: list[Tensor], alpha: Any, lamb: Any
-) -> _Tensors | None:
+) -> Tensors | None:
     """The out-of-place EMA step on started filters of plain tensors of one dtype:
     ``mu <- lerp(mu, g, 1 - alpha)`` in place, then ``g + lamb * mu`` returned as new
     tensors (None where a float ``lamb`` is 0); ``grads`` are only read."""
@@ -510,7 +508,7 @@ def _amplifies(lamb: Any) -> bool:
     return isinstance(lamb, Tensor) or lamb != 0
 
 
-def _add_scaled(xs: list[Tensor], ys: list[Tensor], scale: Any) -> _Tensors:
+def _add_scaled(xs: list[Tensor], ys: list[Tensor], scale: Any) -> Tensors:
     """Out of place ``x + scale * y`` for a float or 0-d tensor scale."""
     if isinstance(scale, Tensor):
         return torch._foreach_add(xs, torch._foreach_mul(ys, scale))

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._checks import check_float
+from ._compat import Tensors
 from ._distributed import dtensor_type
 from .wrapper import KEEP_SCRATCH_BYTES, GradientTransform
 
@@ -134,7 +135,7 @@ def _foreach(ws: list[Tensor], gs: list[Tensor], eps: float,
 
 
 def _per_tensor(ws: list[Tensor], gs: list[Tensor], eps: float, acc: torch.dtype,
-                outs: list[Tensor | None] | None) -> tuple[Tensor, ...] | list[Tensor]:
+                outs: list[Tensor | None] | None) -> Tensors:
     """The transform one tensor at a time: multi-tensor kernels plus a dot product per
     tensor; into ``outs[i]`` where given, else new tensors laid out as the weights."""
     wa, ga = _as(ws, acc), _as(gs, acc)
@@ -143,7 +144,7 @@ def _per_tensor(ws: list[Tensor], gs: list[Tensor], eps: float, acc: torch.dtype
     g_norms = torch.stack(torch._foreach_norm(ga))
     coefs = dots / (w_norms * w_norms + eps)
     neg = list(coefs.neg().unbind())
-    perp: tuple[Tensor, ...] | list[Tensor]
+    perp: Tensors
     if outs is None or all(o is None for o in outs):
         perp = torch._foreach_mul(wa, neg)
     else:

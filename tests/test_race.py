@@ -863,19 +863,18 @@ def test_transformer_races_name_the_decoder_block_in_their_fingerprint() -> None
     fingerprint did not name a block) are not taken for a race of today's default."""
     import hashlib
 
+    def fingerprint_02(cfg: RaceConfig) -> str:  # 0.2's, written out
+        d = cfg.to_dict()
+        for key in ("name", "device", "published", "published_note"):
+            d.pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     cfg = PRESETS["grokfast-mul"].configs[0]
-    d = cfg.to_dict()
-    for key in ("name", "device", "published", "published_note"):
-        d.pop(key)
-    old = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    old = fingerprint_02(cfg)
     assert cfg.fingerprint() != old
     explicit = dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, "block": "reference"})
     assert explicit.fingerprint() == cfg.fingerprint()
     pre_ln = dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, "block": "pre-ln"})
     assert pre_ln.fingerprint() not in (cfg.fingerprint(), old)
     mlp = RaceConfig()  # the embedding MLP: unchanged
-    d = mlp.to_dict()
-    for key in ("name", "device", "published", "published_note"):
-        d.pop(key)
-    assert mlp.fingerprint() == hashlib.sha256(
-        json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert mlp.fingerprint() == fingerprint_02(mlp)
